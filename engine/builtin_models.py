@@ -1,0 +1,165 @@
+"""Built-in models that need no files and no network: random weights, seeded, built from configs.
+
+`tiny` is a Stable Diffusion pipeline with the real classes at toy size (64x64 images) for tests
+and smoke runs. `tiny-erased` is `tiny` with its cross-attention key/value projections re-drawn,
+the weights an ESD-x style method changes, so it behaves like an erased variant of `tiny`.
+`sd14-random` has the full SD 1.4 architecture with random weights, for GPU benchmarks (speed does
+not depend on weight values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    build: callable
+    method: str
+    description: str
+
+
+def byte_symbols() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable symbol table: printable bytes map to themselves, the rest to
+    code points from 256 up, so every byte has a visible, whitespace-free symbol."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_level_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer with one token per character (512 byte symbols + 2 specials), built in code.
+
+    transformers 5 builds CLIPTokenizer from a vocab dict and merges; with no merges every
+    character becomes a token, which is enough for random test models.
+    """
+    symbols = list(byte_symbols().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(vocab_list)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def _sd_scheduler_config() -> dict:
+    # SD 1.x noise schedule (scaled_linear 0.00085 -> 0.012), as CompVis SD 1.4 ships it.
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny(seed: int = 0) -> StableDiffusionPipeline:
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return _pipeline(unet, vae, text_encoder, tokenizer, DDIMScheduler(**_sd_scheduler_config()))
+
+
+def build_tiny_erased() -> StableDiffusionPipeline:
+    pipe = build_tiny(seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if ".attn2.to_k." in name or ".attn2.to_v." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * param.std())
+    return pipe
+
+
+def build_sd14_random() -> StableDiffusionPipeline:
+    """SD 1.4's architecture (860 M UNet, 123 M text encoder, 84 M VAE) with random weights."""
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = PNDMScheduler(**{**_sd_scheduler_config(), "skip_prk_steps": True})
+    return _pipeline(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "tiny": BuiltinModel(build_tiny, "none", "random tiny SD pipeline (64x64), seeded, for tests"),
+    "tiny-erased": BuiltinModel(
+        build_tiny_erased, "random-kv", "tiny with re-drawn cross-attention k/v (a stand-in erased model)"
+    ),
+    "sd14-random": BuiltinModel(build_sd14_random, "none", "full SD 1.4 architecture, random weights"),
+}

@@ -1,0 +1,212 @@
+"""The `engine` command line. Each command validates its input, then calls one library function.
+
+User errors print one line and exit with code 2 before Ray or any model starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from engine.errors import UserError
+
+# Offline by default on our machines: a hub lookup without network retries for 45 s or more.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Probe whether concepts are really erased.")
+probes_app = typer.Typer(no_args_is_help=True, help="List and describe probes.")
+app.add_typer(probes_app, name="probes")
+
+
+def user_errors(command):
+    """Print a UserError as one line on stderr and exit 2; never a traceback for user input."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _probe_param_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    import yaml
+
+    params: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        probe, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise UserError(f"--probe-param expects PROBE.KEY=VALUE, got {item!r}")
+        params.setdefault(probe, {})[name] = yaml.safe_load(raw)
+    return params
+
+
+@app.command()
+@user_errors
+def run(
+    config: Optional[Path] = typer.Argument(None, help="Run file (YAML grid). Flags below build one instead."),
+    model: list[str] = typer.Option([], "--model", help="Model: built-in, configs/models stem, folder or hub id."),
+    concept: list[str] = typer.Option([], "--concept", help="Concept slug (repeatable)."),
+    probe: list[str] = typer.Option([], "--probe", help="Probe name (repeatable)."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", min=1, help="Prompts per cell."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Output folder."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="The original, un-erased model."),
+    unet: Optional[Path] = typer.Option(None, "--unet", help="Erased UNet on the base model's other parts."),
+    method: str = typer.Option("unknown", "--method", help="Erasure method label for --unet models."),
+    probe_param: list[str] = typer.Option([], "--probe-param", help="PROBE.KEY=VALUE probe parameter."),
+    set_: list[str] = typer.Option([], "--set", help="key.sub=value override of the run config."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Rows per work unit."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (unsafe)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Generate (and score) every row of a grid into OUTPUT/rows/*.parquet."""
+    from engine.config import apply_overrides, read_yaml, run_spec_from_dict
+    from engine.grid import plan_run
+    from engine.models import resolve_model, unet_override_spec
+
+    _setup_logging(verbose)
+    data: dict[str, Any] = read_yaml(config) if config else {}
+    if config and (model or concept or probe):
+        raise UserError("give either a run file or --model/--concept/--probe flags, not both")
+    if concept:
+        data["concepts"] = list(concept)
+    if probe:
+        data["probes"] = list(probe)
+    for field, value in [("output", output), ("num_images", num_images), ("base_model", base_model),
+                         ("batch_size", batch_size)]:
+        if value is not None:
+            data[field] = str(value) if isinstance(value, Path) else value
+    if model:
+        data["models"] = list(model)
+    if allow_pickle:
+        data["models"] = [
+            resolve_model(m).model_copy(update={"allow_pickle": True}).model_dump() for m in data.get("models", [])
+        ]
+    overrides = _probe_param_overrides(probe_param)
+    if overrides:
+        data["probes"] = _merge_probe_params(data.get("probes", []), overrides)
+    for required, flag in [("output", "--output"), ("num_images", "--num-images"), ("concepts", "--concept"),
+                           ("probes", "--probe")]:
+        if required not in data and not config:
+            raise UserError(f"missing {flag}")
+    spec = run_spec_from_dict(apply_overrides(data, set_), str(config) if config else "run flags")
+    extra = []
+    if unet is not None:
+        extra.append(unet_override_spec(str(unet), spec.base_model, method).model_copy(
+            update={"allow_pickle": allow_pickle}))
+    plan = plan_run(spec, extra_models=extra)
+    _execute_and_print(plan, cluster)
+
+
+def _merge_probe_params(probes: list, overrides: dict[str, dict[str, Any]]) -> list:
+    merged = []
+    names = []
+    for entry in probes:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        names.append(entry["name"])
+        entry["params"] = {**entry.get("params", {}), **overrides.get(entry["name"], {})}
+        merged.append(entry)
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise UserError(f"--probe-param names probe {unknown[0]!r}, which is not in this run ({', '.join(names)})")
+    return merged
+
+
+def _execute_and_print(plan, cluster: Optional[str]) -> None:
+    from engine.run import execute
+    from engine.summary import print_summary
+
+    summary = execute(plan, cluster=cluster)
+    typer.echo(
+        f"{summary.generated} rows generated, {summary.skipped} already done, "
+        f"{summary.total_rows} in {summary.output} ({summary.seconds:.1f} s)"
+    )
+    print_summary(summary.output)
+
+
+@app.command()
+@user_errors
+def demo(
+    output: Path = typer.Option(Path("engine-demo"), "--output", help="Output folder."),
+    num_images: int = typer.Option(4, "--num-images", min=1, help="Prompts per cell."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """A small grid on the built-in models (local Ray, CPU, no network); prints a summary table."""
+    from engine.config import run_spec_from_dict
+    from engine.demo import demo_spec
+    from engine.grid import plan_run
+
+    _setup_logging(verbose)
+    plan = plan_run(run_spec_from_dict(demo_spec(str(output), num_images), "demo"))
+    _execute_and_print(plan, None)
+
+
+@probes_app.command("list")
+@user_errors
+def probes_list():
+    """Registered probes, with what each requires."""
+    from engine.probe import get_probe_class, probe_names
+
+    for name in probe_names():
+        probe_class = get_probe_class(name)
+        requires = ", ".join(sorted(probe_class.requires)) or "-"
+        summary = (sys.modules[probe_class.__module__].__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:28s} requires: {requires:30s} {summary}")
+
+
+@probes_app.command("describe")
+@user_errors
+def probes_describe(name: str = typer.Argument(..., help="Probe name.")):
+    """A probe's parameters with their types, defaults and descriptions."""
+    from engine.probe import describe_params, get_probe_class
+
+    probe_class = get_probe_class(name)
+    typer.echo(f"{name}: {(sys.modules[probe_class.__module__].__doc__ or '').strip()}\n")
+    typer.echo(f"requires: {', '.join(sorted(probe_class.requires)) or 'nothing'}\n")
+    for field, annotation, default, description in describe_params(probe_class.params_class):
+        typer.echo(f"  {field:24s} {annotation:18s} default {default:24s} {description}")
+
+
+@app.command()
+@user_errors
+def concepts():
+    """Concepts found in the config folders."""
+    from engine.config import available_concepts, load_concept
+
+    for name in sorted(available_concepts()):
+        spec = load_concept(name)
+        typer.echo(f"{name:28s} {spec.kind:7s} {spec.prompt}")
+
+
+@app.command()
+@user_errors
+def models():
+    """Built-in models and configs/models entries."""
+    from engine.builtin_models import BUILTIN_MODELS
+    from engine.models import available_models
+
+    for name in available_models():
+        note = BUILTIN_MODELS[name].description if name in BUILTIN_MODELS else "configs/models"
+        typer.echo(f"{name:28s} {note}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,194 @@
+"""The probe interface: typed params, batch and output types, and the explicit lazy registry.
+
+A probe is one class in one file of `probes/`. It receives a ProbeBatch (rows that share model,
+probe and params) and returns a ProbeOutput with one uint8 image per row. Registration is a
+name -> "module:Class" mapping, so listing probes imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import UserError, format_validation_error, unknown_choice
+
+# Adding a probe: its file in probes/, one line here, its test.
+PROBE_REGISTRY: dict[str, str] = {
+    "standard_prompt": "probes.standard_prompt:StandardPromptProbe",
+}
+
+# What a probe may declare in `requires`; the engine checks each before any generation starts.
+REQUIREMENTS = {
+    "base_model": "the original, un-erased model (--base-model)",
+    "reference_images": "base-model images of the concept (generated once, or a folder)",
+    "latent_classifier": "a latent classifier per concept (engine train-classifier)",
+    "learned_embedding": "a textual-inversion embedding per (model, concept)",
+}
+
+
+class ProbeParams(BaseModel):
+    """Parameters every probe shares. Subclasses add their own; unknown keys are rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_inference_steps: int = Field(50, ge=1, le=1000, description="Denoising steps (the original: 50).")
+    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale (the original: 7.5).")
+    negative_prompt: str = Field("", description="Negative prompt for classifier-free guidance.")
+    height: int | None = Field(None, ge=8, description="Image height in pixels; default: the model's native size.")
+    width: int | None = Field(None, ge=8, description="Image width in pixels; default: the model's native size.")
+
+    def canonical_json(self) -> str:
+        """Every field, defaults included, sorted and compact: part of each row's identity."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class WorkRow:
+    """The identity of one output row; `row_id` hashes every other field."""
+
+    row_id: str
+    model: str
+    method: str
+    concept: str
+    target_concept: str
+    probe: str
+    params: str
+    prompt: str
+    prompt_index: int
+    seed: int
+
+
+@dataclass
+class ProbeContext:
+    """What a probe may reach beyond its rows: device, the base model, concepts, a cache folder."""
+
+    device: torch.device
+    base_pipeline: Callable[[], Any]
+    concept: Callable[[str], Any]
+    cache_dir: Path
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProbeBatch:
+    rows: list[WorkRow]
+    params: ProbeParams
+    pipeline: Any  # the model under test (a diffusers StableDiffusionPipeline)
+    context: ProbeContext
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r.prompt for r in self.rows]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.rows]
+
+
+@dataclass
+class ProbeOutput:
+    """One image per row (uint8, HxWx3), per-row extras, and optionally the region that counts
+    for scoring, as (left, top, right, bottom) pixels."""
+
+    images: list[np.ndarray]
+    extras: list[dict[str, Any]] | None = None
+    scoring_regions: list[tuple[int, int, int, int] | None] | None = None
+
+    def __post_init__(self):
+        n = len(self.images)
+        if self.extras is None:
+            self.extras = [{} for _ in range(n)]
+        if self.scoring_regions is None:
+            self.scoring_regions = [None] * n
+        if len(self.extras) != n or len(self.scoring_regions) != n:
+            raise ValueError("ProbeOutput lists must have one entry per image")
+
+
+class Probe(ABC):
+    """Base class. Subclasses set `name`, `params_class`, `requires` and implement `run`."""
+
+    name: ClassVar[str]
+    params_class: ClassVar[type[ProbeParams]] = ProbeParams
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def check_request(self, params: ProbeParams, concepts: list[str], options: dict[str, Any]) -> None:
+        """Extra checks in the driver, before any work (e.g. a classifier file exists). Raise UserError."""
+
+    @abstractmethod
+    def run(self, batch: ProbeBatch) -> ProbeOutput:
+        """Generate one image per row of `batch`."""
+
+    def work_prompts(self, concept, concepts: dict[str, Any], num_images: int, params: ProbeParams):
+        """(target_concept, prompt_index, prompt, seed) for each row this probe makes for `concept`.
+        Default: the concept's own prompts, sampled as the original does."""
+        return [(concept.name, i, prompt, seed) for i, prompt, seed in concept.sample_prompts(num_images)]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def probe_names() -> list[str]:
+    return sorted(PROBE_REGISTRY)
+
+
+def get_probe_class(name: str) -> type[Probe]:
+    if name not in PROBE_REGISTRY:
+        raise unknown_choice("probe", name, PROBE_REGISTRY)
+    module_name, class_name = PROBE_REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def parse_params(probe_name: str, raw: dict[str, Any]) -> ProbeParams:
+    params_class = get_probe_class(probe_name).params_class
+    try:
+        return params_class.model_validate(raw)
+    except ValidationError as exc:
+        raise format_validation_error(exc, f"probe {probe_name} params", params_class) from None
+
+
+def describe_params(params_class: type[ProbeParams]) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, description) for each field, for `engine probes describe`."""
+    rows = []
+    for name, info in params_class.model_fields.items():
+        annotation = getattr(info.annotation, "__name__", None) or str(info.annotation)
+        default = "required" if info.is_required() else json.dumps(info.get_default(call_default_factory=True))
+        rows.append((name, annotation.replace("typing.", ""), default, info.description or ""))
+    return rows
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def derived_seed(seed: int, *variant: Any) -> int:
+    """The seed of one candidate: `seed` itself for the plain row, else a hash of (seed, variant),
+    so any candidate of a sweep can be reproduced alone."""
+    if not variant:
+        return int(seed)
+    text = json.dumps([int(seed), *variant], separators=(",", ":"))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def row_generator(seed: int, *variant: Any) -> torch.Generator:
+    """A CPU generator per row and candidate. Noise is drawn on the CPU (as the original's plain
+    probe did with torch.manual_seed), so a seed gives the same start on every device."""
+    return torch.Generator("cpu").manual_seed(derived_seed(seed, *variant))
+
+
+def to_uint8(images: np.ndarray) -> list[np.ndarray]:
+    """Float images in [0, 1] (NHWC) -> uint8 arrays, rounded as diffusers' numpy_to_pil does."""
+    array = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+    return [np.ascontiguousarray((image * 255).round().astype(np.uint8)) for image in array]
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)

@@ -1,0 +1,176 @@
+"""The results dataset: one Arrow schema, PNG helpers, manifest, and read helpers.
+
+<output>/rows/*.parquet holds one row per image; <output>/manifest.json the resolved config,
+versions, git commit, times and counts. The schema is defined once, here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from engine import __version__
+from engine.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+ROWS_DIR = "rows"
+MANIFEST = "manifest.json"
+
+IDENTITY_FIELDS = [
+    pa.field("row_id", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("concept", pa.string(), nullable=False),
+    pa.field("target_concept", pa.string(), nullable=False),
+    pa.field("probe", pa.string(), nullable=False),
+    pa.field("params", pa.string(), nullable=False),  # canonical JSON
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("prompt_index", pa.int32(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+]
+GENERATION_FIELDS = [
+    pa.field("image", pa.binary(), nullable=False),  # PNG bytes
+    pa.field("image_width", pa.int32(), nullable=False),
+    pa.field("image_height", pa.int32(), nullable=False),
+    pa.field("scoring_region", pa.list_(pa.int32())),  # [left, top, right, bottom] or null = whole image
+    pa.field("extras", pa.string(), nullable=False),  # probe-specific JSON (chosen variant, losses...)
+    pa.field("generation_seconds", pa.float64(), nullable=False),  # this row's share of its batch
+    pa.field("device", pa.string(), nullable=False),
+    pa.field("engine_version", pa.string(), nullable=False),
+]
+SCORE_FIELDS = [  # null until scored
+    pa.field("clip_score", pa.float64()),
+    pa.field("clip_model", pa.string()),
+    pa.field("judge_top1", pa.bool_()),
+    pa.field("judge_top5", pa.bool_()),
+    pa.field("judge_target_prob", pa.float64()),
+    pa.field("judge_model", pa.string()),
+    pa.field("selector", pa.string()),
+    pa.field("scoring_seconds", pa.float64()),
+]
+ROW_SCHEMA = pa.schema(IDENTITY_FIELDS + GENERATION_FIELDS + SCORE_FIELDS)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    # Fixed compression settings so the same pixels always give the same bytes.
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def rows_table(records: list[dict[str, Any]]) -> pa.Table:
+    """Records with any subset of the schema's columns -> a table with all of them (missing = null)."""
+    columns = {f.name: [r.get(f.name) for r in records] for f in ROW_SCHEMA}
+    return pa.table(columns, schema=ROW_SCHEMA)
+
+
+def rows_dir(output: Path) -> Path:
+    return Path(output) / ROWS_DIR
+
+
+def parquet_files(output: Path) -> list[Path]:
+    return sorted(rows_dir(output).glob("*.parquet"))
+
+
+def read_rows(output: Path, columns: list[str] | None = None) -> pa.Table:
+    """Every readable row of a run. A file left half-written by a killed run cannot be read; it is
+    skipped with a warning (its rows are missing, so a resume regenerates them)."""
+    tables = []
+    for path in parquet_files(output):
+        try:
+            tables.append(pq.read_table(path, columns=columns, schema=ROW_SCHEMA if columns is None else None))
+        except Exception as exc:  # truncated or corrupt file from an interrupted write
+            logger.warning("skipping unreadable results file %s (%s)", path, exc)
+    if not tables:
+        schema = ROW_SCHEMA if columns is None else pa.schema([ROW_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def finished_row_ids(output: Path) -> set[str]:
+    return set(read_rows(output, columns=["row_id"]).column("row_id").to_pylist())
+
+
+def remove_unreadable_files(output: Path) -> list[Path]:
+    """Delete result files a killed run left half-written, so a resume starts clean."""
+    removed = []
+    for path in parquet_files(output):
+        try:
+            pq.read_metadata(path)
+        except Exception:
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def require_run_folder(output: Path) -> None:
+    if not Path(output).is_dir():
+        raise UserError(f"run folder not found: {output}")
+    if not parquet_files(output):
+        raise UserError(f"{output} holds no result rows ({ROWS_DIR}/*.parquet); run `engine run` first")
+
+
+# --------------------------------------------------------------------------- manifest
+
+PACKAGES = ["torch", "diffusers", "transformers", "ray", "open_clip_torch", "pyarrow", "pydantic", "numpy"]
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        repo = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_manifest(output: Path, content: dict[str, Any]) -> None:
+    path = Path(output) / MANIFEST
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(content, indent=2, sort_keys=True))
+    temporary.replace(path)  # atomic: a killed run never leaves half a manifest
+
+
+def read_manifest(output: Path) -> dict[str, Any]:
+    path = Path(output) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def base_manifest(resolved_config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "engine_version": __version__,
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "config": resolved_config,
+    }
