@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from itertools import groupby
+from itertools import groupby, product
 from typing import Any
 
 from engine.config import ConceptSpec, ModelSpec, RunSpec, load_concept, probe_requests
@@ -65,12 +65,10 @@ def expand_rows(models, base, concepts, probes, num_images) -> list[WorkRow]:
     for model in models:
         for probe in probes:
             probe_class = get_probe_class(probe.name)
-            params_json = probe.params.canonical_json()
             base_identity = base.model_dump(mode="json") if "base_model" in probe_class.requires else None
-            for concept in concepts.values():
-                for target, index, prompt, seed in probe_class().work_prompts(
-                    concept, concepts, num_images, probe.params
-                ):
+            for params, concept in product(probe_class().expand_params(probe.params), concepts.values()):
+                params_json = params.canonical_json()
+                for target, index, prompt, seed in probe_class().work_prompts(concept, concepts, num_images, params):
                     identity = {
                         "model": model.model_dump(mode="json"),
                         "base": base_identity,

@@ -8,9 +8,9 @@ name -> "module:Class" mapping, so listing probes imports nothing heavy.
 from __future__ import annotations
 
 import hashlib
-from abc import ABC, abstractmethod
 import importlib
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -76,6 +76,9 @@ class ProbeContext:
     concept: Callable[[str], Any]
     cache_dir: Path
     options: dict[str, Any] = field(default_factory=dict)
+    # selector_scores(selector_name, images, concept_name, regions) -> one score per image, higher
+    # = more of the concept. Best-of-N probes pick argmax. Provided by the runner (engine.scoring).
+    selector_scores: Callable[..., list[float]] | None = None
 
 
 @dataclass
@@ -126,6 +129,12 @@ class Probe(ABC):
     @abstractmethod
     def run(self, batch: ProbeBatch) -> ProbeOutput:
         """Generate one image per row of `batch`."""
+
+    def expand_params(self, params: ProbeParams) -> list[ProbeParams]:
+        """The params of the rows this request becomes. Default: one. A best-of-N probe asked to
+        keep every candidate returns one single-candidate params per candidate, so each candidate
+        is its own row (and reproducible alone)."""
+        return [params]
 
     def work_prompts(self, concept, concepts: dict[str, Any], num_images: int, params: ProbeParams):
         """(target_concept, prompt_index, prompt, seed) for each row this probe makes for `concept`.
