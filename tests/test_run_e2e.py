@@ -1,0 +1,102 @@
+"""End to end through the CLI on the session's local Ray: rows, schema, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.results import ROW_SCHEMA, decode_png, read_rows
+
+runner = CliRunner()
+FAST = ["--probe-param", "standard_prompt.num_inference_steps=3"]
+
+
+def _run(output, *extra):
+    args = ["run", "--model", "tiny", "--concept", "church", "--probe", "standard_prompt",
+            "--num-images", "3", "--output", str(output), *FAST, *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, ray_session):
+    output = tmp_path_factory.mktemp("run") / "a"
+    _run(output)
+    return output
+
+
+def test_run_writes_exactly_the_requested_rows(first_run):
+    table = read_rows(first_run)
+    assert table.num_rows == 3
+    assert set(ROW_SCHEMA.names) <= set(table.schema.names)
+    rows = table.to_pylist()
+    assert {r["model"] for r in rows} == {"tiny"} and {r["probe"] for r in rows} == {"standard_prompt"}
+    assert sorted(r["seed"] for r in rows) == sorted([4534, 8752, 1233])
+    assert len({r["row_id"] for r in rows}) == 3
+    for row in rows:
+        image = decode_png(row["image"])
+        assert image.shape == (64, 64, 3)
+        assert json.loads(row["params"])["num_inference_steps"] == 3
+        assert row["target_concept"] == "church" and row["prompt"] == "a picture of a church"
+        assert row["generation_seconds"] > 0
+
+
+def test_manifest_records_config_versions_and_counts(first_run):
+    manifest = json.loads((first_run / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["planned"] == 3 and manifest["counts"]["rows_in_dataset"] == 3
+    assert manifest["packages"]["torch"] and manifest["packages"]["ray"]
+    assert manifest["config"]["run"]["num_images"] == 3
+    assert manifest["config"]["probes"][0]["params"]["num_inference_steps"] == 3
+    assert "git_commit" in manifest and manifest["started_at"] <= manifest["finished_at"]
+
+
+def test_same_command_into_another_folder_gives_identical_images(first_run, tmp_path):
+    _run(tmp_path / "b")
+    first = {r["row_id"]: r["image"] for r in read_rows(first_run).to_pylist()}
+    second = {r["row_id"]: r["image"] for r in read_rows(tmp_path / "b").to_pylist()}
+    assert first == second  # same ids, byte-identical PNGs
+
+
+def test_rerun_resumes_without_duplicates(tmp_path):
+    output = tmp_path / "resume"
+    _run(output)
+    result = _run(output)
+    assert "0 rows generated, 3 already done" in result.output
+    assert read_rows(output).num_rows == 3
+
+
+def test_killed_run_resumes_losing_nothing(tmp_path):
+    """Simulate a run killed midway: one finished file survives, one is half-written."""
+    output = tmp_path / "killed"
+    _run(output)
+    files = sorted((output / "rows").glob("*.parquet"))
+    table = read_rows(output)
+    for path in files:
+        path.unlink()
+    pq.write_table(table.slice(0, 1), output / "rows" / "survivor.parquet")
+    (output / "rows" / "torn.parquet").write_bytes(b"PAR1 half a file")
+    result = _run(output)
+    assert "2 rows generated, 1 already done" in result.output
+    final = read_rows(output)
+    assert final.num_rows == 3 and len(set(final.column("row_id").to_pylist())) == 3
+    assert not (output / "rows" / "torn.parquet").exists()
+
+
+def test_run_file_with_overrides(tmp_path):
+    config = tmp_path / "grid.yaml"
+    config.write_text(
+        "output: unused\nmodels: [tiny, tiny-erased]\nconcepts: [church, van_gogh]\n"
+        "probes:\n  - name: standard_prompt\n    params: {num_inference_steps: 2}\nnum_images: 5\n"
+    )
+    result = runner.invoke(app, ["run", str(config), "--set", "num_images=1", "--set", f"output={tmp_path / 'g'}"])
+    assert result.exit_code == 0, result.output
+    rows = read_rows(tmp_path / "g").to_pylist()
+    assert sorted((r["model"], r["concept"]) for r in rows) == [
+        ("tiny", "church"), ("tiny", "van_gogh"), ("tiny-erased", "church"), ("tiny-erased", "van_gogh")]
+    assert {r["method"] for r in rows if r["model"] == "tiny-erased"} == {"random-kv"}
