@@ -23,6 +23,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Probe whether concepts are really erased.")
 probes_app = typer.Typer(no_args_is_help=True, help="List and describe probes.")
 app.add_typer(probes_app, name="probes")
+toyworld_app = typer.Typer(no_args_is_help=True, help="The toy world: a tiny trained model, judge and erased variants.")
+app.add_typer(toyworld_app, name="toyworld")
 
 
 def user_errors(command):
@@ -206,6 +208,27 @@ def models():
     for name in available_models():
         note = BUILTIN_MODELS[name].description if name in BUILTIN_MODELS else "configs/models"
         typer.echo(f"{name:28s} {note}")
+
+
+@toyworld_app.command("build")
+@user_errors
+def toyworld_build(
+    output: Path = typer.Option(Path("toyworld-build"), "--output", help="Work folder (stages resume from it)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", min=1, help="Wall-time cap per stage, from a total."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads (1 leaves a core for others)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny sizes, a few steps: checks the code in seconds."),
+    export: bool = typer.Option(True, "--export/--no-export", help="Write the shipped weights into the package."),
+):
+    """Train the toy world from scratch (seeded): judge, VAE, diffusion model, erased variants."""
+    from engine.toyworld.build import WEIGHTS_DIR, BuildSettings, build_toy_world
+
+    _setup_logging(True)
+    settings = BuildSettings.tiny() if tiny else BuildSettings()
+    if minutes is not None:
+        settings = settings.with_budget(minutes)
+    report = build_toy_world(output, settings, WEIGHTS_DIR if export else None, threads=threads,
+                             log_file=output / "build.log")
+    typer.echo(f"toy world built in {report['total_seconds_this_run']:.0f} s; report: {output / 'build_report.json'}")
 
 
 if __name__ == "__main__":

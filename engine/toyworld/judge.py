@@ -1,0 +1,135 @@
+"""The `toy` judge: a small CNN that tells the 8 toy shapes apart, trained on the renderer.
+
+It is independent of the diffusion model (trained on rendered images only, never on generated
+ones), so it can judge what the model draws. Class index i is `render.CONCEPTS[i]`; the toy concept
+configs name these indices under `judge_classes: {toy: [i]}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from engine.toyworld.render import CONCEPTS, render_dataset
+
+logger = logging.getLogger(__name__)
+
+JUDGE_NAME = "toy"
+JUDGE_VERSION = "toy-judge-v1"
+WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / "judge.safetensors"
+
+
+class ToyJudgeNet(nn.Module):
+    """5 conv + BN + ReLU, 2 max-pools, global average pool, linear (141 k parameters)."""
+
+    def __init__(self, num_classes: int = len(CONCEPTS), width: int = 32):
+        super().__init__()
+        channels = [3, width, width, 2 * width, 2 * width, 4 * width]
+        layers: list[nn.Module] = []
+        for index in range(5):
+            layers += [nn.Conv2d(channels[index], channels[index + 1], 3, padding=1),
+                       nn.BatchNorm2d(channels[index + 1]), nn.ReLU()]
+            if index in (1, 3):
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: float N x 3 x H x W in [-1, 1] -> logits."""
+        return self.head(self.features(images).mean(dim=(2, 3)))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    # Generated images are blurrier and noisier than rendered ones (the VAE is small), so train
+    # on mildly blurred and noised renders to judge shape, not rendering crispness.
+    blur = torch.rand(batch.shape[0], 1, 1, 1, generator=generator) < 0.5
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :] / 16.0).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(batch, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    batch = torch.where(blur, blurred, batch)
+    noise_level = torch.rand(batch.shape[0], 1, 1, 1, generator=generator) * 0.1
+    return batch + noise_level * torch.randn(batch.shape, generator=generator)
+
+
+def train_judge(num_per_concept: int, steps: int, seed: int, batch_size: int = 128, lr: float = 2e-3,
+                max_seconds: float | None = None, width: int = 32) -> ToyJudgeNet:
+    images, labels = render_dataset(num_per_concept, seed=seed)
+    data, targets = to_tensor(images), torch.from_numpy(labels)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = ToyJudgeNet(width=width)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    net.train()
+    start = time.monotonic()
+    for step in range(1, steps + 1):
+        index = torch.randint(0, len(data), (batch_size,), generator=generator)
+        loss = F.cross_entropy(net(_augment(data[index], generator)), targets[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps:
+            logger.info("judge step %d/%d loss %.4f (%.0f s)", step, steps, loss.item(), time.monotonic() - start)
+        if max_seconds is not None and time.monotonic() - start > max_seconds:
+            logger.warning("judge: time budget reached at step %d of %d", step, steps)
+            break
+    return net.eval()
+
+
+@torch.no_grad()
+def predict_probs(net: ToyJudgeNet, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    device = next(net.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = to_tensor(images[start:start + batch_size]).to(device)
+        out.append(F.softmax(net(batch).float(), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(CONCEPTS)), dtype=np.float32)
+
+
+def save_judge(net: ToyJudgeNet, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
+              metadata={"classes": ",".join(CONCEPTS), "version": JUDGE_VERSION})
+
+
+class ToyJudge:
+    """The shipped toy judge: `classify(uint8 N x H x W x 3) -> float32 N x 8 probabilities`."""
+
+    name = JUDGE_NAME
+    version = JUDGE_VERSION
+    classes: tuple[str, ...] = CONCEPTS
+
+    def __init__(self, net: ToyJudgeNet):
+        self.net = net.eval()
+
+    def classify(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        images = np.stack(images) if isinstance(images, list) else np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"toy judge expects uint8 N x H x W x 3 images, got {images.dtype} {images.shape}")
+        if images.shape[1:3] != (32, 32):
+            # Probes may ask for other sizes; the judge was trained at 32x32.
+            tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+            tensor = F.interpolate(tensor, size=(32, 32), mode="area")
+            images = tensor.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        return predict_probs(self.net, images)
+
+
+def load_toy_judge(device: str | torch.device = "cpu", path: Path = WEIGHTS_FILE) -> ToyJudge:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"toy judge weights not found at {path}; run `engine toyworld build`")
+    net = ToyJudgeNet()
+    net.load_state_dict(load_file(str(path)))
+    return ToyJudge(net.to(device))
