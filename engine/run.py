@@ -1,7 +1,7 @@
 """Build and execute the Ray Data pipeline of a run, on a local Ray or an existing cluster.
 
 units (driver) -> ray.data.from_items -> map_batches(ProbeActor, ActorPoolStrategy)
-               -> write_parquet(<output>/rows/)
+               -> map_batches(ScoreActor, fractional GPU) -> write_parquet(<output>/rows/)
 Finished rows are skipped (resume); the manifest records config, versions, times and counts.
 """
 
@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.errors import UserError
 from engine.grid import RunPlan, pending_rows, work_units
 from engine.results import (
     base_manifest,
@@ -25,7 +26,9 @@ from engine.results import (
     rows_dir,
     write_manifest,
 )
-from engine.stages import ProbeActor, actor_payload
+from engine.scoring.preflight import check_run_scoring
+from engine.scoring.registry import judge_requests
+from engine.stages import ProbeActor, ScoreActor, actor_payload, score_payload
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +65,12 @@ def ray_session(cluster: str | None):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     runtime_env = {"env_vars": worker_env()}
+    # Ray's own INFO lines drown the CLI's output; --verbose turns the engine's logging back on.
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if cluster:
-        ray.init(address=cluster, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(address=cluster, runtime_env=runtime_env, **quiet)
     else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(include_dashboard=False, runtime_env=runtime_env, **quiet)
     try:
         yield ray
     finally:
@@ -73,6 +78,7 @@ def ray_session(cluster: str | None):
 
 
 def execute(plan: RunPlan, cluster: str | None = None) -> RunSummary:
+    check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
     output = Path(plan.spec.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -113,12 +119,25 @@ def _stream(ray, plan: RunPlan, todo, output: Path) -> None:
 
     spec = plan.spec
     DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    if not logger.isEnabledFor(logging.INFO):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-    gpus_per_actor = (1.0 if cluster_gpus else 0.0) if spec.gpus_per_actor == "auto" else spec.gpus_per_actor
+    judges = judge_requests(spec.judges)
+    # Scoring shares the GPUs: by default a probe actor takes 0.9 of one and a score actor 0.1.
+    score_gpus = ((0.1 if cluster_gpus else 0.0) if spec.score_gpus == "auto" else spec.score_gpus) if judges else 0.0
+    gpus_per_actor = spec.gpus_per_actor
+    if gpus_per_actor == "auto":
+        gpus_per_actor = 1.0 - score_gpus if cluster_gpus else 0.0
     actors = (max(1, cluster_gpus) if spec.actors == "auto" else spec.actors)
     device = spec.device if spec.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
     units = work_units(todo, spec.batch_size)
     actors = min(actors, len(units))
+    wanted_gpus = actors * gpus_per_actor + (spec.score_actors * score_gpus if judges else 0.0)
+    if cluster_gpus and wanted_gpus > cluster_gpus + 1e-6:
+        raise UserError(
+            f"{actors} probe actor(s) x {gpus_per_actor} GPU + {spec.score_actors} score actor(s) x {score_gpus} GPU "
+            f"need {wanted_gpus:g} GPUs; the cluster has {cluster_gpus}. Lower gpus_per_actor, actors or score_gpus"
+        )
     logger.info("%d rows in %d units on %d actor(s), %s GPU each", len(todo), len(units), actors, gpus_per_actor)
     payload = actor_payload(plan, device, spec.attention, spec.torch_threads, str(output / "cache"))
     dataset = ray.data.from_items(units, override_num_blocks=len(units))
@@ -131,4 +150,17 @@ def _stream(ray, plan: RunPlan, todo, output: Path) -> None:
         batch_size=1,  # one unit: the driver already fixed which rows run together
         batch_format="numpy",
     )
+    if judges:
+        score_device = "cuda" if score_gpus > 0 else "cpu"
+        dataset = dataset.map_batches(
+            ScoreActor,
+            fn_constructor_kwargs={"payload": score_payload(plan, score_device, spec.torch_threads)},
+            compute=ActorPoolStrategy(size=spec.score_actors),
+            num_gpus=score_gpus,
+            # No CPU reservation: judging costs a few ms per image, and a reserved core could leave
+            # a probe actor unschedulable on small machines (2 cores: probe + write + scorer).
+            num_cpus=0,
+            batch_size=spec.score_batch_size,
+            batch_format="pyarrow",
+        )
     dataset.write_parquet(str(rows_dir(output)))
