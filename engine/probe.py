@@ -24,6 +24,10 @@ from engine.errors import UserError, format_validation_error, unknown_choice
 # Adding a probe: its file in probes/, one line here, its test.
 PROBE_REGISTRY: dict[str, str] = {
     "standard_prompt": "probes.standard_prompt:StandardPromptProbe",
+    "noise_based": "probes.noise_based:NoiseBasedProbe",
+    "diffusion_completion": "probes.diffusion_completion:DiffusionCompletionProbe",
+    "inpainting": "probes.inpainting:InpaintingProbe",
+    "interference": "probes.interference:InterferenceProbe",
 }
 
 # What a probe may declare in `requires`; the engine checks each before any generation starts.

@@ -11,18 +11,26 @@ instead of the pipeline's __call__, so every change to the sampler is explicit h
 - Each row draws its noise from its own CPU generator, so a row never depends on its batch.
 - `guidance` is a hook (x_t, t, eps) -> eps, used by classifier guidance.
 - `start_index` / `stop_index` run a slice of the schedule (diffusion completion hands over).
+- `base_reference_images` makes the base model's image of a (prompt, seed) once per grid and
+  caches it on disk (inpainting context, textual-inversion data).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from PIL import Image
 
-from engine.probe import to_uint8
+from engine.probe import row_generator, to_uint8
 
 GuidanceHook = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
@@ -187,3 +195,80 @@ def generate(
         pipe, latents, embeddings, schedule, guidance_scale, eta, variance_scale, generators, guidance
     )
     return decode(pipe, latents)
+
+
+# --------------------------------------------------------------------------- base-model references
+
+
+def weights_fingerprint(pipe) -> str:
+    """A content hash of a pipeline's weights (UNet, text encoder, VAE) and scheduler config, cheap
+    enough for SD 1.4 on a GPU: per tensor its name, shape, dtype, sum and absolute sum, reduced on
+    the device and moved once. Memoised per pipeline object."""
+    cached = _FINGERPRINTS.get(pipe)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+    for part in ("unet", "text_encoder", "vae"):
+        module = getattr(pipe, part)
+        state = module.state_dict()
+        with torch.no_grad():
+            sums = torch.stack([torch.stack([t.double().sum(), t.double().abs().sum()]) for t in state.values()])
+        meta = [(name, list(t.shape), str(t.dtype)) for name, t in state.items()]
+        digest.update(json.dumps([part, type(module).__name__, meta], separators=(",", ":")).encode())
+        digest.update(sums.cpu().numpy().tobytes())
+    _FINGERPRINTS[pipe] = digest.hexdigest()
+    return _FINGERPRINTS[pipe]
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def base_reference_images(context, rows, params) -> tuple[list[np.ndarray], list[str]]:
+    """The base model's plain image for each row's (prompt, seed): the standard probe's call on the
+    base pipeline with `params`' generation settings (steps, CFG, negative prompt, size).
+
+    Made once per (base model, concept, prompt, seed, settings) and cached on disk under
+    `context.cache_dir/reference_images/<key>.png` (key: a content hash of all of these, the base
+    weights' fingerprint included), so every erased model of a grid and every probe that needs
+    the base image (inpainting, textual inversion) reuses it. Returns (images, cache keys)."""
+    base = context.base_pipeline()
+    folder = Path(context.cache_dir) / "reference_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = {
+        "base": weights_fingerprint(base),
+        "device": base.device.type,
+        "dtype": str(base.unet.dtype),
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "negative_prompt": params.negative_prompt,
+        "height": params.height,
+        "width": params.width,
+    }
+    keys, identities = [], []
+    for row in rows:
+        row_identity = {**identity, "concept": row.concept, "prompt": row.prompt, "seed": row.seed}
+        text = json.dumps(row_identity, sort_keys=True, separators=(",", ":"))
+        keys.append(hashlib.sha256(text.encode()).hexdigest()[:32])
+        identities.append(row_identity)
+    missing = sorted({i for i, key in enumerate(keys) if not (folder / f"{key}.png").exists()})
+    if missing:
+        # One batched call for every reference not yet on disk; one generator per row, as the
+        # standard probe, so the reference is the base model's standard_prompt image.
+        result = base(
+            prompt=[rows[i].prompt for i in missing],
+            negative_prompt=[params.negative_prompt] * len(missing) if params.negative_prompt else None,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            height=params.height,
+            width=params.width,
+            generator=[row_generator(rows[i].seed) for i in missing],
+            output_type="np",
+        )
+        for i, image in zip(missing, to_uint8(result.images)):
+            # Write then rename: actors of one grid may race on the same key; os.replace is atomic.
+            temporary = folder / f"{keys[i]}.{os.getpid()}.tmp"
+            Image.fromarray(image).save(temporary, format="PNG")
+            os.replace(temporary, folder / f"{keys[i]}.png")
+            (folder / f"{keys[i]}.json").write_text(json.dumps(identities[i], sort_keys=True, indent=1))
+    images = [np.asarray(Image.open(folder / f"{key}.png").convert("RGB")) for key in keys]
+    return images, keys
