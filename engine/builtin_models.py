@@ -162,10 +162,26 @@ def build_sd14_random() -> StableDiffusionPipeline:
     return _pipeline(unet, vae, text_encoder, tokenizer, scheduler)
 
 
+def _toy_model(method: str | None = None, concept: str | None = None):
+    """Loader of a shipped toy-world model (engine/toyworld/weights), imported only when built."""
+
+    def build() -> StableDiffusionPipeline:
+        from engine.toyworld.shipped import load_toy_base, load_toy_erased
+
+        return load_toy_base() if method is None else load_toy_erased(method, concept)
+
+    return build
+
+
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny": BuiltinModel(build_tiny, "none", "random tiny SD pipeline (64x64), seeded, for tests"),
     "tiny-erased": BuiltinModel(
         build_tiny_erased, "random-kv", "tiny with re-drawn cross-attention k/v (a stand-in erased model)"
     ),
     "sd14-random": BuiltinModel(build_sd14_random, "none", "full SD 1.4 architecture, random weights"),
+    "toy-base": BuiltinModel(_toy_model(), "none", "toy world: trained 32x32 shapes model (engine/toyworld)"),
+    "toy-esdx-circle": BuiltinModel(_toy_model("esdx", "circle"), "esd-x", "toy-base with circle erased by ESD-x"),
+    "toy-esdx-triangle": BuiltinModel(_toy_model("esdx", "triangle"), "esd-x", "toy-base, triangle erased by ESD-x"),
+    "toy-uce-circle": BuiltinModel(_toy_model("uce", "circle"), "uce", "toy-base with circle erased by UCE"),
+    "toy-uce-triangle": BuiltinModel(_toy_model("uce", "triangle"), "uce", "toy-base with triangle erased by UCE"),
 }
