@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.errors import UserError, format_validation_error, unknown_choice
+from engine.scoring.registry import JudgeRequest, default_judge_refs, parse_judge_ref
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 
@@ -183,10 +184,30 @@ class RunSpec(Frozen):
     num_images: int = Field(ge=1, description="Prompts per (model, concept, probe).")
     batch_size: int = Field(4, ge=1, description="Rows per work unit handed to a probe actor.")
     actors: int | Literal["auto"] = Field("auto", description="Probe actors: auto = one per GPU, else 1.")
-    gpus_per_actor: float | Literal["auto"] = Field("auto", description="auto = 1 when the cluster has GPUs.")
+    gpus_per_actor: float | Literal["auto"] = Field(
+        "auto", description="auto = 1 when the cluster has GPUs, less the scoring stage's share (score_gpus)."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where pipelines run.")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel on CUDA.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per actor; default: all cores.")
+    judges: list[str | JudgeRequest] = Field(
+        default_factory=default_judge_refs,
+        description="Judges scoring every image: NAME, NAME:PRESET (e.g. clip:tiny, a random test model) or "
+        "{name, preset, options}. Default: clip and imagenet with real weights ($ENGINE_JUDGES overrides the "
+        "default); [] = no scoring (`engine score` later).",
+    )
+    score_batch_size: int = Field(16, ge=1, description="Images per batch in the scoring stage.")
+    score_actors: int = Field(1, ge=1, description="Scoring actors; one keeps up with many generating GPUs.")
+    score_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPU fraction per scoring actor: auto = 0.1 when the cluster has GPUs, else 0."
+    )
+
+    @field_validator("judges")
+    @classmethod
+    def _known_judges(cls, value: list) -> list:
+        for ref in value:
+            parse_judge_ref(ref)  # unknown names fail here, with the valid choices
+        return value
 
     @field_validator("models", "concepts")
     @classmethod

@@ -81,7 +81,8 @@ class ProbeContext:
     cache_dir: Path
     options: dict[str, Any] = field(default_factory=dict)
     # selector_scores(selector_name, images, concept_name, regions) -> one score per image, higher
-    # = more of the concept. Best-of-N probes pick argmax. Provided by the runner (engine.scoring).
+    # = more of the concept. Best-of-N probes pick argmax (see ProbeOutput). Provided by the
+    # runner (engine.scoring.selectors.SelectorBank); names: judge, clip, latent_classifier, none.
     selector_scores: Callable[..., list[float]] | None = None
 
 
@@ -104,11 +105,28 @@ class ProbeBatch:
 @dataclass
 class ProbeOutput:
     """One image per row (uint8, HxWx3), per-row extras, and optionally the region that counts
-    for scoring, as (left, top, right, bottom) pixels."""
+    for scoring, as (left, top, right, bottom) pixels.
+
+    Best-of-N probes (design.md §4) also fill `candidates`:
+    - `candidates[i]` is every candidate image generated for row i (uint8 HxWx3, the kept one
+      included, in candidate order), or None/[] for a row without candidates. The engine judges
+      each candidate with the run's judges, cropped to the row's scoring region, and stores per
+      row `candidate_count`, `candidate_clip_mean`, `candidate_top1_rate`, `candidate_top5_rate`
+      (the mean over all candidates that reports show next to the kept image's rate). Candidate
+      images themselves are not stored.
+    - Pick with `batch.context.selector_scores(params.selector, images, concept_name, regions)`,
+      which returns one float per image, higher = more concept; keep the argmax. Type the params
+      field as `selector: engine.scoring.selectors.SelectorName` so unknown names are rejected with
+      the run config. Call it for "none" too (it returns zeros, so argmax keeps candidate 0): the
+      engine records every selector called during the batch in the rows' `selector` column.
+    - Put the kept candidate's index and its selector score in extras, e.g.
+      `{"selected_candidate": 3, "selector_score": 0.91}`.
+    """
 
     images: list[np.ndarray]
     extras: list[dict[str, Any]] | None = None
     scoring_regions: list[tuple[int, int, int, int] | None] | None = None
+    candidates: list[list[np.ndarray] | None] | None = None
 
     def __post_init__(self):
         n = len(self.images)
@@ -116,7 +134,9 @@ class ProbeOutput:
             self.extras = [{} for _ in range(n)]
         if self.scoring_regions is None:
             self.scoring_regions = [None] * n
-        if len(self.extras) != n or len(self.scoring_regions) != n:
+        if self.candidates is None:
+            self.candidates = [None] * n
+        if len(self.extras) != n or len(self.scoring_regions) != n or len(self.candidates) != n:
             raise ValueError("ProbeOutput lists must have one entry per image")
 
 

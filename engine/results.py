@@ -58,10 +58,20 @@ SCORE_FIELDS = [  # null until scored
     pa.field("judge_top5", pa.bool_()),
     pa.field("judge_target_prob", pa.float64()),
     pa.field("judge_model", pa.string()),
-    pa.field("selector", pa.string()),
+    pa.field("selector", pa.string()),  # best-of-N probes: selector (and its model) that picked the image
     pa.field("scoring_seconds", pa.float64()),
+    # Best-of-N probes: how many candidates the row chose from, and each judge's mean over all of
+    # them (design.md §4: reports show the selected rate next to the all-candidates mean).
+    pa.field("candidate_count", pa.int32()),
+    pa.field("candidate_clip_mean", pa.float64()),
+    pa.field("candidate_top1_rate", pa.float64()),
+    pa.field("candidate_top5_rate", pa.float64()),
 ]
 ROW_SCHEMA = pa.schema(IDENTITY_FIELDS + GENERATION_FIELDS + SCORE_FIELDS)
+# Between the probe and score stages only: PNG bytes of every best-of-N candidate of a row. The
+# score stage judges them and drops the column; it is never written.
+CANDIDATE_IMAGES = "candidate_images"
+STREAM_SCHEMA = ROW_SCHEMA.append(pa.field(CANDIDATE_IMAGES, pa.list_(pa.binary())))
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -75,10 +85,10 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def rows_table(records: list[dict[str, Any]]) -> pa.Table:
+def rows_table(records: list[dict[str, Any]], schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
     """Records with any subset of the schema's columns -> a table with all of them (missing = null)."""
-    columns = {f.name: [r.get(f.name) for r in records] for f in ROW_SCHEMA}
-    return pa.table(columns, schema=ROW_SCHEMA)
+    columns = {f.name: [r.get(f.name) for r in records] for f in schema}
+    return pa.table(columns, schema=schema)
 
 
 def rows_dir(output: Path) -> Path:

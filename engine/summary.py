@@ -4,27 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import typer
 
-from engine.results import read_rows
+from engine.report import cell_stats, load_rows
+from engine.report_html import fmt_interval, fmt_number
 
-SUMMARY_COLUMNS = ["model", "concept", "probe", "generation_seconds", "clip_score", "judge_top1"]
 
-
-def summary_frame(output: Path):
-    table = read_rows(output, columns=SUMMARY_COLUMNS)
-    frame = table.to_pandas()
-    grouped = frame.groupby(["model", "concept", "probe"], sort=True)
-    result = grouped.agg(
-        n=("generation_seconds", "size"),
-        seconds_per_image=("generation_seconds", "mean"),
-        clip_mean=("clip_score", "mean"),
-        top1_rate=("judge_top1", lambda s: s.dropna().astype(float).mean() if s.notna().any() else float("nan")),
+def summary_frame(output: Path) -> pd.DataFrame:
+    """One line per (model, concept, probe) cell: n, seconds per image, CLIP and top-1 with 95% CIs."""
+    # A resumed run may mix judges; the terminal summary still shows it (`engine report` refuses).
+    cells = cell_stats(load_rows([Path(output)], single_judge=False))
+    return pd.DataFrame(
+        {
+            "model": cells["model"],
+            "concept": cells["concept"],
+            "probe": cells["probe_label"],
+            "n": cells["n"],
+            "s/image": [fmt_number(v) for v in cells["seconds_per_image"]],
+            "CLIP [95% CI]": [
+                fmt_interval(m, lo, hi) for m, lo, hi in zip(cells.clip_mean, cells.clip_ci_low, cells.clip_ci_high)
+            ],
+            "top-1 % [95% CI]": [
+                fmt_interval(r, lo, hi, 100.0, 1)
+                for r, lo, hi in zip(cells.top1_rate, cells.top1_ci_low, cells.top1_ci_high)
+            ],
+        }
     )
-    return result.reset_index()
 
 
 def print_summary(output: Path) -> None:
-    frame = summary_frame(output)
     typer.echo("")
-    typer.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(summary_frame(output).to_string(index=False))

@@ -1,0 +1,160 @@
+"""Report pictures: recovery bar charts with 95% CI error bars, and per-cell contact sheets.
+
+Plots use matplotlib's object API (Figure + Agg canvas), never pyplot, so no global state or
+display is touched. Contact sheets are drawn with Pillow: each image with its seed, prompt and
+scores underneath.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+from engine.report import CELL_KEYS, cell_slug, method_order, probe_order
+from engine.results import decode_png, parquet_files
+
+THUMBNAIL = 128
+COLUMNS = 6
+FONT_SIZE = 11
+# (file stem, title, y label, value column, CI columns, scale): rates are plotted in %.
+PLOTS = [
+    ("top1", "Top-1 recovery by probe", "top-1 rate (%)", "top1_rate", ("top1_ci_low", "top1_ci_high"), 100.0),
+    ("top5", "Top-5 recovery by probe", "top-5 rate (%)", "top5_rate", ("top5_ci_low", "top5_ci_high"), 100.0),
+    ("clip", "CLIP score by probe", "CLIP score (100 x cosine)", "clip_mean", ("clip_ci_low", "clip_ci_high"), 1.0),
+]
+
+
+def method_label(method: str) -> str:
+    return "base model" if method == "none" else method
+
+
+def _value(row: pd.Series | None, column: str) -> float:
+    if row is None or row[column] is None or pd.isna(row[column]):
+        return math.nan
+    return float(row[column])
+
+
+def write_recovery_plots(pooled: pd.DataFrame, folder: Path) -> list[tuple[str, Path]]:
+    """One grouped bar chart per metric: probes on x, one bar per method, pooled over concepts."""
+    from matplotlib.figure import Figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    probes, methods = probe_order(pooled["probe_label"]), method_order(pooled["method"])
+    index = {(r["probe_label"], r["method"]): r for _, r in pooled.iterrows()}
+    written = []
+    for stem, title, ylabel, column, (low_column, high_column), scale in PLOTS:
+        if pooled[column].isna().all():
+            continue  # e.g. top-1 of a run with style concepts only: nothing to plot
+        figure = Figure(figsize=(max(6.0, 1.3 * len(probes) * max(1, len(methods)) / 2), 4.2))
+        axes = figure.subplots()
+        width = 0.8 / max(1, len(methods))
+        for position, method in enumerate(methods):
+            rows = [index.get((probe, method)) for probe in probes]
+            values = np.array([_value(r, column) for r in rows]) * scale
+            lows = np.array([_value(r, low_column) for r in rows]) * scale
+            highs = np.array([_value(r, high_column) for r in rows]) * scale
+            # A cell with one image has no interval: no error bar rather than a fake one.
+            errors = np.nan_to_num(np.vstack([values - lows, highs - values]), nan=0.0)
+            x = np.arange(len(probes)) - 0.4 + width * (position + 0.5)
+            axes.bar(x, values, width, yerr=errors, capsize=3, label=method_label(method))
+        axes.set_xticks(np.arange(len(probes)), probes, rotation=15, ha="right")
+        axes.set_ylabel(ylabel)
+        axes.set_title(f"{title} (pooled over concepts, 95% CI)")
+        if scale == 100.0:
+            axes.set_ylim(0, 105)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        path = folder / f"{stem}.png"
+        figure.savefig(path, dpi=100)
+        written.append((title, path))
+    return written
+
+
+# --------------------------------------------------------------------------- contact sheets
+
+
+def _read_images(run_dirs: list[Path], row_ids: set[str]) -> dict[str, bytes]:
+    """PNG bytes of the given rows only, so a large run's images are never all in memory."""
+    found: dict[str, bytes] = {}
+    for run_dir in run_dirs:
+        for path in parquet_files(run_dir):
+            try:
+                table = pq.read_table(path, columns=["row_id", "image"], filters=[("row_id", "in", sorted(row_ids))])
+            except Exception:  # unreadable files are already reported by read_rows
+                continue
+            for row_id, image in zip(table.column("row_id").to_pylist(), table.column("image").to_pylist()):
+                found.setdefault(row_id, image)
+    return found
+
+
+def _score_line(row: dict[str, Any]) -> str:
+    parts = []
+    if row.get("clip_score") is not None and not pd.isna(row["clip_score"]):
+        parts.append(f"clip {row['clip_score']:.1f}")
+    for key, name in (("judge_top1", "top1"), ("judge_top5", "top5")):
+        value = row.get(key)
+        if value is not None and not (isinstance(value, float) and pd.isna(value)):
+            parts.append(f"{name} {'yes' if value else 'no'}")
+    return " | ".join(parts) or "unscored"
+
+
+def contact_sheet(images: list[np.ndarray], captions: list[list[str]], title: str) -> Image.Image:
+    """A grid of thumbnails, each with its caption lines underneath, under a title line."""
+    font = ImageFont.load_default(size=FONT_SIZE)
+    line_height = FONT_SIZE + 3
+    caption_lines = max((len(c) for c in captions), default=0)
+    tile_height = THUMBNAIL + 4 + caption_lines * line_height + 6
+    columns = max(1, min(COLUMNS, len(images)))
+    rows = max(1, math.ceil(len(images) / columns))
+    header = line_height + 10
+    sheet = Image.new("RGB", (columns * (THUMBNAIL + 8) + 8, header + rows * tile_height), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((8, 5), title, fill="black", font=font)
+    for index, (image, lines) in enumerate(zip(images, captions)):
+        left = 8 + (index % columns) * (THUMBNAIL + 8)
+        top = header + (index // columns) * tile_height
+        thumbnail = Image.fromarray(image)
+        scale = THUMBNAIL / max(thumbnail.size)
+        # Upscale small test images without smoothing; shrink real ones smoothly.
+        resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+        size = (max(1, round(thumbnail.width * scale)), max(1, round(thumbnail.height * scale)))
+        thumbnail = thumbnail.resize(size, resample)
+        sheet.paste(thumbnail, (left, top))
+        for line_number, line in enumerate(lines):
+            draw.text((left, top + THUMBNAIL + 4 + line_number * line_height), line, fill="black", font=font)
+    return sheet
+
+
+def write_contact_sheets(
+    run_dirs: list[Path], frame: pd.DataFrame, cells: pd.DataFrame, folder: Path, max_images: int
+) -> list[tuple[dict[str, Any], Path]]:
+    """A PNG per cell (same order as `cells`) with its first `max_images` rows by prompt index and seed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [*CELL_KEYS, "probe_label"]
+    chosen = {
+        key: group.sort_values(["prompt_index", "seed", "row_id"]).head(max_images)
+        for key, group in frame.groupby(keys, sort=True, dropna=False)
+    }
+    images = _read_images(run_dirs, {i for g in chosen.values() for i in g["row_id"]})
+    written = []
+    for _, cell in cells.iterrows():
+        key = tuple(cell[k] for k in keys)
+        rows = chosen[key].to_dict("records")
+        captions = [
+            [f"seed {r['seed']}", *textwrap.wrap(r["prompt"], 22)[:2], _score_line(r)] for r in rows
+        ]
+        title = f"{cell['model']} / {cell['concept']}"
+        title += f" -> {cell['target_concept']}" if cell["target_concept"] != cell["concept"] else ""
+        title += f" / {cell['probe_label']}"
+        sheet = contact_sheet([decode_png(images[r["row_id"]]) for r in rows], captions, title)
+        path = folder / f"{cell_slug(cell)}.png"
+        sheet.save(path, format="PNG")
+        written.append((cell.to_dict(), path))
+    return written

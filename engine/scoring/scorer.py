@@ -1,0 +1,128 @@
+"""Score a table of result rows with a set of judges: the Ray-free core of ScoreActor and `engine score`.
+
+Each row's image is cropped to its `scoring_region` and judged against its `target_concept` (for
+most probes the concept itself; for interference, the other concept shown). Rows of best-of-N
+probes may carry the transient column `candidate_images` (PNG bytes of every candidate); each
+candidate is judged the same way and reduced to per-row means (`candidate_clip_mean`,
+`candidate_top1_rate`, `candidate_top5_rate`), then the column is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from engine.config import ConceptSpec
+from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, decode_png
+from engine.scoring.judge import CANDIDATE_COLUMNS, MODEL_COLUMN, Judge
+from engine.scoring.registry import JudgeRequest, build_judge
+
+logger = logging.getLogger(__name__)
+
+
+def crop_to_region(image: np.ndarray, region: list[int] | tuple[int, ...] | None) -> np.ndarray:
+    """The part of `image` that counts: [left, top, right, bottom] pixels, clipped to the image."""
+    if region is None:
+        return image
+    left, top, right, bottom = (int(v) for v in region)
+    height, width = image.shape[:2]
+    left, right = max(0, left), min(width, right)
+    top, bottom = max(0, top), min(height, bottom)
+    if right <= left or bottom <= top:
+        raise ValueError(f"scoring region {list(region)} is empty on a {width}x{height} image")
+    return np.ascontiguousarray(image[top:bottom, left:right])
+
+
+def _mean(values: list[Any]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+class Scorer:
+    """Judges rows in chunks of `batch_size` images; one judge per score slot."""
+
+    def __init__(self, judges: list[Judge], concepts: dict[str, ConceptSpec], batch_size: int = 32):
+        self.judges = judges
+        self.concepts = concepts
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_requests(
+        cls, requests: list[JudgeRequest], concepts: dict[str, ConceptSpec], device: torch.device, batch_size: int
+    ) -> Scorer:
+        return cls([build_judge(r, device) for r in requests], concepts, batch_size)
+
+    def _concept(self, name: str) -> ConceptSpec:
+        if name not in self.concepts:
+            raise KeyError(f"row concept {name!r} is not among the scorer's concepts ({', '.join(self.concepts)})")
+        return self.concepts[name]
+
+    def _judge_in_chunks(self, judge: Judge, images: list[np.ndarray], concepts: list[ConceptSpec]):
+        columns: dict[str, list[Any]] = {}
+        for start in range(0, len(images), self.batch_size):
+            chunk = judge.score(images[start : start + self.batch_size], concepts[start : start + self.batch_size])
+            for name, values in chunk.items():
+                columns.setdefault(name, []).extend(values)
+        return columns
+
+    def _candidate_means(self, judge: Judge, rows: list[dict[str, Any]], concepts: list[ConceptSpec]):
+        """Per row, the mean of each candidate-reduced column over all its candidates (None without)."""
+        reductions = CANDIDATE_COLUMNS[judge.slot]
+        means: dict[str, list[Any]] = {name: [] for name in reductions}
+        for row, concept in zip(rows, concepts):
+            encoded = row.get(CANDIDATE_IMAGES) or []
+            if not encoded:
+                for values in means.values():
+                    values.append(None)
+                continue
+            images = [crop_to_region(decode_png(data), row["scoring_region"]) for data in encoded]
+            scored = self._judge_in_chunks(judge, images, [concept] * len(images))
+            for name, source in reductions.items():
+                means[name].append(_mean(scored[source]))
+        return means
+
+    def score_table(self, table: pa.Table) -> pa.Table:
+        """Rows in (ROW_SCHEMA columns, maybe candidate_images) -> ROW_SCHEMA rows with this scorer's
+        slots filled. Other columns pass through unchanged."""
+        started = time.perf_counter()
+        wanted = ["image", "scoring_region", "target_concept"]
+        has_candidates = CANDIDATE_IMAGES in table.column_names
+        rows = table.select(wanted + ([CANDIDATE_IMAGES] if has_candidates else [])).to_pylist()
+        images = [crop_to_region(decode_png(r["image"]), r["scoring_region"]) for r in rows]
+        concepts = [self._concept(r["target_concept"]) for r in rows]
+        updates: dict[str, list[Any]] = {}
+        for judge in self.judges:
+            updates.update(self._judge_in_chunks(judge, images, concepts))
+            updates[MODEL_COLUMN[judge.slot]] = [judge.model_id] * len(rows)
+            if has_candidates:
+                updates.update(self._candidate_means(judge, rows, concepts))
+            else:
+                # Candidate images are not stored, so a rescore cannot recompute these means; old
+                # values from another judge would be mislabelled, so they are cleared.
+                counts = table.column("candidate_count").to_pylist() if "candidate_count" in table.column_names else []
+                if any(counts):
+                    logger.warning("candidate means for %s cleared: candidate images are not stored", judge.name)
+                for name in CANDIDATE_COLUMNS[judge.slot]:
+                    updates[name] = [None] * len(rows)
+        if self.judges:
+            seconds = (time.perf_counter() - started) / max(1, len(rows))
+            updates["scoring_seconds"] = [seconds] * len(rows)
+        return conform(table, updates)
+
+
+def conform(table: pa.Table, updates: dict[str, list[Any]]) -> pa.Table:
+    """ROW_SCHEMA table: `updates` replace columns, other schema columns pass through (or null)."""
+    columns = []
+    for field in ROW_SCHEMA:
+        if field.name in updates:
+            columns.append(pa.array(updates[field.name], type=field.type))
+        elif field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, type=field.type))
+    return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)

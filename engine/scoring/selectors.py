@@ -1,0 +1,160 @@
+"""Best-of-N selectors: the model that picks which candidate a probe keeps (design.md §4).
+
+The original picked with the same ResNet-50 that later judged, which inflates recovery. Here a
+probe's `selector` parameter names one of:
+- `judge`: the run's classifier judge (e.g. imagenet), ranking by probability of the concept's
+  classes. This reproduces the original, selection bias included;
+- `clip`: the run's CLIP judge, ranking by CLIP score (selects with one model, judges with another);
+- `latent_classifier`: the concept's latent classifier (classifier_training), through the hook below;
+- `none`: no ranking; every candidate scores 0, so argmax keeps candidate 0.
+Every row records the selector and its model in column `selector`, e.g. `clip=clip:ViT-B-32/openai`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal, get_args
+
+import numpy as np
+
+from engine.errors import UserError, unknown_choice
+from engine.scoring.registry import JudgeRequest, build_judge, get_judge_class
+from engine.scoring.scorer import crop_to_region
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.config import ConceptSpec
+    from engine.probe import ProbeContext
+    from engine.scoring.judge import Judge
+
+logger = logging.getLogger(__name__)
+
+# Use this as the type of a probe params' `selector` field: unknown names are then rejected when
+# the run config is validated.
+SelectorName = Literal["judge", "clip", "latent_classifier", "none"]
+SELECTOR_NAMES: tuple[str, ...] = get_args(SelectorName)
+SELECTOR_SLOTS = {"judge": "classifier", "clip": "clip"}  # selectors that reuse a judge of the run
+
+# Hook for latent classifiers, filled in by classifier_training: "module:function" with
+#     function(concept: ConceptSpec, context: ProbeContext) -> SelectorModel
+# called once per (probe actor, concept). The function may reach the base model's VAE through
+# context.base_pipeline() to encode candidate images to latents. None = not available yet.
+LATENT_CLASSIFIER_LOADER: str | None = None
+
+
+@dataclass
+class SelectorModel:
+    """A loaded latent-classifier selector: `scores(images)` -> one float per image, higher = more concept."""
+
+    model_id: str
+    scores: Callable[[list[np.ndarray]], list[float]]
+
+
+def _latent_loader() -> Callable[..., SelectorModel]:
+    if LATENT_CLASSIFIER_LOADER is None:
+        raise UserError(
+            "selector latent_classifier is not available: no latent-classifier loader is registered "
+            "(engine.scoring.selectors.LATENT_CLASSIFIER_LOADER); use selector clip, judge or none"
+        )
+    module_name, function_name = LATENT_CLASSIFIER_LOADER.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def _slot_request(judges: list[JudgeRequest], slot: str) -> JudgeRequest | None:
+    return next((r for r in judges if get_judge_class(r.name).slot == slot), None)
+
+
+def check_selectors(probe_params: list[Any], judges: list[JudgeRequest], concepts: dict[str, ConceptSpec]) -> None:
+    """Driver-side, before any work: every probe params' `selector` (the field name best-of-N probes
+    use) is known, and the model it needs is in the run. Raises UserError."""
+    for params in probe_params:
+        selector = getattr(params, "selector", None)
+        if selector is None:
+            continue
+        if selector not in SELECTOR_NAMES:
+            raise unknown_choice("selector", selector, SELECTOR_NAMES)
+        if selector == "latent_classifier":
+            _latent_loader()
+        if selector not in SELECTOR_SLOTS:
+            continue
+        request = _slot_request(judges, SELECTOR_SLOTS[selector])
+        if request is None:
+            raise UserError(
+                f"selector {selector!r} uses the run's {SELECTOR_SLOTS[selector]} judge, but the run has none; "
+                f"add one to `judges:` or pick another selector"
+            )
+        judge_class = get_judge_class(request.name)
+        key = getattr(judge_class, "classes_key", None)
+        for concept in concepts.values():
+            if key is not None and key not in concept.judge_classes:
+                raise UserError(
+                    f"selector {selector!r} ranks by the {request.name} judge's classes, and concept "
+                    f"{concept.name!r} has none; use selector clip for it"
+                )
+
+
+class SelectorBank:
+    """Lazily built, cached selector models of one probe actor; remembers which selectors ran."""
+
+    def __init__(
+        self,
+        judges: list[JudgeRequest],
+        concepts: dict[str, ConceptSpec],
+        device: torch.device,
+        context: Callable[[], ProbeContext],
+    ):
+        self.judges = judges
+        self.concepts = concepts
+        self.device = device
+        self.context = context
+        self._judge_models: dict[str, Judge] = {}
+        self._latent_models: dict[str, SelectorModel] = {}
+        self._used: set[str] = set()
+
+    def _judge(self, selector: str) -> Judge:
+        slot = SELECTOR_SLOTS[selector]
+        if slot not in self._judge_models:
+            request = _slot_request(self.judges, slot)
+            if request is None:
+                raise UserError(f"selector {selector!r} needs a {slot} judge in the run's `judges:`")
+            self._judge_models[slot] = build_judge(request, self.device)
+        return self._judge_models[slot]
+
+    def _latent(self, concept: ConceptSpec) -> SelectorModel:
+        if concept.name not in self._latent_models:
+            self._latent_models[concept.name] = _latent_loader()(concept, self.context())
+        return self._latent_models[concept.name]
+
+    def scores(
+        self,
+        selector: str,
+        images: list[np.ndarray],
+        concept_name: str,
+        regions: list[list[int] | tuple[int, ...] | None] | None = None,
+    ) -> list[float]:
+        """One score per image (cropped to its region), higher = more of the concept."""
+        if selector not in SELECTOR_NAMES:
+            raise unknown_choice("selector", selector, SELECTOR_NAMES)
+        if concept_name not in self.concepts:
+            raise KeyError(f"selector asked about concept {concept_name!r}, which is not in this run")
+        concept = self.concepts[concept_name]
+        crops = [crop_to_region(image, region) for image, region in zip(images, regions or [None] * len(images))]
+        if selector == "none":
+            self._used.add("none")
+            return [0.0] * len(images)
+        if selector in SELECTOR_SLOTS:
+            judge = self._judge(selector)
+            self._used.add(f"{selector}={judge.model_id}")
+            return judge.concept_scores(crops, concept) if crops else []
+        model = self._latent(concept)
+        self._used.add(f"latent_classifier={model.model_id}")
+        return [float(v) for v in model.scores(crops)]
+
+    def take_used(self) -> str | None:
+        """The selectors used since the last call, as written in column `selector` (None = none ran)."""
+        label = "+".join(sorted(self._used)) or None
+        self._used.clear()
+        return label
