@@ -17,4 +17,6 @@ def demo_spec(output: str, num_images: int) -> dict[str, Any]:
         "probes": [{"name": "standard_prompt", "params": fast}],
         "num_images": num_images,
         "batch_size": 4,
+        # Random tiny judges: the demo needs no downloaded weights (its scores are not meaningful).
+        "judges": ["clip:tiny", "imagenet:tiny"],
     }

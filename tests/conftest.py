@@ -9,6 +9,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Runs without a `judges:` key use these (engine.scoring.registry): random tiny judges, no weights.
+os.environ.setdefault("ENGINE_JUDGES", "clip:tiny,imagenet:tiny")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
