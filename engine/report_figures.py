@@ -94,15 +94,25 @@ def _read_images(run_dirs: list[Path], row_ids: set[str]) -> dict[str, bytes]:
     return found
 
 
-def _score_line(row: dict[str, Any]) -> str:
-    parts = []
+def _prompt_lines(prompt: str, width: int = 24, most: int = 2) -> list[str]:
+    lines = textwrap.wrap(prompt, width) or [""]
+    if len(lines) > most:  # the full prompt is in the tables; mark the cut
+        lines = [*lines[: most - 1], textwrap.shorten(" ".join(lines[most - 1 :]), width, placeholder="...")]
+    return lines
+
+
+def _score_lines(row: dict[str, Any]) -> list[str]:
+    lines = []
     if row.get("clip_score") is not None and not pd.isna(row["clip_score"]):
-        parts.append(f"clip {row['clip_score']:.1f}")
-    for key, name in (("judge_top1", "top1"), ("judge_top5", "top5")):
+        lines.append(f"clip {row['clip_score']:.1f}")
+    hits = []
+    for key, name in (("judge_top1", "top-1"), ("judge_top5", "top-5")):
         value = row.get(key)
         if value is not None and not (isinstance(value, float) and pd.isna(value)):
-            parts.append(f"{name} {'yes' if value else 'no'}")
-    return " | ".join(parts) or "unscored"
+            hits.append(f"{name} {'yes' if value else 'no'}")
+    if hits:
+        lines.append("  ".join(hits))
+    return lines or ["unscored"]
 
 
 def contact_sheet(images: list[np.ndarray], captions: list[list[str]], title: str) -> Image.Image:
@@ -110,15 +120,18 @@ def contact_sheet(images: list[np.ndarray], captions: list[list[str]], title: st
     font = ImageFont.load_default(size=FONT_SIZE)
     line_height = FONT_SIZE + 3
     caption_lines = max((len(c) for c in captions), default=0)
+    # Tiles as wide as the widest caption line, so no caption runs into its neighbour.
+    tile_width = max([THUMBNAIL, *[math.ceil(font.getlength(line)) for c in captions for line in c]]) + 8
     tile_height = THUMBNAIL + 4 + caption_lines * line_height + 6
     columns = max(1, min(COLUMNS, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
     header = line_height + 10
-    sheet = Image.new("RGB", (columns * (THUMBNAIL + 8) + 8, header + rows * tile_height), "white")
+    width = max(columns * tile_width + 8, math.ceil(font.getlength(title)) + 16)
+    sheet = Image.new("RGB", (width, header + rows * tile_height), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((8, 5), title, fill="black", font=font)
     for index, (image, lines) in enumerate(zip(images, captions)):
-        left = 8 + (index % columns) * (THUMBNAIL + 8)
+        left = 8 + (index % columns) * tile_width
         top = header + (index // columns) * tile_height
         thumbnail = Image.fromarray(image)
         scale = THUMBNAIL / max(thumbnail.size)
@@ -148,7 +161,7 @@ def write_contact_sheets(
         key = tuple(cell[k] for k in keys)
         rows = chosen[key].to_dict("records")
         captions = [
-            [f"seed {r['seed']}", *textwrap.wrap(r["prompt"], 22)[:2], _score_line(r)] for r in rows
+            [f"seed {r['seed']}", *_prompt_lines(r["prompt"]), *_score_lines(r)] for r in rows
         ]
         title = f"{cell['model']} / {cell['concept']}"
         title += f" -> {cell['target_concept']}" if cell["target_concept"] != cell["concept"] else ""
