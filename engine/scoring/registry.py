@@ -101,7 +101,7 @@ def judge_options(request: JudgeRequest) -> JudgeOptions:
     raw: dict[str, Any] = {}
     if request.preset is not None:
         if request.preset not in judge_class.presets:
-            raise unknown_choice(f"preset of judge {request.name!r}", request.preset, judge_class.presets)
+            raise unknown_choice(f"preset for judge {request.name}", request.preset, judge_class.presets)
         raw.update(judge_class.presets[request.preset])
     raw.update(request.options)
     try:
