@@ -28,6 +28,9 @@ PROBE_REGISTRY: dict[str, str] = {
     "diffusion_completion": "probes.diffusion_completion:DiffusionCompletionProbe",
     "inpainting": "probes.inpainting:InpaintingProbe",
     "interference": "probes.interference:InterferenceProbe",
+    "classifier_guidance": "probes.classifier_guidance:ClassifierGuidanceProbe",
+    "noise_classifier_guidance": "probes.noise_classifier_guidance:NoiseClassifierGuidanceProbe",
+    "textual_inversion": "probes.textual_inversion:TextualInversionProbe",
 }
 
 # What a probe may declare in `requires`; the engine checks each before any generation starts.
