@@ -156,7 +156,8 @@ class ImagenetJudge(ClassifierJudge):
         if not images:
             return np.zeros((0, self.num_classes), dtype=np.float32)
         # ImageClassification takes uint8 CHW tensors and converts to float itself.
-        tensors = [torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1) for image in images]
+        # np.array copies: decoded PNGs are read-only arrays, which torch refuses to wrap.
+        tensors = [torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images]
         batch = torch.stack([self.transform(t) for t in tensors])
         logits = self.model(batch.to(self.device)).float()
         return torch.softmax(logits, dim=-1).cpu().numpy()
