@@ -126,12 +126,7 @@ def test_bad_judge_requests_are_user_errors(ref, message):
 
 
 def test_missing_real_weights_are_a_clear_error_offline(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _offline_without_caches(monkeypatch, tmp_path)
     concepts = {"church": load_concept("church")}
     with pytest.raises(UserError, match="CLIP weights ViT-B-32/openai are not available: HF_HUB_OFFLINE=1"):
         check_judges([parse_judge_ref("clip")], concepts)
@@ -214,3 +209,39 @@ def test_judges_score_only_the_scoring_region():
     assert scored[1]["clip_score"] == pytest.approx(200.0 * 32 * 32 / (64 * 64))
     assert {r["clip_model"] for r in scored} == {"recording:v1"}
     assert scored[0]["judge_top1"] is None  # a clip-slot judge leaves the classifier columns alone
+
+
+def _offline_without_caches(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def test_default_judges_are_the_real_ones_unless_the_environment_names_others(monkeypatch):
+    from engine.config import run_spec_from_dict
+
+    data = {"output": "x", "concepts": ["church"], "probes": ["standard_prompt"], "num_images": 1}
+    monkeypatch.delenv("ENGINE_JUDGES", raising=False)
+    assert run_spec_from_dict(data).judges == ["clip", "imagenet"]
+    monkeypatch.setenv("ENGINE_JUDGES", "clip:tiny, imagenet:tiny")
+    assert run_spec_from_dict(data).judges == ["clip:tiny", "imagenet:tiny"]
+    assert run_spec_from_dict({**data, "judges": []}).judges == []
+
+
+def test_run_with_missing_default_weights_fails_before_any_work(monkeypatch, tmp_path):
+    """No silent fallback: offline without cached weights, `engine run` stops with one line."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    _offline_without_caches(monkeypatch, tmp_path)
+    monkeypatch.delenv("ENGINE_JUDGES", raising=False)
+    result = CliRunner().invoke(app, ["run", "--model", "tiny", "--concept", "church", "--probe", "standard_prompt",
+                                      "--num-images", "1", "--output", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "CLIP weights ViT-B-32/openai are not available" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -277,3 +277,12 @@ def test_report_bad_input_exits_2_with_one_line(hand_run, tmp_path, args, expect
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+
+
+def test_unscored_run_still_reports_counts_and_images(tmp_path):
+    unscored = [{k: v for k, v in r.items() if k not in ("clip_score", "clip_model", "judge_top1", "judge_top5",
+                                                         "judge_target_prob", "judge_model")} for r in _records("B")]
+    content = build_report([_write_run(tmp_path / "unscored", unscored)])
+    assert content.plots == [] and len(content.sheets) == 1 and content.judges == []
+    assert content.cells.iloc[0]["n"] == 4 and pd.isna(content.cells.iloc[0]["clip_mean"])
+    assert "Judges: none (unscored rows)" in (content.output / "report.md").read_text()
