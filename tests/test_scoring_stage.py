@@ -20,6 +20,7 @@ from engine.grid import plan_run
 from engine.probe import PROBE_REGISTRY, Probe, ProbeBatch, ProbeOutput, ProbeParams
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, decode_png, read_rows, rows_table
 from engine.scoring.registry import build_judge, parse_judge_ref
+from engine.scoring.rescore import rescore_run
 from engine.scoring.scorer import Scorer, crop_to_region
 from engine.scoring.selectors import SelectorName, check_selectors
 from engine.stages import ProbeRunner, ScoreActor, actor_payload, score_payload
@@ -184,6 +185,16 @@ def test_best_of_n_rows_record_selector_and_candidate_means(best_of_three, tmp_p
         assert row["clip_score"] == pytest.approx(max(clip_scores), abs=1e-4)
         assert json.loads(row["extras"])["selected_candidate"] == int(np.argmax(clip_scores))
         assert row["scoring_region"] == list(REGION)
+
+    # A rescore cannot see the candidates (their images are not stored): it clears the rescored
+    # judge's candidate means rather than leave numbers from another judge, and keeps the others.
+    (tmp_path / "run" / "rows").mkdir(parents=True)
+    pq.write_table(scored, tmp_path / "run" / "rows" / "part.parquet")
+    rescore_run(tmp_path / "run", ["clip:tiny"], "cpu")
+    for old, new in zip(scored.to_pylist(), read_rows(tmp_path / "run").to_pylist()):
+        assert new["candidate_clip_mean"] is None and new["candidate_count"] == 3
+        assert new["candidate_top1_rate"] == old["candidate_top1_rate"]
+        assert new["clip_score"] == pytest.approx(old["clip_score"], abs=1e-4)
 
 
 def test_selector_none_keeps_the_first_candidate(best_of_three, tmp_path):
