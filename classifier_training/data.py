@@ -142,6 +142,7 @@ def generate_concept_images(
             "concepts": sorted(set(concepts)),
             "probes": [{"name": "standard_prompt", "params": {"num_inference_steps": num_inference_steps}}],
             "num_images": num_images,
+            "judges": [],  # training images need no scores
         },
         "train-classifier image generation",
     )

@@ -77,6 +77,9 @@ def run(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per work unit."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (unsafe)."),
+    classifier_dir: Optional[Path] = typer.Option(
+        None, "--classifier-dir", help="Latent classifiers for the guidance probes (engine train-classifier)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Generate (and score) every row of a grid into OUTPUT/rows/*.parquet."""
@@ -105,6 +108,8 @@ def run(
     overrides = _probe_param_overrides(probe_param)
     if overrides:
         data["probes"] = _merge_probe_params(data.get("probes", []), overrides)
+    if classifier_dir is not None:
+        data["probes"] = _with_classifier_dir(data.get("probes", []), str(classifier_dir))
     for required, flag in [("output", "--output"), ("num_images", "--num-images"), ("concepts", "--concept"),
                            ("probes", "--probe")]:
         if required not in data and not config:
@@ -130,6 +135,22 @@ def _merge_probe_params(probes: list, overrides: dict[str, dict[str, Any]]) -> l
     if unknown:
         raise UserError(f"--probe-param names probe {unknown[0]!r}, which is not in this run ({', '.join(names)})")
     return merged
+
+
+def _with_classifier_dir(probes: list, classifier_dir: str) -> list:
+    """--classifier-dir: the classifier_dir param of every probe that has one, unless set already."""
+    from engine.probe import get_probe_class
+
+    updated, used = [], False
+    for entry in probes:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        if "classifier_dir" in get_probe_class(entry["name"]).params_class.model_fields:
+            entry["params"] = {"classifier_dir": classifier_dir, **entry.get("params", {})}
+            used = True
+        updated.append(entry)
+    if not used:
+        raise UserError("--classifier-dir: no probe of this run uses latent classifiers")
+    return updated
 
 
 def _execute_and_print(plan, cluster: Optional[str]) -> None:
@@ -159,6 +180,52 @@ def demo(
     _setup_logging(verbose)
     plan = plan_run(run_spec_from_dict(demo_spec(str(output), num_images), "demo"))
     _execute_and_print(plan, None)
+
+
+@app.command("train-classifier")
+@user_errors
+def train_classifier(
+    labels: list[str] = typer.Argument(..., help='Concept labels, e.g. "church, church building" airliner.'),
+    output_dir: Path = typer.Option(Path("classifiers"), "--output-dir", help="Writes <concept>.safetensors/.json."),
+    epochs: int = typer.Option(70, "--epochs", min=1, help="Training epochs (the original: 70)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Clean latents per batch (x7 noised copies)."),
+    lr: float = typer.Option(1e-4, "--lr", min=0.0, help="AdamW learning rate."),
+    timestep_power: float = typer.Option(3.0, "--timestep-power", min=0.01, help="t = floor(u^(1/p) * 999)."),
+    positive_dir: Optional[Path] = typer.Option(
+        None, "--positive-dir", help="Positive images: DIR/<concept>/ per label, or DIR itself for one label."
+    ),
+    negative_dir: Optional[Path] = typer.Option(None, "--negative-dir", help="Negative images for every label."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="VAE, noise schedule and generated images (default: the base model, SD 1.4)."
+    ),
+    num_images: int = typer.Option(100, "--num-images", min=1, help="Generated images per concept."),
+    negative_concept: list[str] = typer.Option(
+        [], "--negative-concept", help="Concepts whose generated images are negatives (default: all others)."
+    ),
+    num_inference_steps: int = typer.Option(50, "--num-inference-steps", min=1, help="Steps when generating."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the split, initialisation and noise draws."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Train time-conditioned latent classifiers (one per concept, in parallel) for classifier guidance."""
+    from classifier_training.jobs import TrainRequest, train_classifiers
+    from classifier_training.train import TrainSettings
+    from engine.config import DEFAULT_BASE_MODEL
+
+    _setup_logging(verbose)
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, learning_rate=lr, timestep_power=timestep_power,
+                             seed=seed)
+    request = TrainRequest(labels=list(labels), output_dir=output_dir, settings=settings,
+                           model=model or DEFAULT_BASE_MODEL,
+                           positive_dir=positive_dir, negative_dir=negative_dir,
+                           negative_concepts=list(negative_concept), num_images=num_images,
+                           num_inference_steps=num_inference_steps, cluster=cluster)
+    for summary in train_classifiers(request):
+        typer.echo(
+            f"{summary['concept']:24s} {summary['path']}  best epoch {summary['best_epoch']}: val loss "
+            f"{summary['val_loss']:.4f}, ROC-AUC {summary['roc_auc']:.3f}, PR-AUC {summary['pr_auc']:.3f}, "
+            f"TPR@5%FPR {summary['tpr_at_5_fpr']:.3f}"
+        )
 
 
 @probes_app.command("list")
@@ -303,6 +370,36 @@ def toyworld_build(
     report = build_toy_world(output, settings, WEIGHTS_DIR if export else None, threads=threads,
                              log_file=output / "build.log")
     typer.echo(f"toy world built in {report['total_seconds_this_run']:.0f} s; report: {output / 'build_report.json'}")
+
+
+@app.command()
+@user_errors
+def tune(
+    config: Optional[Path] = typer.Argument(None, help="Tune config (YAML); default: configs/tune/<--probe>.yaml."),
+    model: list[str] = typer.Option([], "--model", help="Model to search (repeatable; one search per pair)."),
+    concept: list[str] = typer.Option([], "--concept", help="Concept slug (repeatable)."),
+    probe: Optional[str] = typer.Option(None, "--probe", help="Probe whose params are searched."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Trials per (model, concept)."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", min=1, help="Prompts per trial."),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", help="tpe (default), random or grid."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="judge_top1, judge_target_prob, clip_score."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Output folder (trials.parquet, best_*.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help="key.sub=value override of the tune config."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Search a probe's params for the setting that recovers the concept most (Ray Tune)."""
+    from engine.tune import execute_tune, plan_tune, summary_lines
+    from engine.tune_space import load_tune_spec
+
+    _setup_logging(verbose)
+    flags = {"models": model, "concepts": concept, "probe": probe, "num_samples": num_samples,
+             "num_images": num_images, "algorithm": algorithm, "objective": objective,
+             "output": str(output) if output else None}
+    spec, where = load_tune_spec(config, flags, set_)
+    summary = execute_tune(plan_tune(spec, where), cluster)
+    for line in summary_lines(summary):
+        typer.echo(line)
 
 
 if __name__ == "__main__":
