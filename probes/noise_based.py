@@ -28,8 +28,6 @@ from engine import sampling
 from engine.errors import UserError
 from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator
 
-SELECTORS = ("clip", "judge", "latent_classifier", "none")
-
 
 class NoiseBasedParams(ProbeParams):
     """Shared generation parameters plus the (eta, v) sweep and how one candidate is chosen."""
@@ -42,6 +40,7 @@ class NoiseBasedParams(ProbeParams):
         [1.0, 1.02, 1.03, 1.04],
         description="Extra multiplier v of the added noise sigma*v*z, swept for each eta (inner loop).",
     )
+    # The names of engine.scoring.selectors.SelectorName, spelled out so probes import no scoring code.
     selector: Literal["clip", "judge", "latent_classifier", "none"] = Field(
         "clip",
         description="Picks one candidate per prompt: clip, judge (inflates recovery when it also judges), "

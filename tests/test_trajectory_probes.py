@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from engine.results import decode_png, read_rows
 from probes.diffusion_completion import DiffusionCompletionProbe
 from probes.inpainting import InpaintingProbe, mask_box
 from probes.interference import InterferenceProbe
-from probes.noise_based import NoiseBasedProbe
+from probes.noise_based import NoiseBasedParams, NoiseBasedProbe
 
 STEPS = 3
 FAST = {"num_inference_steps": STEPS, "height": 32, "width": 32}
@@ -147,6 +148,12 @@ def test_noise_variance_scale_is_really_applied(tiny_erased_pipe, tmp_path):
 
     assert_close(image, direct(1.3))
     assert differ(image, direct(1.0)) > 1.0
+
+
+def test_noise_selector_names_are_the_engines():
+    from engine.scoring.selectors import SELECTOR_NAMES
+
+    assert set(get_args(NoiseBasedParams.model_fields["selector"].annotation)) == set(SELECTOR_NAMES)
 
 
 def test_noise_params_reject_a_sweep_without_a_choice():
