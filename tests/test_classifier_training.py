@@ -23,7 +23,11 @@ from classifier_training.model import LatentClassifier
 from classifier_training.train import LatentSet, TrainSettings, sample_timesteps, split_train_val, train_classifier
 from engine.builtin_models import _sd_scheduler_config
 from engine.cli import app
+from engine.config import RunSpec, load_concept
 from engine.errors import UserError
+from engine.grid import plan_run
+from engine.probe import ProbeBatch, ProbeContext
+from probes.classifier_guidance import ClassifierGuidanceProbe
 
 ALPHAS = DDIMScheduler(**_sd_scheduler_config()).alphas_cumprod
 
@@ -202,7 +206,7 @@ def test_folder_requests_are_checked_before_any_work(tmp_path):
 # --------------------------------------------------------------------------- CLI end to end
 
 
-def test_train_classifier_cli_writes_one_classifier_per_label(ray_session, tmp_path):
+def test_train_classifier_cli_writes_classifiers_that_guidance_finds(ray_session, tiny_pipe, tmp_path):
     output = tmp_path / "my_classifiers"
     result = CliRunner().invoke(app, [
         "train-classifier", "church, church building", "airliner", "--model", "tiny", "--output-dir", str(output),
@@ -222,3 +226,19 @@ def test_train_classifier_cli_writes_one_classifier_per_label(ray_session, tmp_p
     assert not (output / "church_church_building.safetensors").exists()
     # Latents were encoded once per image group and cached: church, airliner, picasso.
     assert len(list((output / "work" / "latents").glob("*.safetensors"))) == 3
+
+    # classifier_guidance finds both by concept: the driver's check passes, and the probe guides
+    # with the trained classifier of each row's concept.
+    spec = RunSpec(output=str(tmp_path / "run"), models=["tiny"], concepts=["church", "airliner"], num_images=1,
+                   probes=[{"name": "classifier_guidance", "params": {
+                       "classifier_dir": str(output), "classifier_scales": [0.0, 50.0], "num_inference_steps": 2}}],
+                   judges=[])
+    plan = plan_run(spec)
+    probe = ClassifierGuidanceProbe()
+    params = probe.params_class.model_validate_json(plan.rows[0].params)
+    context = ProbeContext(torch.device("cpu"), lambda: None, load_concept, tmp_path,
+                           selector_scores=lambda selector, images, concept, regions: [0.0] * len(images))
+    output_rows = probe.run(ProbeBatch(plan.rows, params, tiny_pipe, context))
+    for extras in output_rows.extras:
+        unguided, guided = extras["candidate_classifier_logits"]
+        assert guided > unguided
