@@ -205,3 +205,20 @@ def test_toy_models_are_registered_builtins():
 
     for name, (method, _) in toy_model_names().items():
         assert BUILTIN_MODELS[name].method == method
+
+
+def test_toy_judge_is_registered_and_scores_toy_concepts():
+    from engine.config import load_concept
+    from engine.errors import UserError
+    from engine.scoring.registry import build_judge, check_judges, parse_judge_ref
+
+    request = parse_judge_ref("toy")
+    images, labels = render_dataset(2, seed=7)
+    concepts = [load_concept(f"toy_{CONCEPTS[label]}") for label in labels]
+    judge = build_judge(request, torch.device("cpu"))
+    scores = judge.score(list(images), concepts)
+    assert all(scores["judge_top1"]) and min(scores["judge_target_prob"]) > 0.5
+    assert judge.model_id.startswith("toy:toy-judge-v1/file:judge.safetensors@")
+    check_judges([request], {c.name: c for c in concepts})
+    with pytest.raises(UserError, match="judge_classes.toy"):
+        check_judges([request], {"church": load_concept("church")})

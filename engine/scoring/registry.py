@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 JUDGE_REGISTRY: dict[str, str] = {
     "clip": "engine.scoring.clip_judge:ClipJudge",
     "imagenet": "engine.scoring.imagenet_judge:ImagenetJudge",
+    "toy": "engine.toyworld.scoring_judge:ToyClassifierJudge",
 }
 
 DEFAULT_JUDGES = ["clip", "imagenet"]
