@@ -34,7 +34,6 @@ from probes.classifier_guidance import (
     select_candidates,
 )
 
-
 CONFORMANCE_PARAMS = {
     "classifier_scales": [0.0, 60.0], "eta_values": [0.0, 1.5], "selector": "clip", "height": 32, "width": 32,
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from classifier_training.io import load_classifier, write_untrained_classifiers
@@ -144,3 +145,31 @@ def test_classifier_of_another_latent_size_is_a_clear_error(tiny_pipe, classifie
                                       classifier_dir=str(classifier_dir), num_inference_steps=STEPS)  # native 64 px
     with pytest.raises(UserError, match=r"expects latents \(4, 16, 16\).*makes \(4, 32, 32\)"):
         _run(ClassifierGuidanceProbe(), params, tiny_pipe, _rows([1]), tmp_path)
+
+
+def test_latent_classifier_selector_scores_candidates_with_the_concepts_classifier(tiny_pipe, classifier_dir,
+                                                                                   monkeypatch, tmp_path):
+    """classifier_training.selector plugged into engine.scoring's selector hook: one logit per image,
+    f(VAE mean latent, t=0), the image resized to the classifier's training size."""
+    from engine.scoring import selectors
+
+    loader = "classifier_training.selector:latent_classifier_selector"
+    monkeypatch.setattr(selectors, "LATENT_CLASSIFIER_LOADER", loader)
+    context = ProbeContext(torch.device("cpu"), lambda: tiny_pipe, load_concept, tmp_path,
+                           options={"classifier_dir": str(classifier_dir)})
+    bank = selectors.SelectorBank([], {"church": load_concept("church")}, torch.device("cpu"), lambda: context)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    scores = bank.scores("latent_classifier", images, "church")
+    classifier = load_classifier(classifier_dir, "church")[0]
+    with torch.no_grad():
+        for image, score in zip(images, scores):
+            small = torch.from_numpy(np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR),
+                                                dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+            latent = tiny_pipe.vae.encode(small).latent_dist.mean * tiny_pipe.vae.config.scaling_factor
+            assert score == pytest.approx(float(classifier(latent, 0)), abs=1e-5)
+    assert bank.take_used().startswith("latent_classifier=latent_classifier:church:")
+    context.options["classifier_dir"] = str(tmp_path)  # no classifier there
+    fresh = selectors.SelectorBank([], {"church": load_concept("church")}, torch.device("cpu"), lambda: context)
+    with pytest.raises(UserError, match='engine train-classifier "church"'):
+        fresh.scores("latent_classifier", images, "church")
