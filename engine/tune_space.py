@@ -1,0 +1,355 @@
+"""Tune configs and search spaces: parsed, and checked against the probe's params class, before any trial.
+
+A tune config (`engine tune CONFIG.yaml`; the shipped ones are configs/tune/<probe>.yaml) names one
+probe, the params every trial shares, and a search space:
+
+    probe: noise_based
+    params: {num_inference_steps: 50}          # fixed for every trial
+    space:
+      eta: {low: 0.0, high: 3.0, grid: [1.0, 1.17, 1.34, 1.51, 1.68, 1.85]}
+      variance_scale: {low: 0.9, high: 1.2, grid: [1.0, 1.02, 1.03, 1.04]}
+
+A space key is a field of the probe's params class. A sweep field (a list, e.g. `eta_values` of a
+best-of-N probe) is searched by its own name or its singular (`eta`, `variance_scale`,
+`handover_step`, `classifier_scale`): a trial sets a one-value sweep, so it measures that one
+setting instead of keeping the best image of a sweep. Distributions: uniform, loguniform, int,
+logint (inclusive bounds) and choice (`values:`); the default follows the field's type. `grid:`
+lists the points of the grid algorithm (the original's sweep); without it, a grid takes
+`grid_points` evenly (log-evenly) spaced values.
+
+Every check here runs in the driver and raises a one-line UserError: unknown key, bad distribution,
+low > high, a log range reaching 0, a type that the field rejects, and every corner of the space
+(each dimension at its low or high) validated by the params class itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.config import DEFAULT_BASE_MODEL, ModelSpec, apply_overrides, find_config_files, read_yaml, validate
+from engine.errors import UserError
+from engine.probe import ProbeParams, get_probe_class, parse_params
+
+DISTRIBUTIONS = ("choice", "int", "logint", "loguniform", "uniform")
+# Objective column -> (how rows reduce to the metric, the judge slot that fills the column).
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "judge_top1": ("rate", "classifier"),
+    "judge_target_prob": ("mean", "classifier"),
+    "clip_score": ("mean", "clip"),
+}
+MAX_GRID_POINTS = 10_000
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Dimension(Frozen):
+    distribution: str | None = Field(
+        None, description="uniform, loguniform, int, logint or choice; default: choice with `values`, "
+        "int for integer fields, else uniform."
+    )
+    low: float | None = Field(None, description="Lower bound (inclusive).")
+    high: float | None = Field(None, description="Upper bound (inclusive).")
+    values: list[Any] | None = Field(None, description="The options of a choice dimension.")
+    grid: list[Any] | None = Field(None, description="Points of the grid algorithm (default: grid_points spaced).")
+
+
+class SchedulerSpec(Frozen):
+    name: Literal["asha"] = Field(description="asha: successive halving on images scored (ray.tune ASHAScheduler).")
+    grace_period: int = Field(ge=1, description="Images a trial scores before it can be stopped.")
+    reduction_factor: float = Field(3.0, gt=1, description="1/reduction_factor of the trials go on at each rung.")
+
+
+class TuneSpec(Frozen):
+    output: str = Field(description="Output folder: trials.parquet, best_<model>_<concept>.yaml, Tune state.")
+    models: list[str | ModelSpec] = Field(default_factory=list, description="Models; one search per (model, concept).")
+    concepts: list[str] = Field(default_factory=list, description="Concept slugs; one search per (model, concept).")
+    probe: str = Field(description="The probe whose params are searched.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Probe params shared by every trial.")
+    space: dict[str, Dimension] = Field(min_length=1, description="Searched params: key -> dimension.")
+    objective: Literal["judge_top1", "judge_target_prob", "clip_score"] = Field(
+        "judge_top1", description="Maximised: judge top-1 rate, mean target-class probability, or mean CLIP score."
+    )
+    algorithm: Literal["tpe", "random", "grid"] = Field(
+        "tpe", description="tpe (Optuna TPE), random, or grid (every grid point; num_samples unused)."
+    )
+    num_samples: int = Field(16, ge=1, description="Trials per (model, concept) for tpe and random.")
+    grid_points: int = Field(5, ge=2, description="Grid values of a dimension without an explicit `grid:`.")
+    startup_trials: int | None = Field(
+        None, ge=1, description="TPE: random trials before the model guides; default max(2, min(10, num_samples // 4))."
+    )
+    seed: int = Field(0, description="Seed of the search algorithm (prompts and seeds are the concept's).")
+    num_images: int = Field(ge=1, description="Prompts per trial: the concept's first num_images sampled prompts.")
+    batch_size: int = Field(4, ge=1, description="Rows generated together; a trial reports after each batch.")
+    scheduler: SchedulerSpec | None = Field(
+        None, description="Early stopping (asha); null = every trial runs to the end."
+    )
+    base_model: str = Field(DEFAULT_BASE_MODEL, description="The original model, for probes that need it.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when trials get GPUs.")
+    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel on CUDA.")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per trial; default: cpus_per_trial.")
+    judges: list[str | dict[str, Any]] | None = Field(
+        None, description="Judges scoring each trial's images (as in run configs); default: the run default."
+    )
+    score_batch_size: int = Field(16, ge=1, description="Images per judge batch.")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs each trial reserves.")
+    gpus_per_trial: float | Literal["auto"] = Field("auto", description="auto = 1 when the cluster has GPUs, else 0.")
+    reuse_actors: bool = Field(
+        True, description="Keep a finished trial's actor, and the pipelines it loaded, for the next trial; "
+        "false = a fresh process and load per trial (only to measure what reuse saves)."
+    )
+    max_concurrent_trials: int | Literal["auto"] = Field(
+        "auto", description="Trials at once per search; auto = what the resources allow (TPE: at most 4)."
+    )
+
+    @field_validator("models", "concepts")
+    @classmethod
+    def _no_duplicates(cls, value: list) -> list:
+        keys = [v if isinstance(v, str) else v.name for v in value]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise ValueError(f"listed more than once: {', '.join(duplicates)}")
+        return value
+
+
+# --------------------------------------------------------------------------- reading configs
+
+
+def available_tune_configs() -> dict[str, Path]:
+    return find_config_files("tune")
+
+
+def tune_spec_from_dict(data: dict[str, Any], where: str) -> TuneSpec:
+    return validate(TuneSpec, data, where)
+
+
+def load_tune_spec(config: Path | None, flags: dict[str, Any], overrides: list[str] = ()) -> tuple[TuneSpec, str]:
+    """CONFIG.yaml (or, with only --probe, the shipped configs/tune/<probe>.yaml), then the CLI
+    flags that were given (models, concepts, probe, num_samples...), then --set overrides."""
+    probe = flags.get("probe")
+    if config is None and probe is None:
+        raise UserError("give a tune config file or --probe (its search space is configs/tune/<probe>.yaml)")
+    if config is None:
+        files = available_tune_configs()
+        if probe not in files:
+            raise UserError(
+                f"no search space for probe {probe!r} in configs/tune/ (have: {', '.join(sorted(files)) or 'none'}); "
+                f"write configs/tune/{probe}.yaml or pass a tune config file"
+            )
+        config = files[probe]
+    data = read_yaml(config)
+    if probe is not None and data.get("probe") not in (None, probe):
+        raise UserError(f"--probe {probe} differs from the probe of {config} ({data['probe']})")
+    data.update({key: value for key, value in flags.items() if value not in (None, [], ())})
+    return tune_spec_from_dict(apply_overrides(data, list(overrides)), str(config)), str(config)
+
+
+# --------------------------------------------------------------------------- search space
+
+
+@dataclass(frozen=True)
+class SearchDimension:
+    """One searched key, resolved against the params class."""
+
+    key: str  # as written in the space, and the key of a Tune trial's config
+    field: str  # the params field it sets
+    as_list: bool  # the field is a sweep list: a trial sets [value]
+    distribution: str
+    low: float | None
+    high: float | None
+    values: tuple[Any, ...] | None
+    grid: tuple[Any, ...] | None
+
+    def bounds(self) -> list[Any]:
+        """The values every trial value lies between (low, high), or all choices."""
+        if self.distribution == "choice":
+            return list(self.values)
+        if self.distribution in ("int", "logint"):
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+    def grid_values(self, points: int) -> list[Any]:
+        if self.grid is not None:
+            return list(self.grid)
+        if self.distribution == "choice":
+            return list(self.values)
+        if self.distribution in ("loguniform", "logint"):
+            ratio = (self.high / self.low) ** (1 / (points - 1))
+            raw = [self.low * ratio**i for i in range(points)]
+        else:
+            raw = [self.low + (self.high - self.low) * i / (points - 1) for i in range(points)]
+        if self.distribution in ("int", "logint"):
+            return sorted({int(round(v)) for v in raw})
+        return [round(v, 10) for v in raw]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A probe, its fixed params and searched dimensions; turns a trial's config into params."""
+
+    probe: str
+    fixed: dict[str, Any]
+    dimensions: tuple[SearchDimension, ...]
+
+    def raw_params(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Fixed params plus the trial's values, as a run config's `params:` would hold them."""
+        raw = json.loads(json.dumps(self.fixed))
+        for dim in self.dimensions:
+            value = config[dim.key]
+            value = value.item() if hasattr(value, "item") else value  # numpy scalars from the searcher
+            raw[dim.field] = [value] if dim.as_list else value
+        return raw
+
+    def params_for(self, config: dict[str, Any]) -> ProbeParams:
+        return parse_params(self.probe, self.raw_params(config))
+
+    def row_params_json(self, config: dict[str, Any]) -> str:
+        """The `params` column of the rows a trial makes: the probe may rewrite its params per row
+        (expand_params: a one-candidate sweep has no selector), so this is what `engine run` writes."""
+        params = self.params_for(config)
+        expanded = sorted({p.canonical_json() for p in get_probe_class(self.probe)().expand_params(params)})
+        return expanded[0] if len(expanded) == 1 else json.dumps([json.loads(e) for e in expanded])
+
+    def grid(self, points: int) -> dict[str, list[Any]]:
+        return {dim.key: dim.grid_values(points) for dim in self.dimensions}
+
+
+def parse_space(spec: TuneSpec, where: str) -> SearchSpace:
+    """Resolve and check spec.space against the probe's params class. Raises UserError."""
+    params_class = get_probe_class(spec.probe).params_class
+    parse_params(spec.probe, spec.params)  # the fixed params alone must be valid
+    dimensions = []
+    for key, dimension in spec.space.items():
+        field, as_list = _resolve_key(key, params_class, spec.probe, where)
+        if field in spec.params:
+            raise UserError(f"{where}: {field!r} is both fixed in params and searched in space.{key}; keep one")
+        if field in [d.field for d in dimensions]:
+            raise UserError(f"{where}: space sets {field!r} twice; keep one key for it")
+        kind = _element_kind(params_class.model_fields[field].annotation)
+        dimensions.append(_check_dimension(key, field, as_list, kind, dimension, f"{where}: space.{key}"))
+    space = SearchSpace(spec.probe, dict(spec.params), tuple(dimensions))
+    _check_corners(space, where)
+    if spec.algorithm == "grid":
+        _check_grid(space, spec.grid_points, where)
+    return space
+
+
+def _resolve_key(key: str, params_class: type[ProbeParams], probe: str, where: str) -> tuple[str, bool]:
+    fields = params_class.model_fields
+    candidates = [key, f"{key}s", f"{key}_values"]
+    for name in candidates:
+        if name in fields and (name == key or _is_list(fields[name].annotation)):
+            return name, _is_list(fields[name].annotation)
+    singular = [_singular(n) for n, info in fields.items() if _is_list(info.annotation)]
+    valid = sorted(set(fields) | {s for s in singular if s})
+    raise UserError(f"{where}: unknown key space.{key} for probe {probe}; valid keys: {', '.join(valid)}")
+
+
+def _singular(name: str) -> str | None:
+    if name.endswith("_values"):
+        return name[: -len("_values")]
+    if name.endswith("s"):
+        return name[:-1]
+    return None
+
+
+def _is_list(annotation) -> bool:
+    return typing.get_origin(annotation) in (list, tuple)
+
+
+def _element_kind(annotation) -> str:
+    """'int', 'float' or 'other' for a field (a list field: its elements; Optional unwrapped)."""
+    if _is_list(annotation):
+        annotation = (typing.get_args(annotation) or (Any,))[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = members[0] if len(members) == 1 else Any
+    if annotation is bool:
+        return "other"
+    if annotation is int:
+        return "int"
+    if annotation is float:
+        return "float"
+    return "other"
+
+
+def _check_dimension(key, field, as_list, kind, dimension: Dimension, where: str) -> SearchDimension:
+    distribution = dimension.distribution
+    if distribution is None:
+        distribution = "choice" if dimension.values is not None else ("int" if kind == "int" else "uniform")
+    if distribution not in DISTRIBUTIONS:
+        raise UserError(f"{where}: unknown distribution {distribution!r}; valid choices: {', '.join(DISTRIBUTIONS)}")
+    if distribution == "choice":
+        if dimension.low is not None or dimension.high is not None:
+            raise UserError(f"{where}: a choice takes `values`, not low/high")
+        if not dimension.values:
+            raise UserError(f"{where}: a choice needs a non-empty `values` list")
+        return SearchDimension(key, field, as_list, distribution, None, None, tuple(dimension.values),
+                               _tuple(dimension.grid))
+    if dimension.values is not None:
+        raise UserError(f"{where}: `values` belongs to distribution choice; {distribution} takes low and high")
+    if dimension.low is None or dimension.high is None:
+        raise UserError(f"{where}: {distribution} needs both low and high")
+    low, high = dimension.low, dimension.high
+    if kind == "other":
+        raise UserError(f"{where}: {field!r} is not a number; search it with distribution choice and values")
+    if kind == "int" and distribution in ("uniform", "loguniform"):
+        raise UserError(f"{where}: {field!r} is an integer; use distribution int or logint")
+    if low > high:
+        raise UserError(f"{where}: low {_fmt(low)} > high {_fmt(high)}")
+    if low == high:
+        raise UserError(f"{where}: low equals high ({_fmt(low)}); fix the value in params instead")
+    if distribution.startswith("log") and low <= 0:
+        raise UserError(f"{where}: a {distribution} range needs low > 0 (got {_fmt(low)}); log(0) is undefined")
+    if distribution in ("int", "logint") and not (float(low).is_integer() and float(high).is_integer()):
+        raise UserError(f"{where}: {distribution} bounds must be whole numbers (got {_fmt(low)}, {_fmt(high)})")
+    return SearchDimension(key, field, as_list, distribution, low, high, None, _tuple(dimension.grid))
+
+
+def _tuple(values: list[Any] | None) -> tuple[Any, ...] | None:
+    if values is None:
+        return None
+    if not values:
+        raise UserError("a `grid:` list must not be empty")
+    return tuple(values)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _check_corners(space: SearchSpace, where: str) -> None:
+    """Every combination of each dimension's extremes (or choices) must be valid params: the
+    params class's own limits (eta >= 0, mask_size <= 512, hand-over step < steps) are checked
+    here, not discovered by a failing trial."""
+    bounds = [dim.bounds() for dim in space.dimensions]
+    for corner in itertools.product(*bounds):
+        config = {dim.key: value for dim, value in zip(space.dimensions, corner)}
+        _check_point(space, config, where, "the search space")
+
+
+def _check_grid(space: SearchSpace, points: int, where: str) -> None:
+    grid = space.grid(points)
+    size = math.prod(len(v) for v in grid.values())
+    if size > MAX_GRID_POINTS:
+        raise UserError(f"{where}: the grid has {size} points (more than {MAX_GRID_POINTS}); shorten `grid:` lists")
+    for values in itertools.product(*grid.values()):
+        _check_point(space, dict(zip(grid, values)), where, "the grid")
+
+
+def _check_point(space: SearchSpace, config: dict[str, Any], where: str, what: str) -> None:
+    try:
+        space.params_for(config)
+    except UserError as error:
+        point = ", ".join(f"{k}={v}" for k, v in config.items())
+        raise UserError(f"{where}: {what} reaches invalid params at {point}: {error}") from None
