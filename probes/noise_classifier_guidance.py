@@ -55,7 +55,8 @@ class NoiseClassifierGuidanceParams(ProbeParams):
     classifier_dir: str | None = Field(
         None,
         description="Folder of latent classifiers, <dir>/<concept>.safetensors + .json (engine train-classifier "
-        f"--output-dir). Default: the run's --classifier-dir, else ./{DEFAULT_CLASSIFIER_DIR}.",
+        f"--output-dir; `engine run --classifier-dir` sets it). Unset: the context option classifier_dir, "
+        f"else ./{DEFAULT_CLASSIFIER_DIR}.",
     )
     selector: Literal["clip", "judge", "latent_classifier", "none"] = Field(
         "clip",
