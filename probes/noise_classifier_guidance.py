@@ -58,6 +58,7 @@ class NoiseClassifierGuidanceParams(ProbeParams):
         f"--output-dir; `engine run --classifier-dir` sets it). Unset: the context option classifier_dir, "
         f"else ./{DEFAULT_CLASSIFIER_DIR}.",
     )
+    # The names of engine.scoring.selectors.SelectorName, spelled out so probes import no scoring code.
     selector: Literal["clip", "judge", "latent_classifier", "none"] = Field(
         "clip",
         description="Picks one candidate per prompt: clip, judge (inflates recovery when it also judges), "

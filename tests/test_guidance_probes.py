@@ -5,6 +5,8 @@ UserError before any work."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,13 @@ def test_default_sweep_is_the_originals_25_scales():
     assert ClassifierGuidanceParams().classifier_scales == [float(s) for s in range(25, 194, 7)]
     assert len(ClassifierGuidanceParams().classifier_scales) == 25
     assert len(NoiseClassifierGuidanceParams().candidates()) == 25 * 6
+
+
+@pytest.mark.parametrize("params_class", [ClassifierGuidanceParams, NoiseClassifierGuidanceParams])
+def test_selector_names_are_the_engines(params_class):
+    from engine.scoring.selectors import SELECTOR_NAMES
+
+    assert set(get_args(params_class.model_fields["selector"].annotation)) == set(SELECTOR_NAMES)
 
 
 def _spec(tmp_path, probe, params):
