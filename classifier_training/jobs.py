@@ -26,10 +26,11 @@ from classifier_training.data import (
     read_latents,
     resolve_label,
 )
-from classifier_training.io import DEFAULT_CLASSIFIER_DIR, save_classifier, write_metrics
+from classifier_training.io import write_metrics
 from classifier_training.train import LatentSet, TrainSettings, split_train_val, train_classifier
 from engine.config import DEFAULT_BASE_MODEL, available_concepts, load_concept
 from engine.errors import UserError
+from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, save_classifier
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from classifier_training.metrics import binary_metrics
-from classifier_training.model import LatentClassifier
+from engine.scoring.latent_classifier import LatentClassifier
 
 logger = logging.getLogger(__name__)
 

@@ -57,6 +57,7 @@ class ProbeRunner:
         self.concepts = {name: ConceptSpec(**spec) for name, spec in payload["concepts"].items()}
         self.cache = ModelCache(self.device, payload.get("attention", "sdpa"))
         self.cache_dir = Path(payload["cache_dir"])
+        self.unit_options: dict[str, Any] = {}
         self.probes: dict[str, Any] = {}
         self.judges = [JudgeRequest(**j) for j in payload.get("judges", [])]
         self.selectors = SelectorBank(self.judges, self.concepts, self.device, self.context)
@@ -69,6 +70,7 @@ class ProbeRunner:
             base_pipeline=self._base_pipeline,
             concept=self.concepts.__getitem__,
             cache_dir=self.cache_dir,
+            options=dict(self.unit_options),
             selector_scores=self.selectors.scores,
         )
 
@@ -83,6 +85,8 @@ class ProbeRunner:
             self.probes[first.probe] = get_probe_class(first.probe)()
         probe = self.probes[first.probe]
         params = probe.params_class.model_validate_json(first.params)
+        # The latent-classifier selector looks where the probe's own classifiers live, if it has any.
+        self.unit_options = {"classifier_dir": getattr(params, "classifier_dir", None)}
         pipeline = self.cache.pipeline(self.models[first.model])
         started = time.perf_counter()
         self.selectors.take_used()  # forget selectors of an earlier unit that failed midway

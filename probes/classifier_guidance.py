@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
-from classifier_training.io import DEFAULT_CLASSIFIER_DIR, classifier_paths, load_classifier
 from engine import sampling
 from engine.errors import UserError
 from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator
+from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_paths, load_classifier
 
 DEFAULT_SCALES = [float(s) for s in range(25, 200, 7)]  # 25, 32, ..., 193: 25 values
 
@@ -45,9 +45,9 @@ CONFORMANCE_PARAMS = {"classifier_scales": [0.0, 60.0], "selector": "clip", "hei
 def conformance_context(tmp_path) -> dict:
     """ProbeContext fields that provide the `latent_classifier` requirement: untrained classifiers
     for every configured concept, sized for the tiny model's latents at 32 px."""
-    from classifier_training.io import write_untrained_classifiers
     from engine.builtin_models import build_tiny
     from engine.config import available_concepts
+    from engine.scoring.latent_classifier_io import write_untrained_classifiers
 
     folder = Path(tmp_path) / "latent-classifiers-32px"
     write_untrained_classifiers(folder, build_tiny(), sorted(available_concepts()), height=32, width=32)

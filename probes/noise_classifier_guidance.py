@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from classifier_training.io import DEFAULT_CLASSIFIER_DIR
 from engine import sampling
 from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator
+from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR
 from probes.classifier_guidance import (
     DEFAULT_SCALES,
     LatentClassifierGuidance,

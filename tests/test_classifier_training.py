@@ -19,7 +19,6 @@ from classifier_training import io as classifier_io
 from classifier_training.data import resolve_label
 from classifier_training.jobs import TrainRequest, plan_jobs
 from classifier_training.metrics import pr_auc, roc_auc, roc_curve, tpr_at_fpr
-from classifier_training.model import LatentClassifier
 from classifier_training.train import LatentSet, TrainSettings, sample_timesteps, split_train_val, train_classifier
 from engine.builtin_models import _sd_scheduler_config
 from engine.cli import app
@@ -27,6 +26,8 @@ from engine.config import RunSpec, load_concept
 from engine.errors import UserError
 from engine.grid import plan_run
 from engine.probe import ProbeBatch, ProbeContext
+from engine.scoring import latent_classifier_io
+from engine.scoring.latent_classifier import LatentClassifier
 from probes.classifier_guidance import ClassifierGuidanceProbe
 
 ALPHAS = DDIMScheduler(**_sd_scheduler_config()).alphas_cumprod
@@ -129,8 +130,8 @@ def test_training_on_a_planted_signal_reaches_high_validation_auc(trained):
 
 def test_saved_classifier_reloads_to_identical_logits_and_writes_metrics(trained, tmp_path):
     _, val, result = trained
-    classifier_io.save_classifier(tmp_path, "church", result.model, {"metrics": result.best_metrics})
-    loaded, config = classifier_io.load_classifier(tmp_path, "church")
+    latent_classifier_io.save_classifier(tmp_path, "church", result.model, {"metrics": result.best_metrics})
+    loaded, config = latent_classifier_io.load_classifier(tmp_path, "church")
     x, t = val.latents[:5], torch.tensor([0, 10, 300, 700, 999])
     torch.testing.assert_close(loaded(x, t), result.model.eval()(x, t), rtol=0, atol=0)
     assert config["concept"] == "church" and config["architecture"]["latent_shape"] == [4, 8, 8]

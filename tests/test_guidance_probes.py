@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from classifier_training.io import load_classifier, write_untrained_classifiers
 from engine import sampling
 from engine.cli import app
 from engine.config import RunSpec, load_concept
 from engine.errors import UserError
 from engine.grid import plan_run
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, row_generator
+from engine.scoring.latent_classifier_io import load_classifier, write_untrained_classifiers
 from probes.classifier_guidance import ClassifierGuidanceParams, ClassifierGuidanceProbe, LatentClassifierGuidance
 from probes.noise_classifier_guidance import NoiseClassifierGuidanceParams, NoiseClassifierGuidanceProbe
 
@@ -158,12 +158,10 @@ def test_classifier_of_another_latent_size_is_a_clear_error(tiny_pipe, classifie
 
 def test_latent_classifier_selector_scores_candidates_with_the_concepts_classifier(tiny_pipe, classifier_dir,
                                                                                    monkeypatch, tmp_path):
-    """classifier_training.selector plugged into engine.scoring's selector hook: one logit per image,
+    """The latent_classifier selector: one logit per image,
     f(VAE mean latent, t=0), the image resized to the classifier's training size."""
     from engine.scoring import selectors
 
-    loader = "classifier_training.selector:latent_classifier_selector"
-    monkeypatch.setattr(selectors, "LATENT_CLASSIFIER_LOADER", loader)
     context = ProbeContext(torch.device("cpu"), lambda: tiny_pipe, load_concept, tmp_path,
                            options={"classifier_dir": str(classifier_dir)})
     bank = selectors.SelectorBank([], {"church": load_concept("church")}, torch.device("cpu"), lambda: context)

@@ -203,9 +203,10 @@ def test_selector_none_keeps_the_first_candidate(best_of_three, tmp_path):
     assert [json.loads(r["extras"])["selected_candidate"] for r in records] == [0, 0]
 
 
-def test_latent_classifier_selector_needs_its_loader_in_the_actor_too(best_of_three, tmp_path):
+def test_latent_classifier_selector_needs_a_classifier_in_the_actor_too(best_of_three, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ./classifiers (the default folder) does not exist here
     plan = _plan(tmp_path, "latent_classifier")
-    with pytest.raises(UserError, match="selector latent_classifier is not available"):
+    with pytest.raises(UserError, match='no classifier for church in classifiers; train one with: engine train-clas'):
         _generate(plan, tmp_path)
 
 
@@ -213,7 +214,7 @@ def test_latent_classifier_selector_needs_its_loader_in_the_actor_too(best_of_th
     ("judge", ["clip:tiny"], ["church"], "uses the run's classifier judge, but the run has none"),
     ("clip", ["imagenet:tiny"], ["church"], "uses the run's clip judge, but the run has none"),
     ("judge", ["clip:tiny", "imagenet:tiny"], ["church", "van_gogh"], "concept 'van_gogh' has none"),
-    ("latent_classifier", ["clip:tiny"], ["church"], "selector latent_classifier is not available"),
+    ("latent_classifier", ["clip:tiny"], ["church"], "no classifier for church"),
 ])  # fmt: skip
 def test_selector_needs_checked_before_work(selector, judges, concepts, expected):
     requests = [parse_judge_ref(j) for j in judges]
@@ -223,7 +224,7 @@ def test_selector_needs_checked_before_work(selector, judges, concepts, expected
 
 @pytest.mark.parametrize("extra, expected", [
     (["--probe-param", "best_of_three.selector=bogus"], "selector"),
-    (["--probe-param", "best_of_three.selector=latent_classifier"], "selector latent_classifier is not available"),
+    (["--probe-param", "best_of_three.selector=latent_classifier"], "no classifier for church"),
     (["--probe-param", "best_of_three.selector=judge", "--set", "judges=[clip:tiny]"], "classifier judge"),
     (["--set", "judges=[clipp]"], "unknown judge 'clipp'"),
     (["--set", "judges=[clip:tiny, clip]"], "both write the clip score columns"),

@@ -5,14 +5,14 @@ probe's `selector` parameter names one of:
 - `judge`: the run's classifier judge (e.g. imagenet), ranking by probability of the concept's
   classes. This reproduces the original, selection bias included;
 - `clip`: the run's CLIP judge, ranking by CLIP score (selects with one model, judges with another);
-- `latent_classifier`: the concept's latent classifier (classifier_training), through the hook below;
+- `latent_classifier`: the concept's latent classifier (trained by `engine train-classifier`) on the
+  candidate's clean latent (engine.scoring.latent_selector);
 - `none`: no ranking; every candidate scores 0, so argmax keeps candidate 0.
 Every row records the selector and its model in column `selector`, e.g. `clip=clip:ViT-B-32/openai`.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, get_args
@@ -38,13 +38,6 @@ SelectorName = Literal["judge", "clip", "latent_classifier", "none"]
 SELECTOR_NAMES: tuple[str, ...] = get_args(SelectorName)
 SELECTOR_SLOTS = {"judge": "classifier", "clip": "clip"}  # selectors that reuse a judge of the run
 
-# Hook for latent classifiers, filled in by classifier_training: "module:function" with
-#     function(concept: ConceptSpec, context: ProbeContext) -> SelectorModel
-# called once per (probe actor, concept). The function may reach the base model's VAE through
-# context.base_pipeline() to encode candidate images to latents. None = not available yet.
-LATENT_CLASSIFIER_LOADER: str | None = None
-
-
 @dataclass
 class SelectorModel:
     """A loaded latent-classifier selector: `scores(images)` -> one float per image, higher = more concept."""
@@ -53,14 +46,16 @@ class SelectorModel:
     scores: Callable[[list[np.ndarray]], list[float]]
 
 
-def _latent_loader() -> Callable[..., SelectorModel]:
-    if LATENT_CLASSIFIER_LOADER is None:
-        raise UserError(
-            "selector latent_classifier is not available: no latent-classifier loader is registered "
-            "(engine.scoring.selectors.LATENT_CLASSIFIER_LOADER); use selector clip, judge or none"
-        )
-    module_name, function_name = LATENT_CLASSIFIER_LOADER.split(":")
-    return getattr(importlib.import_module(module_name), function_name)
+def _check_latent_classifiers(params: Any, concepts: dict[str, ConceptSpec]) -> None:
+    from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_exists
+
+    folder = getattr(params, "classifier_dir", None) or DEFAULT_CLASSIFIER_DIR
+    for concept in concepts.values():
+        if not classifier_exists(folder, concept.name):
+            raise UserError(
+                f"selector latent_classifier: no classifier for {concept.name} in {folder}; train one with: "
+                f'engine train-classifier "{concept.display_name}" --output-dir {folder}'
+            )
 
 
 def _slot_request(judges: list[JudgeRequest], slot: str) -> JudgeRequest | None:
@@ -77,7 +72,7 @@ def check_selectors(probe_params: list[Any], judges: list[JudgeRequest], concept
         if selector not in SELECTOR_NAMES:
             raise unknown_choice("selector", selector, SELECTOR_NAMES)
         if selector == "latent_classifier":
-            _latent_loader()
+            _check_latent_classifiers(params, concepts)
         if selector not in SELECTOR_SLOTS:
             continue
         request = _slot_request(judges, SELECTOR_SLOTS[selector])
@@ -124,9 +119,13 @@ class SelectorBank:
         return self._judge_models[slot]
 
     def _latent(self, concept: ConceptSpec) -> SelectorModel:
-        if concept.name not in self._latent_models:
-            self._latent_models[concept.name] = _latent_loader()(concept, self.context())
-        return self._latent_models[concept.name]
+        from engine.scoring.latent_selector import latent_classifier_selector
+
+        context = self.context()
+        key = f"{context.options.get('classifier_dir')}/{concept.name}"
+        if key not in self._latent_models:
+            self._latent_models[key] = latent_classifier_selector(concept, context)
+        return self._latent_models[key]
 
     def scores(
         self,

@@ -1,4 +1,4 @@
-"""The `latent_classifier` best-of-N selector (engine.scoring.selectors.LATENT_CLASSIFIER_LOADER).
+"""The `latent_classifier` best-of-N selector (engine.scoring.selectors).
 
 A candidate image's score is the concept classifier's logit f(z_0, t=0) of its clean latent
 z_0 = VAE mean x scaling_factor, the image resized to the size the classifier was trained for.
@@ -18,8 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from classifier_training.io import DEFAULT_CLASSIFIER_DIR, classifier_exists, classifier_paths, load_classifier
 from engine.errors import UserError
+from engine.scoring.latent_classifier_io import (
+    DEFAULT_CLASSIFIER_DIR,
+    classifier_exists,
+    classifier_paths,
+    load_classifier,
+)
 
 
 @lru_cache(maxsize=4)
