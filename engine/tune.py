@@ -55,12 +55,11 @@ TPE_MAX_CONCURRENT = 4  # TPE learns from finished trials; many pending ones mak
 
 @dataclass
 class PairJob:
-    """One (model, concept) search, validated; `run_data` is the pair's run config."""
+    """One (model, concept) search, validated against the run config `engine run` would read."""
 
     model_ref: str | dict[str, Any]
     model: ModelSpec
     concept: ConceptSpec
-    run_data: dict[str, Any]
     plan: Any  # engine.grid.RunPlan of the run config with the space's first corner
     rows_per_trial: int
 
@@ -83,8 +82,6 @@ def plan_tune(spec: TuneSpec, where: str = "tune config") -> TunePlan:
     output = Path(spec.output).expanduser().resolve()
     if (output / TRIALS_FILE).exists():
         raise UserError(f"{output / TRIALS_FILE} exists from an earlier search; choose another --output or delete it")
-    if spec.scheduler is not None and spec.algorithm == "grid":
-        logger.info("asha with grid: grid points are still all started; asha only stops weak ones early")
     corner = {dim.key: dim.bounds()[0] for dim in space.dimensions}
     jobs = []
     for model_ref in spec.models:
@@ -94,7 +91,7 @@ def plan_tune(spec: TuneSpec, where: str = "tune config") -> TunePlan:
             plan = plan_run(run_spec_from_dict(data, where))
             check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
             _check_objective(spec, plan, where)
-            jobs.append(PairJob(ref, plan.models[0], plan.concepts[concept], data, plan, len(plan.rows)))
+            jobs.append(PairJob(ref, plan.models[0], plan.concepts[concept], plan, len(plan.rows)))
     if spec.scheduler is not None and spec.scheduler.grace_period >= min(j.rows_per_trial for j in jobs):
         raise UserError(
             f"{where}: scheduler.grace_period {spec.scheduler.grace_period} must be below the images per trial "
@@ -148,7 +145,7 @@ def _check_objective(spec: TuneSpec, plan, where: str) -> None:
 
 @dataclass(frozen=True)
 class TrialSetup:
-    """What a trial actor needs, as plain picklable data (passed with tune.with_parameters)."""
+    """What a trial actor needs, as plain picklable data (bound into the trainable, see _bound_trial)."""
 
     payload: dict[str, Any]  # engine.stages ProbeRunner payload: models, concepts, device, judges
     model: ModelSpec
@@ -186,6 +183,8 @@ class ObjectiveTally:
         else:
             hits = None
             metric, low, high = mean_interval(values)
+            if self.objective == "judge_target_prob" and low is not None:
+                low, high = max(0.0, low), min(1.0, high)  # a probability: the t interval can overshoot
         means = {c: (sum(v) / len(v) if v else None) for c, v in self.values.items()}
         return {
             METRIC: _num(metric), "ci_low": _num(low), "ci_high": _num(high), "n": n, "hits": _num(hits),

@@ -85,23 +85,26 @@ def test_best_config_runs_with_engine_run(tpe_search):
     assert rows.judge_target_prob.mean() == pytest.approx(best.objective, rel=1e-9)
 
 
-def test_same_params_same_metric_in_fresh_processes(tmp_path, ray_session):
-    """A grid with one point listed twice, over two (model, concept) pairs searched together,
-    without actor reuse: every trial loads in its own process, and both copies agree exactly."""
+def test_same_params_same_metric_and_pairs_searched_together(tmp_path, ray_session):
+    """A grid with one point listed twice, over two (model, concept) pairs searched together: the
+    second trial on the reused actor measures exactly what the first did (no state leaks between
+    trials), and each pair's actor serves only its own model. (A fresh process gives the same
+    metric too: test_best_config_runs_with_engine_run.)"""
     config = tmp_path / "cfg.yaml"
     config.write_text(
         "probe: standard_prompt\nconcepts: [church]\nmodels: [tiny, tiny-erased]\nnum_images: 2\n"
         "params: {num_inference_steps: 2}\nspace:\n  guidance_scale: {low: 1, high: 20, grid: [3.0, 3.0]}\n"
-        "algorithm: grid\nobjective: clip_score\nreuse_actors: false\nmax_concurrent_trials: 1\n"
+        "algorithm: grid\nobjective: clip_score\nmax_concurrent_trials: 1\n"
     )
     _tune(str(config), "--output", str(tmp_path / "out"), "--cluster", "auto")
     trials = _trials(tmp_path / "out")
     assert sorted(trials.model) == ["tiny", "tiny", "tiny-erased", "tiny-erased"]
-    assert trials.pipeline_loaded.all() and trials.worker_pid.nunique() == 4
     for _, pair in trials.groupby("model"):
         assert pair.param_guidance_scale.tolist() == [3.0, 3.0]
+        assert pair.pipeline_loaded.sum() == 1 and pair.worker_pid.nunique() == 1
         assert pair.objective.iloc[0] == pair.objective.iloc[1]
         assert pair.clip_mean.iloc[0] == pair.clip_mean.iloc[1]
+    assert trials.worker_pid.nunique() == 2
     assert trials.groupby("model").objective.first().nunique() == 2  # the two models differ
     assert (tmp_path / "out" / "best_tiny_church.yaml").exists()
     assert (tmp_path / "out" / "best_tiny-erased_church.yaml").exists()
