@@ -169,17 +169,22 @@ def _execute_and_print(plan, cluster: Optional[str]) -> None:
 @user_errors
 def demo(
     output: Path = typer.Option(Path("engine-demo"), "--output", help="Output folder."),
-    num_images: int = typer.Option(4, "--num-images", min=1, help="Prompts per cell."),
+    num_images: int = typer.Option(8, "--num-images", help="Prompts per cell."),
+    random_models: bool = typer.Option(False, "--random", help="Random tiny models instead of the toy world."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """A small grid on the built-in models (local Ray, CPU, no network); prints a summary table."""
+    """The toy world's erased model under four probes (local Ray, CPU, no network): a summary table
+    and a report with tables, plots and images."""
     from engine.config import run_spec_from_dict
     from engine.demo import demo_spec
     from engine.grid import plan_run
+    from engine.report import build_report
 
     _setup_logging(verbose)
-    plan = plan_run(run_spec_from_dict(demo_spec(str(output), num_images), "demo"))
+    plan = plan_run(run_spec_from_dict(demo_spec(str(output), num_images, random_models), "demo"))
     _execute_and_print(plan, None)
+    content = build_report([output])
+    typer.echo(f"\nreport: {content.output / 'report.html'} (and report.md beside it)")
 
 
 @app.command("train-classifier")

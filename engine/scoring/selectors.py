@@ -67,8 +67,8 @@ def check_selectors(probe_params: list[Any], judges: list[JudgeRequest], concept
     use) is known, and the model it needs is in the run. Raises UserError."""
     for params in probe_params:
         selector = getattr(params, "selector", None)
-        if selector is None:
-            continue
+        if selector is None or getattr(params, "keep_all_candidates", False):
+            continue  # keeping every candidate as a row selects nothing
         if selector not in SELECTOR_NAMES:
             raise unknown_choice("selector", selector, SELECTOR_NAMES)
         if selector == "latent_classifier":

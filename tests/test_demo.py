@@ -1,0 +1,27 @@
+"""`engine demo`: its grid validates against the shipped toy world, and the --random variant runs."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.config import run_spec_from_dict
+from engine.demo import demo_spec
+from engine.grid import plan_run
+from engine.results import read_rows
+
+
+def test_toy_demo_grid_plans_on_the_shipped_models(tmp_path):
+    plan = plan_run(run_spec_from_dict(demo_spec(str(tmp_path), 2), "demo"))
+    assert [m.name for m in plan.models] == ["toy-base", "toy-esdx-circle"]
+    assert {p.name for p in plan.probes} == {"standard_prompt", "noise_based", "diffusion_completion", "inpainting"}
+    # 2 models x 2 concepts x 2 prompts x (1 + 6 noise candidates + 3 hand-overs + 1 inpainting)
+    assert len(plan.rows) == 2 * 2 * 2 * 11
+
+
+def test_random_demo_runs_and_reports(tmp_path, ray_session):
+    result = CliRunner().invoke(app, ["demo", "--random", "--num-images", "1", "--output", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert read_rows(tmp_path / "d").num_rows == 6
+    assert (tmp_path / "d" / "report" / "report.html").exists()
+    assert "standard_prompt" in result.output
