@@ -14,6 +14,13 @@ success is judged on the true rate of the setting the search reports as best.
 "The full grid" is a k x k grid over the search box, at the smallest k from which every finer grid
 (up to 16 x 16) reaches 95% of the optimum: what a grid search must spend to be sure of it here.
 TPE and random search get a third of that budget. Never a timed test: it prints a table.
+
+Measured (2026-11, 2-core CPU, 10 seeds; full grid 11 x 11 = 121, budget 40; the original's 6 x 4
+sweep reaches 49.8% of the optimum): exact surface, multivariate TPE 9/10 seeds >= 95% (median
+98.6%, worst 92.0%; found at evaluation 29 median, 36 max), independent TPE 6/10, random 2/10.
+Binomial n=64: TPE 3/10 (median 91.6%), random 1/10, the noisy 121-point grid 8/10. Toy world
+(toy-uce-circle, judge_target_prob on 32 prompts, 6 x 6 grid = 36 vs 12 TPE trials): TPE beat the
+grid's best on 2 of 3 seeds (106.5% at evaluation 10, 137.9% at evaluation 5) and reached 75.5% on one.
 """
 
 from __future__ import annotations
