@@ -165,7 +165,8 @@ def load_base_pipeline(source: str, revision: str | None, allow_pickle: bool, dt
 
     if source in BUILTIN_MODELS:
         pipe = BUILTIN_MODELS[source].build()
-        return pipe.to(dtype=dtype)
+        # Built-ins are made in fp32; cast only when needed (a no-op cast still warns).
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     pipe = StableDiffusionPipeline.from_pretrained(
         source,
         revision=revision,
