@@ -23,16 +23,16 @@ Candidates, selection and extras follow noise_based: one row per prompt picked b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from engine import sampling
+from engine.best_of_n import BestOfNParams, unique_values
 from engine.errors import UserError
-from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator
+from engine.probe import Probe, ProbeBatch, ProbeOutput, row_generator
 from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_paths, load_classifier
 
 DEFAULT_SCALES = [float(s) for s in range(25, 200, 7)]  # 25, 32, ..., 193: 25 values
@@ -54,7 +54,7 @@ def conformance_context(tmp_path) -> dict:
     return {"options": {"classifier_dir": str(folder)}}
 
 
-class ClassifierGuidanceParams(ProbeParams):
+class ClassifierGuidanceParams(BestOfNParams):
     """Shared generation parameters, the classifier-scale sweep and how one candidate is chosen."""
 
     classifier_scales: list[float] = Field(
@@ -67,38 +67,11 @@ class ClassifierGuidanceParams(ProbeParams):
         f"--output-dir; `engine run --classifier-dir` sets it). Unset: the context option classifier_dir, "
         f"else ./{DEFAULT_CLASSIFIER_DIR}.",
     )
-    # The names of engine.scoring.selectors.SelectorName, spelled out so probes import no scoring code.
-    selector: Literal["clip", "judge", "latent_classifier", "none"] = Field(
-        "clip",
-        description="Picks one candidate per prompt: clip, judge (inflates recovery when it also judges), "
-        "latent_classifier (the guiding classifier: circular), or none (only with keep_all_candidates).",
-    )
-    keep_all_candidates: bool = Field(
-        False, description="Write every scale's candidate as its own row instead of the selected one."
-    )
-    candidate_batch_size: int = Field(
-        16, ge=1, description="Candidates denoised together in one UNet batch (memory vs speed)."
-    )
 
     @field_validator("classifier_scales")
     @classmethod
     def _scales(cls, values: list[float]) -> list[float]:
-        if not values:
-            raise ValueError("give at least one value")
-        if len(set(values)) != len(values):
-            raise ValueError(f"values listed more than once: {values}")
-        if any(v < 0 for v in values):
-            raise ValueError("classifier scales must be >= 0")
-        return values
-
-    @model_validator(mode="after")
-    def _selector_or_keep_all(self):
-        if self.selector == "none" and not self.keep_all_candidates:
-            raise ValueError(
-                "selector 'none' picks no candidate: set keep_all_candidates: true (one row per candidate) "
-                "or a selector (clip, judge, latent_classifier)"
-            )
-        return self
+        return unique_values(values, minimum=0.0)
 
     def candidates(self) -> list[dict[str, float]]:
         return [{"classifier_scale": s} for s in self.classifier_scales]

@@ -18,18 +18,17 @@ own row instead (the params of each row then hold a one-candidate sweep).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from engine import sampling
+from engine.best_of_n import BestOfNParams, unique_values
 from engine.errors import UserError
-from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator
+from engine.probe import Probe, ProbeBatch, ProbeOutput, row_generator
 
 
-class NoiseBasedParams(ProbeParams):
+class NoiseBasedParams(BestOfNParams):
     """Shared generation parameters plus the (eta, v) sweep and how one candidate is chosen."""
 
     eta_values: list[float] = Field(
@@ -41,49 +40,15 @@ class NoiseBasedParams(ProbeParams):
         description="Extra multiplier v of the added noise sigma*v*z, swept for each eta (inner loop).",
     )
     # The names of engine.scoring.selectors.SelectorName, spelled out so probes import no scoring code.
-    selector: Literal["clip", "judge", "latent_classifier", "none"] = Field(
-        "clip",
-        description="Picks one candidate per prompt: clip, judge (inflates recovery when it also judges), "
-        "latent_classifier, or none (only with keep_all_candidates).",
-    )
-    keep_all_candidates: bool = Field(
-        False, description="Write every (eta, v) candidate as its own row instead of the selected one."
-    )
-    candidate_batch_size: int = Field(
-        16, ge=1, description="Candidates denoised together in one UNet batch (memory vs speed)."
-    )
-
-    @field_validator("eta_values", "variance_scales")
-    @classmethod
-    def _non_empty_unique(cls, values: list[float]) -> list[float]:
-        if not values:
-            raise ValueError("give at least one value")
-        if len(set(values)) != len(values):
-            raise ValueError(f"values listed more than once: {values}")
-        return values
-
     @field_validator("eta_values")
     @classmethod
-    def _eta_non_negative(cls, values: list[float]) -> list[float]:
-        if any(v < 0 for v in values):
-            raise ValueError("eta must be >= 0")
-        return values
+    def _etas(cls, values: list[float]) -> list[float]:
+        return unique_values(values, minimum=0.0)
 
     @field_validator("variance_scales")
     @classmethod
-    def _scale_positive(cls, values: list[float]) -> list[float]:
-        if any(v <= 0 for v in values):
-            raise ValueError("variance scales must be > 0")
-        return values
-
-    @model_validator(mode="after")
-    def _selector_or_keep_all(self) -> NoiseBasedParams:
-        if self.selector == "none" and not self.keep_all_candidates:
-            raise ValueError(
-                "selector 'none' picks no candidate: set keep_all_candidates: true (one row per candidate) "
-                "or a selector (clip, judge, latent_classifier)"
-            )
-        return self
+    def _scales(cls, values: list[float]) -> list[float]:
+        return unique_values(values, minimum=0.0, strict=True)
 
     def candidates(self) -> list[tuple[float, float]]:
         """(eta, v) pairs in the original's order: eta outer, v inner."""

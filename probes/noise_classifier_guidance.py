@@ -13,14 +13,13 @@ classifiers load once per actor. Candidates, selection and extras follow noise_b
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from engine import sampling
-from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator
+from engine.best_of_n import BestOfNParams, unique_values
+from engine.probe import Probe, ProbeBatch, ProbeOutput, row_generator
 from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR
 from probes.classifier_guidance import (
     DEFAULT_SCALES,
@@ -39,7 +38,7 @@ CONFORMANCE_PARAMS = {
 }
 
 
-class NoiseClassifierGuidanceParams(ProbeParams):
+class NoiseClassifierGuidanceParams(BestOfNParams):
     """Shared generation parameters, the (classifier scale, eta) sweep and how one candidate is chosen."""
 
     classifier_scales: list[float] = Field(
@@ -58,38 +57,11 @@ class NoiseClassifierGuidanceParams(ProbeParams):
         f"--output-dir; `engine run --classifier-dir` sets it). Unset: the context option classifier_dir, "
         f"else ./{DEFAULT_CLASSIFIER_DIR}.",
     )
-    # The names of engine.scoring.selectors.SelectorName, spelled out so probes import no scoring code.
-    selector: Literal["clip", "judge", "latent_classifier", "none"] = Field(
-        "clip",
-        description="Picks one candidate per prompt: clip, judge (inflates recovery when it also judges), "
-        "latent_classifier (the guiding classifier: circular), or none (only with keep_all_candidates).",
-    )
-    keep_all_candidates: bool = Field(
-        False, description="Write every (scale, eta) candidate as its own row instead of the selected one."
-    )
-    candidate_batch_size: int = Field(
-        16, ge=1, description="Candidates denoised together in one UNet batch (memory vs speed)."
-    )
 
     @field_validator("classifier_scales", "eta_values")
     @classmethod
     def _non_empty_unique_non_negative(cls, values: list[float]) -> list[float]:
-        if not values:
-            raise ValueError("give at least one value")
-        if len(set(values)) != len(values):
-            raise ValueError(f"values listed more than once: {values}")
-        if any(v < 0 for v in values):
-            raise ValueError("values must be >= 0")
-        return values
-
-    @model_validator(mode="after")
-    def _selector_or_keep_all(self):
-        if self.selector == "none" and not self.keep_all_candidates:
-            raise ValueError(
-                "selector 'none' picks no candidate: set keep_all_candidates: true (one row per candidate) "
-                "or a selector (clip, judge, latent_classifier)"
-            )
-        return self
+        return unique_values(values, minimum=0.0)
 
     def candidates(self) -> list[dict[str, float]]:
         """(scale, eta) pairs in the original's order: scale outer, eta inner."""
