@@ -47,7 +47,7 @@ def _valid_keys(model: type[BaseModel] | None, parents: tuple) -> list[str]:
             annotation = model.model_fields[part].annotation
             model = _first_model_in(annotation)
         else:  # a union branch tag such as 'ModelSpec'
-            model = _first_model_in(part) if not isinstance(part, str) else _named_model(model, part)
+            model = _named_model(model, part)
     return sorted(model.model_fields) if model is not None else []
 
 
