@@ -16,6 +16,7 @@ are refused (rescore them with `engine score`).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -81,15 +82,29 @@ def load_rows(run_dirs: list[Path], single_judge: bool = True) -> pd.DataFrame:
 
 
 def probe_labels(frame: pd.DataFrame) -> pd.Series:
-    """The probe name, or `name[params hash]` when a probe ran with several parameter sets."""
-    variants = frame.groupby("probe")["params"].nunique()
+    """The probe name, or `name[key=value ...]` with the params that differ when a probe ran with
+    several parameter sets (e.g. each kept noise candidate, each completion hand-over step)."""
+    if not len(frame):
+        return pd.Series([], dtype=str)
+    names: dict[tuple[str, str], str] = {}
+    for probe, params_texts in frame.groupby("probe")["params"].unique().items():
+        parsed = {text: json.loads(text) for text in params_texts}
+        keys = sorted({k for p in parsed.values() for k in p})
+        varying = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in parsed.values()}) > 1]
+        for text, params in parsed.items():
+            if not varying:
+                names[(probe, text)] = probe
+                continue
+            shown = [f"{k}={_short(params.get(k))}" for k in varying]
+            names[(probe, text)] = f"{probe}[{' '.join(shown)}]"
+    return frame.apply(lambda row: names[(row["probe"], row["params"])], axis=1)
 
-    def label(row) -> str:
-        if variants[row["probe"]] <= 1:
-            return row["probe"]
-        return f"{row['probe']}[{hashlib.sha256(row['params'].encode()).hexdigest()[:6]}]"
 
-    return frame.apply(label, axis=1) if len(frame) else pd.Series([], dtype=str)
+def _short(value: Any) -> str:
+    """A one-value sweep list prints as its value."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return json.dumps(value) if not isinstance(value, (int, float, str)) else str(value)
 
 
 # --------------------------------------------------------------------------- aggregation
