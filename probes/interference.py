@@ -12,10 +12,9 @@ before any work (the original also scored its own concept's prompts as a fake co
 
 from __future__ import annotations
 
-import torch
-
 from engine.errors import UserError
-from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator, to_uint8
+from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams
+from probes.standard_prompt import StandardPromptProbe
 
 
 class InterferenceParams(ProbeParams):
@@ -43,22 +42,10 @@ class InterferenceProbe(Probe):
             rows.extend((other.name, index, prompt, seed) for index, prompt, seed in other.first_prompts(num_images))
         return rows
 
-    @torch.no_grad()
     def run(self, batch: ProbeBatch) -> ProbeOutput:
-        params = batch.params
-        # 1. One generator per row from its seed (the original: torch.manual_seed(seed)).
-        generators = [row_generator(seed) for seed in batch.seeds]
-        # 2. The other concepts' prompts through the erased model's own pipeline.
-        result = batch.pipeline(
-            prompt=batch.prompts,
-            negative_prompt=[params.negative_prompt] * len(batch.rows) if params.negative_prompt else None,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            height=params.height,
-            width=params.width,
-            generator=generators,
-            output_type="np",
-        )
-        # 3. uint8 images; the extras name the erased concept next to the target it is scored on.
-        extras = [{"erased_concept": row.concept, "target_concept": row.target_concept} for row in batch.rows]
-        return ProbeOutput(images=to_uint8(result.images), extras=extras)
+        # 1. The other concepts' prompts generated exactly as the standard probe generates (the
+        #    model's own pipeline, one generator per row seeded by its seed).
+        output = StandardPromptProbe().run(batch)
+        # 2. The extras name the erased concept next to the target it is scored on.
+        output.extras = [{"erased_concept": r.concept, "target_concept": r.target_concept} for r in batch.rows]
+        return output
