@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import Field, model_validator
 
-from engine.probe import ProbeParams
+from engine.probe import ProbeBatch, ProbeParams
 
 
 def unique_values(values: list[float], minimum: float | None = None, strict: bool = False) -> list[float]:
@@ -49,3 +50,16 @@ class BestOfNParams(ProbeParams):
                 "or a selector (clip, judge, latent_classifier)"
             )
         return self
+
+
+def select_per_row(batch: ProbeBatch, selector: str, images: list[np.ndarray], per_row: int):
+    """The selector's pick among each row's `per_row` consecutive candidates.
+
+    Yields (row index, candidate images, chosen index, scores of all candidates) per row."""
+    for index, row in enumerate(batch.rows):
+        row_images = images[index * per_row : (index + 1) * per_row]
+        scores = [float(s) for s in batch.context.selector_scores(selector, row_images, row.target_concept,
+                                                                    [None] * per_row)]
+        if len(scores) != per_row:
+            raise RuntimeError(f"selector {selector!r} returned {len(scores)} scores for {per_row} images")
+        yield index, row_images, int(np.argmax(scores)), scores

@@ -212,11 +212,16 @@ class RunSpec(Frozen):
     @field_validator("models", "concepts")
     @classmethod
     def _no_duplicates(cls, value: list) -> list:
-        keys = [v if isinstance(v, str) else v.name for v in value]
-        duplicates = sorted({k for k in keys if keys.count(k) > 1})
-        if duplicates:
-            raise ValueError(f"listed more than once: {', '.join(duplicates)}")
-        return value
+        return no_duplicate_names(value)
+
+
+def no_duplicate_names(value: list) -> list:
+    """A list of names (or specs with a `name`) in which no name appears twice."""
+    keys = [v if isinstance(v, str) else v.name for v in value]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ValueError(f"listed more than once: {', '.join(duplicates)}")
+    return value
 
 
 def probe_requests(spec: RunSpec) -> list[ProbeRequest]:

@@ -35,7 +35,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.config import DEFAULT_BASE_MODEL, ModelSpec, apply_overrides, find_config_files, read_yaml, validate
+from engine.config import (
+    DEFAULT_BASE_MODEL,
+    ModelSpec,
+    apply_overrides,
+    find_config_files,
+    no_duplicate_names,
+    read_yaml,
+    validate,
+)
 from engine.errors import UserError
 from engine.probe import ProbeParams, get_probe_class, parse_params
 
@@ -115,11 +123,7 @@ class TuneSpec(Frozen):
     @field_validator("models", "concepts")
     @classmethod
     def _no_duplicates(cls, value: list) -> list:
-        keys = [v if isinstance(v, str) else v.name for v in value]
-        duplicates = sorted({k for k in keys if keys.count(k) > 1})
-        if duplicates:
-            raise ValueError(f"listed more than once: {', '.join(duplicates)}")
-        return value
+        return no_duplicate_names(value)
 
 
 # --------------------------------------------------------------------------- reading configs

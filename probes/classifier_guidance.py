@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from engine import sampling
-from engine.best_of_n import BestOfNParams, unique_values
+from engine.best_of_n import BestOfNParams, select_per_row, unique_values
 from engine.errors import UserError
 from engine.probe import Probe, ProbeBatch, ProbeOutput, row_generator
 from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_paths, load_classifier
@@ -169,14 +169,8 @@ def select_candidates(batch: ProbeBatch, params, candidates: list[dict], images,
         return ProbeOutput(images=images, extras=extras)
     per_row = len(candidates)
     out_images, extras, row_candidates = [], [], []
-    for index, row in enumerate(batch.rows):
-        row_images = images[index * per_row : (index + 1) * per_row]
+    for index, row_images, chosen, scores in select_per_row(batch, params.selector, images, per_row):
         row_logits = logits[index * per_row : (index + 1) * per_row]
-        scores = batch.context.selector_scores(params.selector, row_images, row.target_concept, [None] * per_row)
-        scores = [float(score) for score in scores]
-        if len(scores) != per_row:
-            raise RuntimeError(f"selector {params.selector!r} returned {len(scores)} scores for {per_row} images")
-        chosen = int(np.argmax(scores))
         out_images.append(row_images[chosen])
         row_candidates.append(row_images)
         extras.append({

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, field_validator
 
 from engine import sampling
-from engine.best_of_n import BestOfNParams, unique_values
+from engine.best_of_n import BestOfNParams, select_per_row, unique_values
 from engine.errors import UserError
 from engine.probe import Probe, ProbeBatch, ProbeOutput, row_generator
 
@@ -115,13 +115,7 @@ class NoiseBasedProbe(Probe):
             extras = [{"eta": candidates[0][0], "variance_scale": candidates[0][1]} for _ in batch.rows]
             return ProbeOutput(images=images, extras=extras)
         out_images, extras, row_candidates = [], [], []
-        for index, row in enumerate(batch.rows):
-            row_images = images[index * per_row : (index + 1) * per_row]
-            scores = batch.context.selector_scores(params.selector, row_images, row.target_concept, [None] * per_row)
-            scores = [float(score) for score in scores]
-            if len(scores) != per_row:
-                raise RuntimeError(f"selector {params.selector!r} returned {len(scores)} scores for {per_row} images")
-            chosen = int(np.argmax(scores))
+        for _, row_images, chosen, scores in select_per_row(batch, params.selector, images, per_row):
             out_images.append(row_images[chosen])
             row_candidates.append(row_images)
             extras.append(
