@@ -1,5 +1,5 @@
 """TPE against the full grid on a synthetic recovery-rate surface with a known optimum, through
-engine.tune's own Ray Tune search (search_pair, the shipped noise_based space, TPE defaults).
+engine.tune.search's own Ray Tune search (search_pair, the shipped noise_based space, TPE defaults).
 
     python benchmarks/tune_tpe_vs_grid.py                 # 10 seeds, exact surface and binomial noise
     python benchmarks/tune_tpe_vs_grid.py --seeds 3 --no-noise --no-multivariate   # independent TPE
@@ -39,9 +39,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import find_config_files  # noqa: E402
-from engine.tune import SearchSettings, search_pair  # noqa: E402
-from engine.tune_space import SearchSpace, load_tune_spec, parse_space  # noqa: E402
+from engine.concepts import find_config_files  # noqa: E402
+from engine.tune.search import SearchSettings, search_pair  # noqa: E402
+from engine.tune.space import SearchSpace, load_tune_spec, parse_space  # noqa: E402
 
 TARGET = 0.95
 PROMPTS = 64  # binomial noise: n of a realistic trial
@@ -117,7 +117,7 @@ def grid_budget(optimum: float) -> tuple[int, list[tuple[int, float]]]:
 
 def final_best(trials: list[dict], optimum: float, noise: bool) -> tuple[int, float]:
     """(evaluation at which the setting the search finally reports as best was tried, its true
-    share of the optimum). Ties keep the earlier trial, as engine.tune does."""
+    share of the optimum). Ties keep the earlier trial, as engine.tune.search does."""
     best_index, best_observed, best_share = 0, -1.0, 0.0
     for count, trial in enumerate(sorted(trials, key=lambda t: t["trial_index"]), start=1):
         rate = recovery_rate(trial["param_eta"], trial["param_variance_scale"])
@@ -132,8 +132,9 @@ def toy_world(args) -> None:
     (the metric of a setting on the fixed prompt set is exact: same params, same value)."""
     import pyarrow.parquet as pq
 
-    from engine.tune import execute_tune, plan_tune
-    from engine.tune_space import tune_spec_from_dict
+    from engine.tune.execute import execute_tune
+    from engine.tune.plan import plan_tune
+    from engine.tune.space import tune_spec_from_dict
 
     base = {
         "probe": "noise_based", "models": [args.toy], "concepts": [args.toy_concept], "judges": ["toy"],
@@ -177,7 +178,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--noise", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--multivariate", action=argparse.BooleanOptionalAction, default=True,
-                        help="multivariate TPE (engine.tune's default); --no-multivariate: independent TPE")
+                        help="multivariate TPE (engine.tune.search's default); --no-multivariate: independent TPE")
     parser.add_argument("--toy", help="instead: a real toy-world erased model, e.g. toy-uce-circle")
     parser.add_argument("--toy-concept", default="toy_circle")
     parser.add_argument("--toy-images", type=int, default=32)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from engine.config import ConceptSpec, available_concepts, load_concept
+from engine.concepts import ConceptSpec, available_concepts, load_concept
 from engine.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -130,9 +130,9 @@ def generate_concept_images(
     """The model's images of each concept's prompt, made by the engine (standard_prompt through Ray
     Data; a rerun reuses finished rows), written as PNGs to `<work_dir>/images/<concept>/`."""
     from engine.config import run_spec_from_dict
-    from engine.grid import plan_run
+    from engine.pipeline.grid import plan_run
+    from engine.pipeline.run import execute
     from engine.results import read_rows
-    from engine.run import execute
 
     output = Path(work_dir) / "generated"
     spec = run_spec_from_dict(

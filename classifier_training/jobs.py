@@ -28,9 +28,10 @@ from classifier_training.data import (
 )
 from classifier_training.io import write_metrics
 from classifier_training.train import LatentSet, TrainSettings, split_train_val, train_classifier
-from engine.config import DEFAULT_BASE_MODEL, available_concepts, load_concept
+from engine.concepts import available_concepts, load_concept
+from engine.config import DEFAULT_BASE_MODEL
 from engine.errors import UserError
-from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, save_classifier
+from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, save_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def _require_images(group: ImageGroup, flag: str) -> None:
 
 def train_classifiers(request: TrainRequest) -> list[dict[str, Any]]:
     """Train every requested classifier; returns one summary per concept."""
-    from engine.run import ray_session
+    from engine.pipeline.run import ray_session
 
     model, jobs = plan_jobs(request)
     output_dir = Path(request.output_dir).resolve()

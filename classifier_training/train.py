@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from classifier_training.metrics import binary_metrics
-from engine.scoring.latent_classifier import LatentClassifier
+from engine.guidance.latent_classifier import LatentClassifier
 
 logger = logging.getLogger(__name__)
 

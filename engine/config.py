@@ -1,153 +1,22 @@
-"""Validated configuration: run specs, model specs, concept specs (pydantic, frozen, no unknown keys).
+"""Validated run and model specs (pydantic, frozen, no unknown keys); concepts live in engine.concepts.
 
-YAML is read here and nowhere else. Data-like entries are one file each and found by file stem:
-configs/models/<id>.yaml, configs/concepts/<id>.yaml. A run file describes a grid; engine.grid
-expands it.
+Model entries are one file each, found by file stem: configs/models/<id>.yaml. A run file
+describes a grid; engine.pipeline.grid expands it.
 """
 
 from __future__ import annotations
 
-import os
-import random
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from engine.errors import UserError, format_validation_error, unknown_choice
+from engine.concepts import Frozen, read_yaml, validate
+from engine.errors import UserError
 from engine.scoring.registry import JudgeRequest, default_judge_refs, parse_judge_ref
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-# --------------------------------------------------------------------------- config folders
-
-
-def config_dirs() -> list[Path]:
-    """Folders searched for configs/, first match wins: $ENGINE_CONFIG_DIR entries, ./configs, the repo's."""
-    dirs = [Path(p) for p in os.environ.get("ENGINE_CONFIG_DIR", "").split(os.pathsep) if p]
-    dirs.append(Path.cwd() / "configs")
-    dirs.append(Path(__file__).resolve().parent.parent / "configs")
-    unique: list[Path] = []
-    for d in dirs:
-        if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
-            unique.append(d)
-    return unique
-
-
-def find_config_files(kind: str) -> dict[str, Path]:
-    """All `<kind>/<stem>.yaml` files, keyed by stem (earlier folders shadow later ones)."""
-    found: dict[str, Path] = {}
-    for d in reversed(config_dirs()):
-        for path in sorted((d / kind).glob("*.yaml")):
-            found[path.stem] = path
-    return found
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: malformed YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of keys at the top level")
-    return data
-
-
-def validate(model: type[BaseModel], data: dict[str, Any], where: str):
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise format_validation_error(exc, where, model) from None
-
-
-# --------------------------------------------------------------------------- concepts
-
-
-class PythonRandomSeeds(Frozen):
-    """The original's seed list: random.seed(seed), then `count` x randint(low, high)."""
-
-    seed: int = 42
-    count: int = Field(500, ge=1)
-    low: int = 1
-    high: int = 10000
-
-    def values(self) -> list[int]:
-        rng = random.Random(self.seed)
-        return [rng.randint(self.low, self.high) for _ in range(self.count)]
-
-
-class ConceptSpec(Frozen):
-    name: str = Field(description="Slug, equal to the file stem.")
-    kind: Literal["object", "style"] = Field(description="Objects are judged by class; styles by CLIP only.")
-    display_name: str = Field(description="Human-readable name, as it appears in prompts.")
-    prompt: str = Field(description="Generation prompt, e.g. 'a picture of a church'.")
-    clip_text: str = Field(description="Text that CLIP scores images against.")
-    judge_classes: dict[str, list[int]] = Field(
-        default_factory=dict, description="Per judge name, the exact class indices that count as the concept."
-    )
-    seeds: list[int] | PythonRandomSeeds = Field(
-        default_factory=PythonRandomSeeds, description="Explicit seed list, or the original's generator."
-    )
-    sample_random_state: int = Field(
-        42, description="Prompt i of n is row permutation(random_state)[i]: pandas sample(n, random_state)."
-    )
-
-    @field_validator("judge_classes")
-    @classmethod
-    def _non_empty_classes(cls, value: dict[str, list[int]]) -> dict[str, list[int]]:
-        for judge, classes in value.items():
-            if not classes:
-                raise ValueError(f"judge {judge!r} has an empty class list")
-        return value
-
-    def seed_list(self) -> list[int]:
-        return list(self.seeds) if isinstance(self.seeds, list) else self.seeds.values()
-
-    def sample_prompts(self, n: int) -> list[tuple[int, str, int]]:
-        """(prompt_index, prompt, seed) for n prompts, chosen as the original's
-        `df.sample(n, random_state=42)` does (numpy RandomState permutation prefix)."""
-        seeds = self.seed_list()
-        if n > len(seeds):
-            raise UserError(f"concept {self.name!r} has {len(seeds)} prompt/seed rows; asked for {n}")
-        order = np.random.RandomState(self.sample_random_state).permutation(len(seeds))[:n]
-        return [(int(i), self.prompt, seeds[int(i)]) for i in order]
-
-    def first_prompts(self, n: int) -> list[tuple[int, str, int]]:
-        """The first n rows in file order (the original's interference probe uses df.head(n))."""
-        seeds = self.seed_list()
-        if n > len(seeds):
-            raise UserError(f"concept {self.name!r} has {len(seeds)} prompt/seed rows; asked for {n}")
-        return [(i, self.prompt, seeds[i]) for i in range(n)]
-
-
-@lru_cache(maxsize=None)
-def _load_concept_file(path: Path) -> ConceptSpec:
-    data = read_yaml(path)
-    data.setdefault("name", path.stem)
-    if data["name"] != path.stem:
-        raise UserError(f"{path}: name {data['name']!r} must equal the file stem {path.stem!r}")
-    return validate(ConceptSpec, data, str(path))
-
-
-def available_concepts() -> dict[str, Path]:
-    return find_config_files("concepts")
-
-
-def load_concept(name: str) -> ConceptSpec:
-    files = available_concepts()
-    if name not in files:
-        raise unknown_choice("concept", name, files)
-    return _load_concept_file(files[name])
 
 
 # --------------------------------------------------------------------------- models

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from engine.builtin_models import BUILTIN_MODELS
-from engine.config import ModelSpec, find_config_files, read_yaml, validate
+from engine.concepts import find_config_files, read_yaml, validate
+from engine.config import ModelSpec
 from engine.errors import UserError
 
 logger = logging.getLogger(__name__)

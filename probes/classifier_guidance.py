@@ -32,8 +32,8 @@ from pydantic import Field, field_validator
 from engine import sampling
 from engine.best_of_n import BestOfNParams, select_per_row, unique_values
 from engine.errors import UserError
+from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_paths, load_classifier
 from engine.probe import Probe, ProbeBatch, ProbeOutput, row_generator
-from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_paths, load_classifier
 
 DEFAULT_SCALES = [float(s) for s in range(25, 200, 7)]  # 25, 32, ..., 193: 25 values
 
@@ -46,8 +46,8 @@ def conformance_context(tmp_path) -> dict:
     """ProbeContext fields that provide the `latent_classifier` requirement: untrained classifiers
     for every configured concept, sized for the tiny model's latents at 32 px."""
     from engine.builtin_models import build_tiny
-    from engine.config import available_concepts
-    from engine.scoring.latent_classifier_io import write_untrained_classifiers
+    from engine.concepts import available_concepts
+    from engine.guidance.latent_classifier_io import write_untrained_classifiers
 
     folder = Path(tmp_path) / "latent-classifiers-32px"
     write_untrained_classifiers(folder, build_tiny(), sorted(available_concepts()), height=32, width=32)
@@ -89,7 +89,7 @@ def classifier_folder(params, options: dict) -> str:
 
 def check_classifiers(probe_name: str, classifier_dir: str, concepts: list[str]) -> None:
     """UserError naming every concept without a classifier and the command that trains them."""
-    from engine.config import load_concept
+    from engine.concepts import load_concept
 
     missing = [c for c in concepts if not all(p.is_file() for p in classifier_paths(classifier_dir, c))]
     if missing:

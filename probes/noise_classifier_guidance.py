@@ -19,8 +19,8 @@ from pydantic import Field, field_validator
 
 from engine import sampling
 from engine.best_of_n import BestOfNParams, unique_values
+from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR
 from engine.probe import Probe, ProbeBatch, ProbeOutput, row_generator
-from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR
 from probes.classifier_guidance import (
     DEFAULT_SCALES,
     LatentClassifierGuidance,

@@ -30,7 +30,7 @@ from PIL import Image
 from pydantic import Field
 
 from engine import sampling
-from engine.config import ConceptSpec, load_concept
+from engine.concepts import ConceptSpec, load_concept
 from engine.errors import UserError
 from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, WorkRow, row_generator, to_uint8
 from engine.textual_inversion import TextualInversionSettings, encode_with_token, ensure_embedding

@@ -18,10 +18,10 @@ import torch  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session; engine.run reuses it instead of starting its own."""
+    """One local Ray for the whole session; engine.pipeline.run reuses it instead of starting its own."""
     import ray
 
-    from engine.run import worker_env
+    from engine.pipeline.run import worker_env
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     yield ray

@@ -22,12 +22,13 @@ from classifier_training.metrics import pr_auc, roc_auc, roc_curve, tpr_at_fpr
 from classifier_training.train import LatentSet, TrainSettings, sample_timesteps, split_train_val, train_classifier
 from engine.builtin_models import _sd_scheduler_config
 from engine.cli import app
-from engine.config import RunSpec, load_concept
+from engine.concepts import load_concept
+from engine.config import RunSpec
 from engine.errors import UserError
-from engine.grid import plan_run
+from engine.guidance import latent_classifier_io
+from engine.guidance.latent_classifier import LatentClassifier
+from engine.pipeline.grid import plan_run
 from engine.probe import ProbeBatch, ProbeContext
-from engine.scoring import latent_classifier_io
-from engine.scoring.latent_classifier import LatentClassifier
 from probes.classifier_guidance import ClassifierGuidanceProbe
 
 ALPHAS = DDIMScheduler(**_sd_scheduler_config()).alphas_cumprod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-import engine.run
+import engine.pipeline.run
 from engine.cli import app
 
 runner = CliRunner()
@@ -16,7 +16,7 @@ def no_execution(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("execution started despite bad input")
 
-    monkeypatch.setattr(engine.run, "execute", fail)
+    monkeypatch.setattr(engine.pipeline.run, "execute", fail)
 
 
 def _invoke(*args):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import apply_overrides, available_concepts, load_concept, run_spec_from_dict
+from engine.concepts import available_concepts, load_concept
+from engine.config import apply_overrides, run_spec_from_dict
 from engine.errors import UserError
 
 ORIGINAL_CONCEPTS = {

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.config import run_spec_from_dict
 from engine.demo import demo_spec
-from engine.grid import plan_run
+from engine.pipeline.grid import plan_run
 from engine.results import read_rows
 
 

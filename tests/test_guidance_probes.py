@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 
 from engine import sampling
 from engine.cli import app
-from engine.config import RunSpec, load_concept
+from engine.concepts import load_concept
+from engine.config import RunSpec
 from engine.errors import UserError
-from engine.grid import plan_run
+from engine.guidance.latent_classifier_io import load_classifier, write_untrained_classifiers
+from engine.pipeline.grid import plan_run
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, row_generator
-from engine.scoring.latent_classifier_io import load_classifier, write_untrained_classifiers
 from probes.classifier_guidance import ClassifierGuidanceParams, ClassifierGuidanceProbe, LatentClassifierGuidance
 from probes.noise_classifier_guidance import NoiseClassifierGuidanceParams, NoiseClassifierGuidanceProbe
 

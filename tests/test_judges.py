@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from engine.config import ConceptSpec, load_concept
+from engine.concepts import ConceptSpec, load_concept
 from engine.errors import UserError
 from engine.results import encode_png, rows_table
 from engine.scoring.judge import ClassifierJudge, Judge

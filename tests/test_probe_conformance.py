@@ -4,9 +4,9 @@
 - give the same image for the same seed, and the same image for a row in a batch as alone;
 - leave the pipelines it touched (model under test and base) unchanged: weights, scheduler
   class/config, attention processors;
-- have its `requires` checked in engine.grid.plan_run, before any work.
+- have its `requires` checked in engine.pipeline.grid.plan_run, before any work.
 
-Rows come from engine.grid.expand_rows (so expand_params and work_prompts are exercised) on the
+Rows come from engine.pipeline.grid.expand_rows (so expand_params and work_prompts are exercised) on the
 tiny built-in models: `tiny-erased` is the model under test, `tiny` the base. A probe runs with
 the shared fast settings below plus its entry in FAST_PARAMS, or else its module's
 `CONFORMANCE_PARAMS` dict. Requirements other than base_model / reference_images (made from the
@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import RunSpec, load_concept
+from engine.concepts import load_concept
+from engine.config import RunSpec
 from engine.errors import UserError
-from engine.grid import ProbeChoice, expand_rows, plan_run
 from engine.models import resolve_model
+from engine.pipeline.grid import ProbeChoice, expand_rows, plan_run
 from engine.probe import (
     PROBE_REGISTRY,
     REQUIREMENTS,

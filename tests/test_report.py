@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.errors import UserError
-from engine.report import build_report, cell_stats, load_rows, pooled_stats
-from engine.report_stats import mean_interval, student_t_quantile, wilson_interval
+from engine.report.build import build_report
+from engine.report.stats import mean_interval, student_t_quantile, wilson_interval
+from engine.report.summary import summary_frame
+from engine.report.tables import cell_stats, load_rows, pooled_stats
 from engine.results import encode_png, rows_table
-from engine.summary import summary_frame
 
 runner = CliRunner()
 CLIP = "clip:ViT-B-32/openai"

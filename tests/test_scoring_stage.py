@@ -14,16 +14,17 @@ from pydantic import Field
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.config import load_concept, run_spec_from_dict
+from engine.concepts import load_concept
+from engine.config import run_spec_from_dict
 from engine.errors import UserError
-from engine.grid import plan_run
+from engine.pipeline.grid import plan_run
+from engine.pipeline.stages import ProbeRunner, ScoreActor, actor_payload, score_payload
 from engine.probe import PROBE_REGISTRY, Probe, ProbeBatch, ProbeOutput, ProbeParams
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, decode_png, read_rows, rows_table
 from engine.scoring.registry import build_judge, parse_judge_ref
 from engine.scoring.rescore import rescore_run
 from engine.scoring.scorer import Scorer, crop_to_region
 from engine.scoring.selectors import SelectorName, check_selectors
-from engine.stages import ProbeRunner, ScoreActor, actor_payload, score_payload
 
 runner = CliRunner()
 TINY_JUDGES = "judges=[clip:tiny, imagenet:tiny]"

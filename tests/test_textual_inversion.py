@@ -12,7 +12,7 @@ from torch import nn
 
 import engine.textual_inversion as ti
 from engine.builtin_models import build_tiny_erased
-from engine.config import available_concepts, load_concept
+from engine.concepts import available_concepts, load_concept
 from engine.errors import UserError
 from engine.probe import ProbeBatch, ProbeContext, WorkRow
 from probes.textual_inversion import TextualInversionParams, TextualInversionProbe, insert_token

@@ -190,7 +190,7 @@ def test_uce_moves_concept_values_to_the_anchor_and_keeps_preserved(tiny_parts, 
 
 
 def test_toy_concept_configs_match_the_renderer():
-    from engine.config import load_concept
+    from engine.concepts import load_concept
 
     for index, concept in enumerate(CONCEPTS):
         spec = load_concept(f"toy_{concept}")
@@ -208,7 +208,7 @@ def test_toy_models_are_registered_builtins():
 
 
 def test_toy_judge_is_registered_and_scores_toy_concepts():
-    from engine.config import load_concept
+    from engine.concepts import load_concept
     from engine.errors import UserError
     from engine.scoring.registry import build_judge, check_judges, parse_judge_ref
 

@@ -21,7 +21,7 @@ NUM_SEEDS = 16
 
 
 def _seeds() -> list[int]:
-    from engine.config import load_concept
+    from engine.concepts import load_concept
 
     return [seed for _, _, seed in load_concept("toy_circle").first_prompts(NUM_SEEDS)]
 

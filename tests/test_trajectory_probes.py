@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 
 from engine import sampling
 from engine.cli import app
-from engine.config import RunSpec, load_concept
+from engine.concepts import load_concept
+from engine.config import RunSpec
 from engine.errors import UserError
-from engine.grid import ProbeChoice, expand_rows, plan_run
 from engine.models import resolve_model
+from engine.pipeline.grid import ProbeChoice, expand_rows, plan_run
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, parse_params, row_generator
 from engine.results import decode_png, read_rows
 from probes.diffusion_completion import DiffusionCompletionProbe

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import engine.tune
+import engine.tune.execute
 from engine.cli import app
 from engine.results import read_rows
 
@@ -135,7 +135,7 @@ def no_search(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the search started despite a bad search space")
 
-    monkeypatch.setattr(engine.tune, "execute_tune", fail)
+    monkeypatch.setattr(engine.tune.execute, "execute_tune", fail)
 
 
 @pytest.mark.parametrize(
@@ -182,8 +182,8 @@ def test_bad_tune_request_exits_2(tmp_path, no_search, args, expected):
 
 
 def test_every_shipped_search_space_matches_its_probe():
-    from engine.config import find_config_files
-    from engine.tune_space import load_tune_spec, parse_space
+    from engine.concepts import find_config_files
+    from engine.tune.space import load_tune_spec, parse_space
 
     files = find_config_files("tune")
     assert {"noise_based", "standard_prompt", "classifier_guidance", "diffusion_completion", "inpainting"} <= set(files)

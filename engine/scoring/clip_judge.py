@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from engine.config import ConceptSpec
+from engine.concepts import ConceptSpec
 from engine.errors import UserError, unknown_choice
 from engine.scoring.judge import Judge, JudgeOptions, file_weights_id, hub_offline, local_weights_file
 

@@ -24,7 +24,7 @@ from engine.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from engine.config import ConceptSpec
+    from engine.concepts import ConceptSpec
 
 # Per slot: the value columns a judge returns, the column naming the judge, and the per-row
 # reductions over best-of-N candidates (candidate column -> value column it averages).

@@ -12,14 +12,16 @@ The folder is the probe context's option `classifier_dir`, else ./classifiers.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from engine.errors import UserError
-from engine.scoring.latent_classifier_io import (
+from engine.guidance.latent_classifier_io import (
     DEFAULT_CLASSIFIER_DIR,
     classifier_exists,
     classifier_paths,
@@ -46,10 +48,16 @@ def _vae_of(model_json: str, device: str):
     return vae.to(device=device, dtype=dtype).eval()
 
 
+
+@dataclass
+class SelectorModel:
+    """A loaded latent-classifier selector: `scores(images)` -> one float per image, higher = more concept."""
+
+    model_id: str
+    scores: Callable[[list[np.ndarray]], list[float]]
+
 def latent_classifier_selector(concept, context):
     """engine.scoring.selectors' loader: (ConceptSpec, ProbeContext) -> SelectorModel."""
-    from engine.scoring.selectors import SelectorModel
-
     folder = context.options.get("classifier_dir") or DEFAULT_CLASSIFIER_DIR
     if not classifier_exists(folder, concept.name):
         raise UserError(

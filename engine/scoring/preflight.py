@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config import ConceptSpec, RunSpec
+from engine.concepts import ConceptSpec
+from engine.config import RunSpec
 from engine.scoring.registry import check_judges, judge_requests
 from engine.scoring.selectors import check_selectors
 

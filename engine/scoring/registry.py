@@ -26,7 +26,7 @@ from engine.errors import UserError, format_validation_error, unknown_choice
 if TYPE_CHECKING:
     import torch
 
-    from engine.config import ConceptSpec
+    from engine.concepts import ConceptSpec
     from engine.scoring.judge import Judge, JudgeOptions
 
 logger = logging.getLogger(__name__)

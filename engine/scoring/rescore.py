@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.config import load_concept
+from engine.concepts import load_concept
 from engine.errors import UserError
 from engine.models import resolve_device
 from engine.results import (

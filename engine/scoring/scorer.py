@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.config import ConceptSpec
+from engine.concepts import ConceptSpec
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, decode_png
 from engine.scoring.judge import CANDIDATE_COLUMNS, MODEL_COLUMN, Judge
 from engine.scoring.registry import JudgeRequest, build_judge

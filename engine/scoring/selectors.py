@@ -14,7 +14,6 @@ Every row records the selector and its model in column `selector`, e.g. `clip=cl
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, get_args
 
 import numpy as np
@@ -26,9 +25,10 @@ from engine.scoring.scorer import crop_to_region
 if TYPE_CHECKING:
     import torch
 
-    from engine.config import ConceptSpec
+    from engine.concepts import ConceptSpec
     from engine.probe import ProbeContext
     from engine.scoring.judge import Judge
+    from engine.scoring.latent_selector import SelectorModel
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +38,8 @@ SelectorName = Literal["judge", "clip", "latent_classifier", "none"]
 SELECTOR_NAMES: tuple[str, ...] = get_args(SelectorName)
 SELECTOR_SLOTS = {"judge": "classifier", "clip": "clip"}  # selectors that reuse a judge of the run
 
-@dataclass
-class SelectorModel:
-    """A loaded latent-classifier selector: `scores(images)` -> one float per image, higher = more concept."""
-
-    model_id: str
-    scores: Callable[[list[np.ndarray]], list[float]]
-
-
 def _check_latent_classifiers(params: Any, concepts: dict[str, ConceptSpec]) -> None:
-    from engine.scoring.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_exists
+    from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_exists
 
     folder = getattr(params, "classifier_dir", None) or DEFAULT_CLASSIFIER_DIR
     for concept in concepts.values():
@@ -119,6 +111,7 @@ class SelectorBank:
         return self._judge_models[slot]
 
     def _latent(self, concept: ConceptSpec) -> SelectorModel:
+        # Imported on first use: it loads torch and a VAE, which validation never needs.
         from engine.scoring.latent_selector import latent_classifier_selector
 
         context = self.context()

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.grid import RunPlan, pending_rows, work_units
+from engine.pipeline.grid import RunPlan, pending_rows, work_units
+from engine.pipeline.stages import ProbeActor, ScoreActor, actor_payload, score_payload
 from engine.results import (
     base_manifest,
     finished_row_ids,
@@ -28,7 +29,6 @@ from engine.results import (
 )
 from engine.scoring.preflight import check_run_scoring
 from engine.scoring.registry import judge_requests
-from engine.stages import ProbeActor, ScoreActor, actor_payload, score_payload
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from engine.report import ReportContent
-from engine.report_figures import method_label
+from engine.report.tables import ReportContent, method_label
 
 STATISTICS_NOTE = (
     "Each cell is one (model, concept, target concept, probe, params). CLIP = mean of 100 x cosine "

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.report import CELL_KEYS, cell_slug, method_order, probe_order
+from engine.report.tables import CELL_KEYS, cell_slug, method_label, method_order, probe_order
 from engine.results import decode_png, parquet_files
 
 THUMBNAIL = 128
@@ -29,10 +29,6 @@ PLOTS = [
     ("top5", "Top-5 recovery by probe", "top-5 rate (%)", "top5_rate", ("top5_ci_low", "top5_ci_high"), 100.0),
     ("clip", "CLIP score by probe", "CLIP score (100 x cosine)", "clip_mean", ("clip_ci_low", "clip_ci_high"), 1.0),
 ]
-
-
-def method_label(method: str) -> str:
-    return "base model" if method == "none" else method
 
 
 def _value(row: pd.Series | None, column: str) -> float:

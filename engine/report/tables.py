@@ -1,16 +1,7 @@
-"""`engine report RUN_DIR [RUN_DIR...]`: recovery tables with confidence intervals, plots, image grids.
+"""Report tables: rows of one or more runs in, per-cell and pooled statistics out.
 
-Reads the rows of one or more runs (merged; a row present in several runs counts once) and writes:
-- summary.parquet / summary.csv: one line per cell = (model, method, concept, target_concept,
-  probe, params): n, CLIP mean with a 95% Student-t interval, top-1 / top-5 rates with 95% Wilson
-  intervals, mean target probability, and for best-of-N probes the all-candidates means;
-- paper_table.csv: probes x methods, each value the mean over concepts of the cells' values (the
-  original's notebook averaging), the base model (method `none`) included;
-- plots/*.png: recovery by probe for each method, pooled over concepts, with 95% CI error bars;
-- sheets/*.png: a contact sheet per cell with prompt, seed and scores under each image;
-- report.md and a self-contained report.html (every image embedded as a data URI).
-Numbers from different judges are not comparable, so rows scored by different judge models
-are refused (rescore them with `engine score`).
+The data layer of engine.report: figures and rendering read the cell keys, orderings and the
+ReportContent defined here; nothing here draws or renders.
 """
 
 from __future__ import annotations
@@ -26,8 +17,8 @@ from typing import Any
 import pandas as pd
 
 from engine.errors import UserError
-from engine.report_stats import mean_interval, wilson_interval
-from engine.results import now_iso, read_rows, require_run_folder
+from engine.report.stats import mean_interval, wilson_interval
+from engine.results import read_rows, require_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +101,12 @@ def _short(value: Any) -> str:
 # --------------------------------------------------------------------------- aggregation
 
 
-def _present(series: pd.Series) -> list[Any]:
+def present_values(series: pd.Series) -> list[Any]:
     return [v for v in series.tolist() if v is not None and not (isinstance(v, float) and pd.isna(v))]
 
 
 def _rate(series: pd.Series) -> dict[str, Any]:
-    hits = [bool(v) for v in _present(series)]
+    hits = [bool(v) for v in present_values(series)]
     low, high = wilson_interval(sum(hits), len(hits))
     rate = sum(hits) / len(hits) if hits else None
     return {"n": len(hits), "hits": sum(hits), "rate": rate, "low": low, "high": high}
@@ -133,18 +124,18 @@ def _weighted_candidate_mean(group: pd.DataFrame, column: str) -> float | None:
 
 
 def _joined(series: pd.Series) -> str | None:
-    return ", ".join(sorted({str(v) for v in _present(series)})) or None
+    return ", ".join(sorted({str(v) for v in present_values(series)})) or None
 
 
 def group_stats(group: pd.DataFrame) -> dict[str, Any]:
     """All statistics of one group of rows (a cell, or a pooled probe x method group)."""
-    clip_mean, clip_low, clip_high = mean_interval([float(v) for v in _present(group["clip_score"])])
+    clip_mean, clip_low, clip_high = mean_interval([float(v) for v in present_values(group["clip_score"])])
     top1, top5 = _rate(group["judge_top1"]), _rate(group["judge_top5"])
-    target = [float(v) for v in _present(group["judge_target_prob"])]
-    counts = [int(c) for c in _present(group["candidate_count"])]
+    target = [float(v) for v in present_values(group["judge_target_prob"])]
+    counts = [int(c) for c in present_values(group["candidate_count"])]
     return {
         "n": len(group),
-        "clip_n": len(_present(group["clip_score"])),
+        "clip_n": len(present_values(group["clip_score"])),
         "clip_mean": clip_mean,
         "clip_ci_low": clip_low,
         "clip_ci_high": clip_high,
@@ -213,7 +204,7 @@ def paper_table(cells: pd.DataFrame) -> pd.DataFrame:
         for label, column, scale in PAPER_METRICS + (CANDIDATE_METRICS if has_candidates else []):
             row: dict[str, Any] = {"probe": probe, "metric": label}
             for method in methods:
-                values = [float(v) for v in _present(probe_cells.loc[probe_cells["method"] == method, column])]
+                values = [float(v) for v in present_values(probe_cells.loc[probe_cells["method"] == method, column])]
                 row[method] = sum(values) / len(values) * scale if values else None
             rows.append(row)
     return pd.DataFrame(rows, columns=["probe", "metric", *methods])
@@ -244,42 +235,5 @@ def cell_slug(cell: dict[str, Any]) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', text)[:100]}__{digest}"
 
 
-def default_report_dir(run_dirs: list[Path], output: Path | None) -> Path:
-    if output is not None:
-        return Path(output)
-    if len(run_dirs) > 1:
-        raise UserError("several run folders are merged into one report: give --output DIR")
-    return Path(run_dirs[0]) / "report"
-
-
-def build_report(run_dirs: list[Path], output: Path | None = None, max_images_per_cell: int = 12) -> ReportContent:
-    """Read the runs, aggregate, and write every report file. Raises UserError on bad input."""
-    from engine.report_figures import write_contact_sheets, write_recovery_plots
-    from engine.report_html import write_html, write_markdown
-
-    if not run_dirs:
-        raise UserError("give at least one run folder")
-    run_dirs = [Path(d) for d in run_dirs]
-    report_dir = default_report_dir(run_dirs, output)
-    frame = load_rows(run_dirs)
-    cells = cell_stats(frame)
-    judges = sorted({str(v) for c in ("clip_model", "judge_model") for v in _present(frame[c])})
-    content = ReportContent(
-        output=report_dir,
-        runs=[str(d) for d in run_dirs],
-        created_at=now_iso(),
-        rows=len(frame),
-        judges=judges,
-        cells=cells,
-        paper=paper_table(cells),
-    )
-    report_dir.mkdir(parents=True, exist_ok=True)
-    cells.to_parquet(report_dir / "summary.parquet", index=False)
-    cells.to_csv(report_dir / "summary.csv", index=False)
-    content.paper.to_csv(report_dir / "paper_table.csv", index=False)
-    content.plots = write_recovery_plots(pooled_stats(frame), report_dir / "plots")
-    content.sheets = write_contact_sheets(run_dirs, frame, cells, report_dir / "sheets", max_images_per_cell)
-    write_markdown(content, report_dir / "report.md")
-    write_html(content, report_dir / "report.html")
-    logger.info("report of %d rows in %d cells written to %s", len(frame), len(cells), report_dir)
-    return content
+def method_label(method: str) -> str:
+    return "base model" if method == BASE_METHOD else method

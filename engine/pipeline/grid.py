@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 from itertools import groupby, product
 from typing import Any
 
-from engine.config import ConceptSpec, ModelSpec, RunSpec, load_concept, probe_requests
+from engine.concepts import ConceptSpec, load_concept
+from engine.config import ModelSpec, RunSpec, probe_requests
 from engine.errors import UserError
 from engine.models import resolve_model
 from engine.probe import ProbeParams, WorkRow, get_probe_class, parse_params

@@ -18,7 +18,8 @@ import pyarrow as pa
 import torch
 
 from engine import __version__
-from engine.config import ConceptSpec, ModelSpec
+from engine.concepts import ConceptSpec
+from engine.config import ModelSpec
 from engine.models import ModelCache, resolve_device
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, get_probe_class
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, encode_png, rows_table

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.scoring.latent_classifier import LatentClassifier, build_classifier
+from engine.guidance.latent_classifier import LatentClassifier, build_classifier
 
 logger = logging.getLogger(__name__)
 

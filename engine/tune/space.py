@@ -35,15 +35,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.config import (
-    DEFAULT_BASE_MODEL,
-    ModelSpec,
-    apply_overrides,
-    find_config_files,
-    no_duplicate_names,
-    read_yaml,
-    validate,
-)
+from engine.concepts import find_config_files, read_yaml, validate
+from engine.config import DEFAULT_BASE_MODEL, ModelSpec, apply_overrides, no_duplicate_names
 from engine.errors import UserError
 from engine.probe import ProbeParams, get_probe_class, parse_params
 

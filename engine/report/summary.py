@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from engine.report import cell_stats, load_rows
-from engine.report_html import fmt_interval, fmt_number
+from engine.report.render import fmt_interval, fmt_number
+from engine.report.tables import cell_stats, load_rows
 
 
 def summary_frame(output: Path) -> pd.DataFrame:

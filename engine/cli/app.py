@@ -1,0 +1,61 @@
+"""The typer app of the `engine` command, and what its commands share: one-line user errors,
+logging set-up and the one KEY=VALUE parser of the option flags."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import typer
+
+from engine.errors import UserError
+
+# Our machines are offline and Ray's token auth is off; set before anything imports Ray.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Probe whether concepts are really erased.")
+probes_app = typer.Typer(no_args_is_help=True, help="List and describe probes.")
+app.add_typer(probes_app, name="probes")
+toyworld_app = typer.Typer(no_args_is_help=True, help="The toy world: a tiny trained model, judge and erased variants.")
+app.add_typer(toyworld_app, name="toyworld")
+
+
+def user_errors(command):
+    """Print a UserError as one line on stderr and exit 2; never a traceback for user input."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def parse_owner_key_values(items: list[str], flag: str, owner: str) -> dict[str, dict[str, Any]]:
+    """`OWNER.KEY=VALUE` flags (--probe-param, --judge-option) -> {owner: {key: value}}. Values are
+    read as YAML, as in run files, so `2`, `[1, 2]` and `true` keep their types."""
+    import yaml
+
+    parsed: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        name, dot, field = key.partition(".")
+        if not sep or not dot or not name or not field:
+            raise UserError(f"{flag} expects {owner}.KEY=VALUE, got {item!r}")
+        try:
+            parsed.setdefault(name, {})[field] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UserError(f"{flag} {key}: cannot parse value {raw!r}") from None
+    return parsed

@@ -1,0 +1,73 @@
+"""What the engine knows: `engine probes list|describe`, `engine concepts`, `engine models`, `engine judges`."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from engine.cli.app import app, probes_app, user_errors
+
+
+@probes_app.command("list")
+@user_errors
+def probes_list():
+    """Registered probes, with what each requires."""
+    from engine.probe import get_probe_class, probe_names
+
+    for name in probe_names():
+        probe_class = get_probe_class(name)
+        requires = ", ".join(sorted(probe_class.requires)) or "-"
+        summary = (sys.modules[probe_class.__module__].__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:28s} requires: {requires:30s} {summary}")
+
+
+@probes_app.command("describe")
+@user_errors
+def probes_describe(name: str = typer.Argument(..., help="Probe name.")):
+    """A probe's parameters with their types, defaults and descriptions."""
+    from engine.probe import describe_params, get_probe_class
+
+    probe_class = get_probe_class(name)
+    typer.echo(f"{name}: {(sys.modules[probe_class.__module__].__doc__ or '').strip()}\n")
+    typer.echo(f"requires: {', '.join(sorted(probe_class.requires)) or 'nothing'}\n")
+    for field, annotation, default, description in describe_params(probe_class.params_class):
+        typer.echo(f"  {field:24s} {annotation:18s} default {default:24s} {description}")
+
+
+@app.command()
+@user_errors
+def concepts():
+    """Concepts found in the config folders."""
+    from engine.concepts import available_concepts, load_concept
+
+    for name in sorted(available_concepts()):
+        spec = load_concept(name)
+        typer.echo(f"{name:28s} {spec.kind:7s} {spec.prompt}")
+
+
+@app.command()
+@user_errors
+def models():
+    """Built-in models and configs/models entries."""
+    from engine.builtin_models import BUILTIN_MODELS
+    from engine.models import available_models
+
+    for name in available_models():
+        note = BUILTIN_MODELS[name].description if name in BUILTIN_MODELS else "configs/models"
+        typer.echo(f"{name:28s} {note}")
+
+
+@app.command()
+@user_errors
+def judges():
+    """Registered judges with their presets and options."""
+    from engine.probe import describe_params
+    from engine.scoring.registry import get_judge_class, judge_names
+
+    for name in judge_names():
+        judge_class = get_judge_class(name)
+        summary = (sys.modules[judge_class.__module__].__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name}  (presets: {', '.join(judge_class.presets) or '-'})  {summary}")
+        for field, annotation, default, description in describe_params(judge_class.options_class):
+            typer.echo(f"  {field:12s} {annotation:14s} default {default:16s} {description}")

@@ -1,0 +1,57 @@
+"""Commands on finished runs: `engine score` (re-judge in place) and `engine report`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from engine.cli.app import app, parse_owner_key_values, setup_logging, user_errors
+from engine.errors import UserError
+
+
+@app.command()
+@user_errors
+def score(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `engine run`."),
+    judge: list[str] = typer.Option(..., "--judge", help="Judge NAME or NAME:PRESET (repeatable), e.g. clip."),
+    judge_option: list[str] = typer.Option([], "--judge-option", help="JUDGE.KEY=VALUE judge option."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per judge call."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Add or replace scores of an existing run in place, without regenerating images."""
+    from engine.scoring.registry import parse_judge_ref
+    from engine.scoring.rescore import rescore_run
+
+    setup_logging(verbose)
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    requests = [parse_judge_ref(ref) for ref in judge]
+    options = parse_owner_key_values(judge_option, "--judge-option", "JUDGE")
+    unknown = sorted(set(options) - {r.name for r in requests})
+    if unknown:
+        raise UserError(f"--judge-option names judge {unknown[0]!r}, which is not given with --judge")
+    requests = [r.model_copy(update={"options": {**r.options, **options.get(r.name, {})}}) for r in requests]
+    summary = rescore_run(run_dir, requests, device, batch_size)
+    typer.echo(
+        f"scored {summary.rows} rows in {summary.files} files of {summary.output} with "
+        f"{', '.join(summary.judges)} ({summary.seconds:.1f} s)"
+    )
+
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders; several are merged into one report."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Report folder; default RUN_DIR/report."),
+    max_images: int = typer.Option(12, "--max-images", min=1, help="Images per cell in the contact sheets."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Recovery tables with 95% CIs, plots and image grids: report.md, report.html, summary.parquet/.csv."""
+    from engine.report.build import build_report
+
+    setup_logging(verbose)
+    content = build_report(run_dirs, output, max_images)
+    typer.echo(f"report of {content.rows} rows in {len(content.cells)} cells: {content.output / 'report.html'}")

@@ -1,0 +1,45 @@
+"""`engine tune`: Ray Tune search over one probe's params for the worst case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from engine.cli.app import app, setup_logging, user_errors
+
+
+@app.command()
+@user_errors
+def tune(
+    config: Optional[Path] = typer.Argument(None, help="Tune config (YAML); default: configs/tune/<--probe>.yaml."),
+    model: list[str] = typer.Option([], "--model", help="Model to search (repeatable; one search per pair)."),
+    concept: list[str] = typer.Option([], "--concept", help="Concept slug (repeatable)."),
+    probe: Optional[str] = typer.Option(None, "--probe", help="Probe whose params are searched."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Trials per (model, concept)."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", min=1, help="Prompts per trial."),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", help="tpe (default), random or grid."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="judge_top1, judge_target_prob, clip_score."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Output folder (trials.parquet, best_*.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help="key.sub=value override of the tune config."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Search a probe's params for the setting that recovers the concept most (Ray Tune)."""
+    from engine.tune.execute import execute_tune, summary_lines
+    from engine.tune.plan import plan_tune
+    from engine.tune.space import load_tune_spec
+
+    setup_logging(verbose)
+    flags = {"models": model, "concepts": concept, "probe": probe, "num_samples": num_samples,
+             "num_images": num_images, "algorithm": algorithm, "objective": objective,
+             "output": str(output) if output else None}
+    spec, where = load_tune_spec(config, flags, set_)
+    summary = execute_tune(plan_tune(spec, where), cluster)
+    for line in summary_lines(summary):
+        typer.echo(line)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,243 @@
+"""`engine tune`: Ray Tune search over a probe's params for the setting that recovers the concept most.
+
+One search per (model, concept) pair; the pairs' searches run together as Ray tasks, so on a
+cluster they share its GPUs. A trial is one probe setting evaluated on a fixed prompt/seed set
+(the concept's first `num_images` sampled prompts, exactly the rows `engine run` makes), scored
+by the run's judges; the same params always give the same metric. Objective: judge top-1 rate
+(Wilson 95% interval), or the mean target-class probability or CLIP score (Student-t interval).
+
+Pipelines are loaded once per trial actor, not once per trial: TuneConfig(reuse_actors=True)
+keeps a finished trial's actor for the next one, and the actor's process keeps a TrialEvaluator
+(ProbeRunner with its ModelCache, plus the judges) in a module-level cache. Every trial reports
+whether it loaded anything, how long that took, and its process's trial count, so the reuse is
+measured in trials.parquet (`pipeline_loaded`, `setup_seconds`, `process_trial_index`).
+
+Outputs: OUTPUT/trials.parquet (one row per trial), OUTPUT/best_<model>_<concept>.yaml (a run
+config `engine run` accepts as is), OUTPUT/tune/ (Ray Tune's experiment state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from engine.config import run_spec_from_dict
+from engine.errors import UserError
+from engine.scoring.registry import judge_requests
+from engine.tune.plan import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TunePlan, run_data, slug
+from engine.tune.search import SearchSettings, search_pair
+from engine.tune.space import TuneSpec
+from engine.tune.trial import TrialSetup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairOutcome:
+    model: str
+    concept: str
+    trials: int
+    best: dict[str, Any] | None
+    best_config: Path | None
+    pipeline_loads: int
+    worker_processes: int
+    first_trial_seconds: float | None  # mean over trials that were their process's first
+    later_trial_seconds: float | None  # mean over trials on an already warm process
+
+
+@dataclass
+class TuneSummary:
+    output: Path
+    trials_path: Path
+    pairs: list[PairOutcome]
+    seconds: float
+
+
+def execute_tune(plan: TunePlan, cluster: str | None = None) -> TuneSummary:
+    """Run every pair's search (together, as Ray tasks), write trials.parquet and the best configs."""
+    from engine.pipeline.run import ray_session
+    from engine.pipeline.stages import actor_payload
+
+    started = time.perf_counter()
+    spec = plan.spec
+    plan.output.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    outcomes: list[PairOutcome] = []
+    with ray_session(cluster) as ray:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        resources, device, threads, max_concurrent = _trial_resources(ray, spec)
+        # The searches' drivers stay on this node, so Tune's state lands in OUTPUT/tune here; the
+        # trials themselves go wherever the cluster has room. A search task holds no CPU.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        remote = ray.remote(num_cpus=0, max_retries=0)(search_pair).options(scheduling_strategy=here)
+        futures = {}
+        for job in plan.jobs:
+            payload = actor_payload(job.plan, device, spec.attention, threads, str(plan.output / "cache"))
+            setup = TrialSetup(payload, job.model, job.plan.base, job.concept, spec.probe, spec.num_images,
+                               spec.batch_size, spec.score_batch_size, plan.space, spec.objective)
+            settings = _settings(spec, job, resources, max_concurrent, threads, plan.output)
+            logger.info("searching %s x %s: %s", job.model.name, job.concept.name, settings)
+            futures[remote.remote(setup, settings)] = job
+        while futures:
+            done, _ = ray.wait(list(futures), num_returns=1)
+            job = futures.pop(done[0])
+            try:
+                trials = ray.get(done[0])
+            except Exception as error:  # a failed search (not a failed trial: those are recorded)
+                raise RuntimeError(f"search {job.model.name} x {job.concept.name} failed: {error}") from None
+            for trial in trials:
+                trial.update(model=job.model.name, method=job.model.method, concept=job.concept.name,
+                             probe=spec.probe, algorithm=spec.algorithm, objective_name=spec.objective)
+            records.extend(trials)
+            write_trials(plan.output / TRIALS_FILE, records)
+            outcomes.append(_finish_pair(plan, job, trials, threads))
+    failed = [o for o in outcomes if o.best is None]
+    if failed:
+        first = next((r["error"] for r in records if r["error"]), "no trial scored every image")
+        names = ", ".join(f"{o.model} x {o.concept}" for o in failed)
+        raise RuntimeError(f"no complete trial for {names}; first error: {first} (see {plan.output / TRIALS_FILE})")
+    return TuneSummary(plan.output, plan.output / TRIALS_FILE, outcomes, time.perf_counter() - started)
+
+
+def _trial_resources(ray, spec: TuneSpec) -> tuple[dict[str, float], str, int | None, int]:
+    cluster = ray.cluster_resources()
+    total_gpus, total_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
+    gpus = (1.0 if total_gpus else 0.0) if spec.gpus_per_trial == "auto" else float(spec.gpus_per_trial)
+    if gpus > total_gpus or spec.cpus_per_trial > total_cpus:
+        raise UserError(
+            f"a trial asks for {spec.cpus_per_trial:g} CPU and {gpus:g} GPU; the cluster has {total_cpus:g} CPU "
+            f"and {total_gpus:g} GPU, so no trial could start"
+        )
+    device = spec.device if spec.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    threads = spec.torch_threads or (max(1, int(spec.cpus_per_trial)) if device == "cpu" else None)
+    slots = int(total_gpus // gpus) if gpus > 0 else int(total_cpus // spec.cpus_per_trial)
+    if spec.max_concurrent_trials == "auto":
+        max_concurrent = max(1, min(slots, TPE_MAX_CONCURRENT) if spec.algorithm == "tpe" else slots)
+    else:
+        max_concurrent = spec.max_concurrent_trials
+    return {"cpu": spec.cpus_per_trial, "gpu": gpus}, device, threads, max_concurrent
+
+
+def _settings(spec: TuneSpec, job: PairJob, resources, max_concurrent: int, threads: int | None,
+              output: Path) -> SearchSettings:
+    startup = spec.startup_trials or max(2, min(10, spec.num_samples // 4))
+    scheduler = spec.scheduler.model_dump() if spec.scheduler else None
+    return SearchSettings(
+        algorithm=spec.algorithm, num_samples=spec.num_samples, seed=spec.seed, startup_trials=startup,
+        grid_points=spec.grid_points, scheduler=scheduler, max_t=job.rows_per_trial, resources=resources,
+        max_concurrent=max_concurrent, storage_path=str(output / "tune"),
+        experiment=f"{slug(job.model.name)}_{slug(job.concept.name)}_{time.strftime('%Y%m%d-%H%M%S')}",
+        reuse_actors=spec.reuse_actors, torch_threads=threads,
+    )
+
+
+def _finish_pair(plan: TunePlan, job: PairJob, trials: list[dict[str, Any]], threads: int | None) -> PairOutcome:
+    complete = [t for t in trials if t["status"] == "complete" and t["objective"] is not None]
+    best = None
+    path = None
+    if complete:
+        # Highest metric; among equals the tighter lower bound, then the earlier trial.
+        best = max(complete, key=lambda t: (t["objective"], t["ci_low"] or -math.inf, -t["trial_index"]))
+        path = write_best_config(plan, job, best, threads)
+    ran = [t for t in trials if t["process_trial_index"] is not None]
+    first = [t["trial_seconds"] for t in ran if t["pipeline_loaded"]]
+    later = [t["trial_seconds"] for t in ran if not t["pipeline_loaded"]]
+    return PairOutcome(
+        model=job.model.name, concept=job.concept.name, trials=len(trials), best=best, best_config=path,
+        pipeline_loads=sum(int(t["pipeline_loaded"]) for t in ran),
+        worker_processes=len({t["worker_pid"] for t in ran}),
+        first_trial_seconds=sum(first) / len(first) if first else None,
+        later_trial_seconds=sum(later) / len(later) if later else None,
+    )
+
+
+def write_best_config(plan: TunePlan, job: PairJob, best: dict[str, Any], threads: int | None) -> Path:
+    """OUTPUT/best_<model>_<concept>.yaml: the pair's run config with the best params."""
+    config = {dim.key: best[f"param_{dim.key}"] for dim in plan.space.dimensions}
+    data = run_data(plan.spec, job.model_ref, job.concept.name, plan.space.raw_params(config), plan.output)
+    if threads is not None:
+        # CPU kernels sum in a thread-count-dependent order: the trials' thread count makes the
+        # run's scores equal the trial's to the last bit.
+        data["torch_threads"] = threads
+    # The judges the trials were scored with, spelled out, so the run scores the same way.
+    data["judges"] = [r.label() if not r.options else r.model_dump(mode="json", exclude_none=True)
+                      for r in judge_requests(job.plan.spec.judges)]
+    run_spec_from_dict(data, "best config")  # `engine run` must accept it as is
+    path = plan.output / f"best_{slug(job.model.name)}_{slug(job.concept.name)}.yaml"
+    interval = f"[{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}]"
+    header = (
+        f"# engine tune: best of {plan.spec.algorithm} search for {job.model.name} x {job.concept.name}, "
+        f"probe {plan.spec.probe}\n# {plan.spec.objective} = {_fmt(best['objective'])} {interval} on "
+        f"n = {best['n']} images (trial {best['trial_index']}); run it with `engine run {path.name}`\n"
+    )
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+TRIAL_FIELDS = [
+    ("model", pa.string()), ("method", pa.string()), ("concept", pa.string()), ("probe", pa.string()),
+    ("algorithm", pa.string()), ("objective_name", pa.string()), ("trial_index", pa.int32()),
+    ("trial_id", pa.string()), ("status", pa.string()), ("params", pa.string()), ("searched", pa.string()),
+    ("objective", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("n", pa.int32()),
+    ("hits", pa.int32()), ("top1_rate", pa.float64()), ("target_prob_mean", pa.float64()),
+    ("clip_mean", pa.float64()), ("images_scored", pa.int32()), ("trial_seconds", pa.float64()),
+    ("setup_seconds", pa.float64()), ("generation_seconds", pa.float64()), ("scoring_seconds", pa.float64()),
+    ("pipeline_loaded", pa.bool_()), ("process_trial_index", pa.int32()), ("worker_pid", pa.int64()),
+    ("error", pa.string()),
+]
+
+
+def write_trials(path: Path, records: list[dict[str, Any]]) -> None:
+    """One row per trial; searched values also as param_<key> columns. Written atomically."""
+    columns = {name: pa.array([_cast(r.get(name), kind) for r in records], type=kind) for name, kind in TRIAL_FIELDS}
+    for name in sorted({k for r in records for k in r if k.startswith("param_")}):
+        values = [r.get(name) for r in records]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None)
+        columns[name] = pa.array([float(v) if v is not None else None for v in values] if numeric
+                                 else [None if v is None else json.dumps(v) for v in values])
+    temporary = path.with_suffix(".parquet.tmp")
+    pq.write_table(pa.table(columns), temporary)
+    temporary.replace(path)
+
+
+def _cast(value, kind):
+    if value is None:
+        return None
+    if pa.types.is_integer(kind):
+        return int(value)
+    if pa.types.is_boolean(kind):
+        return bool(value)
+    return value
+
+
+def summary_lines(summary: TuneSummary) -> list[str]:
+    """What the CLI prints: per pair the best setting with its interval, and the reuse numbers."""
+    lines = []
+    for pair in summary.pairs:
+        best = pair.best
+        interval = f"[{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}]"
+        lines.append(
+            f"{pair.model} x {pair.concept}: best {best['objective_name']} {_fmt(best['objective'])} {interval} "
+            f"(n={best['n']}) at {best['searched']} -> {pair.best_config}"
+        )
+        lines.append(
+            f"  {pair.trials} trials on {pair.worker_processes} worker process(es), {pair.pipeline_loads} pipeline "
+            f"load(s); first trial per process {_fmt(pair.first_trial_seconds)} s, later trials "
+            f"{_fmt(pair.later_trial_seconds)} s"
+        )
+    lines.append(f"trials: {summary.trials_path} ({summary.seconds:.1f} s)")
+    return lines

@@ -1,0 +1,112 @@
+"""Driver side of `engine tune`: validate a tune spec and fix the (model, concept) pairs and their rows.
+
+Nothing is loaded here; every name is checked before any trial starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.concepts import ConceptSpec
+from engine.config import ModelSpec, run_spec_from_dict
+from engine.errors import UserError
+from engine.pipeline.grid import plan_run
+from engine.scoring.preflight import check_run_scoring
+from engine.scoring.registry import get_judge_class, judge_requests
+from engine.tune.space import OBJECTIVES, SearchSpace, TuneSpec, parse_space
+
+TRIALS_FILE = "trials.parquet"
+METRIC = "objective"  # the key every trial reports its objective under (TuneConfig metric)
+TPE_MAX_CONCURRENT = 4  # TPE learns from finished trials; many pending ones make it a random search
+
+
+
+
+@dataclass
+class PairJob:
+    """One (model, concept) search, validated against the run config `engine run` would read."""
+
+    model_ref: str | dict[str, Any]
+    model: ModelSpec
+    concept: ConceptSpec
+    plan: Any  # engine.pipeline.grid.RunPlan of the run config with the space's first corner
+    rows_per_trial: int
+
+
+@dataclass
+class TunePlan:
+    spec: TuneSpec
+    space: SearchSpace
+    jobs: list[PairJob]
+    output: Path
+
+
+def plan_tune(spec: TuneSpec, where: str = "tune config") -> TunePlan:
+    """Check everything a search needs before Ray or any model starts. Raises UserError."""
+    if not spec.models:
+        raise UserError(f"{where}: no model to tune: give --model or `models:`")
+    if not spec.concepts:
+        raise UserError(f"{where}: no concept to tune: give --concept or `concepts:`")
+    space = parse_space(spec, where)
+    output = Path(spec.output).expanduser().resolve()
+    if (output / TRIALS_FILE).exists():
+        raise UserError(f"{output / TRIALS_FILE} exists from an earlier search; choose another --output or delete it")
+    corner = {dim.key: dim.bounds()[0] for dim in space.dimensions}
+    jobs = []
+    for model_ref in spec.models:
+        for concept in spec.concepts:
+            ref = model_ref if isinstance(model_ref, str) else model_ref.model_dump(mode="json")
+            data = run_data(spec, ref, concept, space.raw_params(corner), output)
+            plan = plan_run(run_spec_from_dict(data, where))
+            check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
+            _check_objective(spec, plan, where)
+            jobs.append(PairJob(ref, plan.models[0], plan.concepts[concept], plan, len(plan.rows)))
+    if spec.scheduler is not None and spec.scheduler.grace_period >= min(j.rows_per_trial for j in jobs):
+        raise UserError(
+            f"{where}: scheduler.grace_period {spec.scheduler.grace_period} must be below the images per trial "
+            f"({min(j.rows_per_trial for j in jobs)}), or no trial can be stopped early"
+        )
+    return TunePlan(spec, space, jobs, output)
+
+
+def run_data(spec: TuneSpec, model_ref, concept: str, params: dict[str, Any], output: Path) -> dict[str, Any]:
+    """The run config of one (model, concept) pair with `params`: what `engine run` reads."""
+    model_name = model_ref if isinstance(model_ref, str) else model_ref["name"]
+    data: dict[str, Any] = {
+        "output": str(output / f"best_{slug(model_name)}_{slug(concept)}"),
+        "models": [model_ref],
+        "base_model": spec.base_model,
+        "concepts": [concept],
+        "probes": [{"name": spec.probe, "params": params}],
+        "num_images": spec.num_images,
+        "batch_size": spec.batch_size,
+        "device": spec.device,
+        "attention": spec.attention,
+        "score_batch_size": spec.score_batch_size,
+    }
+    if spec.torch_threads is not None:
+        data["torch_threads"] = spec.torch_threads
+    if spec.judges is not None:
+        data["judges"] = list(spec.judges)
+    return data
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def _check_objective(spec: TuneSpec, plan, where: str) -> None:
+    slot = OBJECTIVES[spec.objective][1]
+    requests = [r for r in judge_requests(plan.spec.judges) if get_judge_class(r.name).slot == slot]
+    if not requests:
+        raise UserError(f"{where}: objective {spec.objective} needs a {slot} judge in `judges:`; the run has none")
+    classes_key = getattr(get_judge_class(requests[0].name), "classes_key", None)
+    for concept in plan.concepts.values():
+        if classes_key is not None and classes_key not in concept.judge_classes:
+            raise UserError(
+                f"concept {concept.name!r} has no judge_classes.{classes_key}, so {spec.objective} is never "
+                "measured for it (a style?); tune it with --objective clip_score"
+            )

@@ -1,0 +1,172 @@
+"""One Tune trial, Ray-free: a probe setting generated and scored on the pair's fixed prompt/seed set.
+
+Pipelines are loaded once per trial process, not once per trial: Tune reuses actors
+(TuneConfig(reuse_actors=True)) and this module keeps a TrialEvaluator (ProbeRunner with its
+ModelCache, plus the judges) per process. Every trial reports whether it loaded anything, so the
+reuse is measured in trials.parquet (`pipeline_loaded`, `setup_seconds`, `process_trial_index`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from engine.concepts import ConceptSpec
+from engine.config import ModelSpec
+from engine.pipeline.grid import ProbeChoice, expand_rows, work_units
+from engine.probe import ProbeParams, WorkRow
+from engine.report.stats import mean_interval, wilson_interval
+from engine.tune.plan import METRIC
+from engine.tune.space import OBJECTIVES, SearchSpace
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What a trial actor needs, as plain picklable data (bound into the trainable, see _bound_trial)."""
+
+    payload: dict[str, Any]  # engine.pipeline.stages ProbeRunner payload: models, concepts, device, judges
+    model: ModelSpec
+    base: ModelSpec | None
+    concept: ConceptSpec
+    probe: str
+    num_images: int
+    batch_size: int
+    score_batch_size: int
+    space: SearchSpace
+    objective: str
+
+    def key(self) -> str:
+        return json.dumps([self.payload, self.score_batch_size], sort_keys=True)
+
+
+@dataclass
+class ObjectiveTally:
+    """Running objective over the rows scored so far, with its 95% interval."""
+
+    objective: str
+    values: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in OBJECTIVES})
+
+    def add(self, table: pa.Table) -> None:
+        for column, values in self.values.items():
+            values.extend(float(v) for v in table.column(column).to_pylist() if v is not None)
+
+    def metrics(self) -> dict[str, float]:
+        values = self.values[self.objective]
+        n = len(values)
+        if OBJECTIVES[self.objective][0] == "rate":
+            hits = int(sum(values))
+            low, high = wilson_interval(hits, n)
+            metric = hits / n if n else None
+        else:
+            hits = None
+            metric, low, high = mean_interval(values)
+            if self.objective == "judge_target_prob" and low is not None:
+                low, high = max(0.0, low), min(1.0, high)  # a probability: the t interval can overshoot
+        means = {c: (sum(v) / len(v) if v else None) for c, v in self.values.items()}
+        return {
+            METRIC: _num(metric), "ci_low": _num(low), "ci_high": _num(high), "n": n, "hits": _num(hits),
+            "top1_rate": _num(means["judge_top1"]), "target_prob_mean": _num(means["judge_target_prob"]),
+            "clip_mean": _num(means["clip_score"]),
+        }
+
+
+def _num(value) -> float:
+    """Tune results hold numbers; a missing value travels as NaN and is written as null."""
+    return float("nan") if value is None else float(value)
+
+
+class TrialEvaluator:
+    """Generates and scores one trial's rows in-process. Built once per actor process and kept
+    across trials (see worker_evaluator), so the pipelines and judges load once."""
+
+    def __init__(self, setup: TrialSetup):
+        from engine.pipeline.stages import ProbeRunner
+        from engine.scoring.registry import JudgeRequest
+        from engine.scoring.scorer import Scorer
+
+        self.setup = setup
+        self.runner = ProbeRunner(setup.payload)
+        judges = [JudgeRequest(**j) for j in setup.payload.get("judges", [])]
+        concepts = {setup.concept.name: setup.concept}
+        self.scorer = Scorer.from_requests(judges, concepts, self.runner.device, setup.score_batch_size)
+        self.trials_run = 0
+        self.loaded = False
+
+    def warm(self) -> tuple[bool, float]:
+        """Load the pipeline(s) and judges if this process has not yet: (loaded now, seconds)."""
+        if self.loaded:
+            return False, 0.0
+        started = time.perf_counter()
+        self.runner.cache.pipeline(self.setup.model)
+        if self.setup.base is not None:
+            self.runner.cache.pipeline(self.setup.base)
+        for judge in self.scorer.judges:
+            judge.ensure_loaded()
+        self.loaded = True
+        return True, time.perf_counter() - started
+
+    def rows(self, params: ProbeParams) -> list[WorkRow]:
+        """The trial's rows: exactly those `engine run` makes for this model, concept and params."""
+        setup = self.setup
+        concepts = {setup.concept.name: setup.concept}
+        return expand_rows([setup.model], setup.base, concepts, [ProbeChoice(setup.probe, params)], setup.num_images)
+
+    def evaluate(self, params: ProbeParams) -> Iterator[dict[str, float]]:
+        """Metrics after each batch of rows (the same batches `engine run` cuts)."""
+        from engine.results import rows_table
+
+        self.trials_run += 1
+        tally = ObjectiveTally(self.setup.objective)
+        generation = scoring = 0.0
+        scored = 0
+        for unit in work_units(self.rows(params), self.setup.batch_size):
+            rows = [WorkRow(**r) for r in json.loads(unit["unit"])]
+            started = time.perf_counter()
+            records = self.runner.run_unit(rows)
+            middle = time.perf_counter()
+            table = self.scorer.score_table(rows_table(records, self.runner.output_schema))
+            generation += middle - started
+            scoring += time.perf_counter() - middle
+            tally.add(table)
+            scored += len(rows)
+            yield {**tally.metrics(), "images_scored": scored, "generation_seconds": generation,
+                   "scoring_seconds": scoring}
+
+
+# One evaluator per actor process, kept across the trials a reused actor runs.
+_EVALUATORS: dict[str, TrialEvaluator] = {}
+
+
+def worker_evaluator(setup: TrialSetup) -> tuple[TrialEvaluator, bool, float]:
+    """The process's evaluator for `setup` (built on first use): (evaluator, loaded now, seconds)."""
+    key = setup.key()
+    started = time.perf_counter()
+    if key not in _EVALUATORS:
+        _EVALUATORS.clear()  # an actor serves one search; never hold two models' pipelines
+        _EVALUATORS[key] = TrialEvaluator(setup)
+    evaluator = _EVALUATORS[key]
+    loaded, _ = evaluator.warm()
+    return evaluator, loaded, time.perf_counter() - started
+
+
+def tune_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune trainable: evaluate one setting, reporting after each batch (for ASHA)."""
+    from ray import tune
+
+    started = time.perf_counter()
+    evaluator, loaded, setup_seconds = worker_evaluator(setup)
+    params = setup.space.params_for(config)
+    for metrics in evaluator.evaluate(params):
+        tune.report({
+            **metrics,
+            "trial_seconds": time.perf_counter() - started,
+            "setup_seconds": setup_seconds,
+            "pipeline_loaded": int(loaded),
+            "process_trial_index": evaluator.trials_run,
+            "worker_pid": os.getpid(),
+        })
