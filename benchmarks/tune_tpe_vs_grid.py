@@ -189,7 +189,7 @@ def main() -> None:
     import ray
 
     if args.toy:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         toy_world(args)
         ray.shutdown()
         return
@@ -205,7 +205,7 @@ def main() -> None:
     print("k x k grid best / optimum: " + ", ".join(f"{k}:{share:.0%}" for k, share in reached))
     print(f"full grid: {needed}x{needed} = {needed * needed} evaluations; TPE/random budget {budget} (a third)")
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as storage:
         remote = ray.remote(num_cpus=0)(search_pair)

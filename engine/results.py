@@ -23,6 +23,7 @@ from PIL import Image
 
 from engine import __version__
 from engine.errors import UserError
+from engine.metrics import CANDIDATE_COLUMNS, MODEL_COLUMNS, slot_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +52,17 @@ GENERATION_FIELDS = [
     pa.field("device", pa.string(), nullable=False),
     pa.field("engine_version", pa.string(), nullable=False),
 ]
-SCORE_FIELDS = [  # null until scored
-    pa.field("clip_score", pa.float64()),
-    pa.field("clip_model", pa.string()),
-    pa.field("judge_top1", pa.bool_()),
-    pa.field("judge_top5", pa.bool_()),
-    pa.field("judge_target_prob", pa.float64()),
-    pa.field("judge_model", pa.string()),
+_ARROW_TYPES = {"bool": pa.bool_(), "float": pa.float64()}
+SCORE_FIELDS = [  # null until scored; the metrics and their judge-model columns come from engine.metrics
+    *[field for slot, model_column in MODEL_COLUMNS.items()
+      for field in [*(pa.field(m.column, _ARROW_TYPES[m.arrow_kind]) for m in slot_metrics(slot)),
+                    pa.field(model_column, pa.string())]],
     pa.field("selector", pa.string()),  # best-of-N probes: selector (and its model) that picked the image
     pa.field("scoring_seconds", pa.float64()),
     # Best-of-N probes: how many candidates the row chose from, and each judge's mean over all of
-    # them (design.md §4: reports show the selected rate next to the all-candidates mean).
+    # them (reports show the selected value next to the all-candidates mean).
     pa.field("candidate_count", pa.int32()),
-    pa.field("candidate_clip_mean", pa.float64()),
-    pa.field("candidate_top1_rate", pa.float64()),
-    pa.field("candidate_top5_rate", pa.float64()),
+    *[pa.field(column, pa.float64()) for column in CANDIDATE_COLUMNS],
 ]
 ROW_SCHEMA = pa.schema(IDENTITY_FIELDS + GENERATION_FIELDS + SCORE_FIELDS)
 # Between the probe and score stages only: PNG bytes of every best-of-N candidate of a row. The
@@ -97,6 +94,18 @@ def rows_dir(output: Path) -> Path:
 
 def parquet_files(output: Path) -> list[Path]:
     return sorted(rows_dir(output).glob("*.parquet"))
+
+
+def row_columns(output: Path) -> set[str]:
+    """Columns every readable row file of a run has (files of older versions may lack some)."""
+    names: set[str] | None = None
+    for path in parquet_files(output):
+        try:
+            file_names = set(pq.read_schema(path).names)
+        except Exception:  # unreadable files are reported by read_rows
+            continue
+        names = file_names if names is None else names & file_names
+    return names or set()
 
 
 def read_rows(output: Path, columns: list[str] | None = None) -> pa.Table:

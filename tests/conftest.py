@@ -23,7 +23,9 @@ def ray_session():
 
     from engine.pipeline.run import worker_env
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
+    # address="local": a Ray of our own even when another one (`ray start`) runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": worker_env()})
     yield ray
     ray.shutdown()
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.errors import UserError
 from engine.report.build import build_report
-from engine.report.stats import mean_interval, student_t_quantile, wilson_interval
+from engine.report.stats import clopper_pearson_interval, mean_interval, wilson_interval
 from engine.report.summary import summary_frame
 from engine.report.tables import cell_stats, load_rows, pooled_stats
 from engine.results import encode_png, rows_table
@@ -54,9 +54,26 @@ def test_wilson_edge_cases():
 
 @pytest.mark.parametrize("df, quantile", [(1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (29, 2.0452),
                                           (120, 1.9799)])  # fmt: skip
-def test_student_t_quantiles_match_tables(df, quantile):
-    assert student_t_quantile(0.975, df) == pytest.approx(quantile, abs=5e-5)
-    assert student_t_quantile(0.025, df) == pytest.approx(-quantile, abs=5e-5)
+def test_mean_interval_half_width_is_the_tabulated_t_quantile(df, quantile):
+    values = [0.0, 2.0] + [1.0] * (df - 1)  # n = df + 1, mean 1, sample sd sqrt(2 / df)
+    mean, low, high = mean_interval(values)
+    standard_error = (2.0 / df) ** 0.5 / (df + 1) ** 0.5
+    assert mean == pytest.approx(1.0)
+    assert (high - mean) / standard_error == pytest.approx(quantile, abs=5e-4)
+    assert (mean - low) / standard_error == pytest.approx(quantile, abs=5e-4)
+
+
+@pytest.mark.parametrize(
+    "successes, n, low, high",
+    [  # Clopper & Pearson (1934) exact limits, as tabulated (e.g. Newcombe 1998, Table I, method 5)
+        (81, 263, 0.2527, 0.3676),
+        (15, 148, 0.0578, 0.1617),
+        (0, 20, 0.0000, 0.1684),
+        (1, 29, 0.0009, 0.1776),
+    ],
+)
+def test_clopper_pearson_interval_matches_tables(successes, n, low, high):
+    assert clopper_pearson_interval(successes, n) == pytest.approx((low, high), abs=5e-4)
 
 
 def test_mean_interval():
@@ -136,15 +153,15 @@ def _cell(cells: pd.DataFrame, model: str, concept: str, probe: str) -> pd.Serie
 #   CLIP (21*2 + 19*6)/8 = 19.5.
 EXPECTED = {
     ("sd", "church", "standard_prompt"): dict(
-        n=2, clip_mean=31.0, clip_ci_low=18.293795, clip_ci_high=43.706205, judged_n=2, top1_hits=2,
+        n=2, clip_mean=31.0, clip_ci_low=18.293795, clip_ci_high=43.706205, top1_n=2, top1_hits=2,
         top1_rate=1.0, top1_ci_low=0.342386, top1_ci_high=1.0, top5_rate=1.0, top5_ci_low=0.342386,
         top5_ci_high=1.0, target_prob_mean=0.8),
     ("esdx", "church", "standard_prompt"): dict(
-        n=4, clip_mean=23.0, clip_ci_low=18.891479, clip_ci_high=27.108521, judged_n=4, top1_hits=2,
+        n=4, clip_mean=23.0, clip_ci_low=18.891479, clip_ci_high=27.108521, top1_n=4, top1_hits=2,
         top1_rate=0.5, top1_ci_low=0.150039, top1_ci_high=0.849961, top5_hits=3, top5_rate=0.75,
         top5_ci_low=0.300642, top5_ci_high=0.954414, target_prob_mean=0.35),
     ("esdx", "van_gogh", "standard_prompt"): dict(
-        n=3, clip_mean=30.0, clip_ci_low=25.031725, clip_ci_high=34.968275, judged_n=0, top1_hits=0),
+        n=3, clip_mean=30.0, clip_ci_low=25.031725, clip_ci_high=34.968275, top1_n=0, top1_hits=0),
     ("esdx", "church", "noise_based"): dict(
         n=2, clip_mean=26.0, clip_ci_low=13.293795, clip_ci_high=38.706205, top1_rate=1.0, top5_rate=1.0,
         candidate_n=8, candidate_top1_rate=0.375, candidate_top5_rate=0.625, candidate_clip_mean=19.5),
@@ -171,25 +188,25 @@ def test_paper_table_averages_cells_over_concepts(hand_run):
     assert list(paper.index.get_level_values(0).unique()) == ["standard_prompt", "noise_based"]
     expected = {
         ("standard_prompt", "CLIP"): (31.0, (23.0 + 30.0) / 2),
-        ("standard_prompt", "Top-1 %"): (100.0, 50.0),  # the style cell has no top-1: it is left out
-        ("standard_prompt", "Top-5 %"): (100.0, 75.0),
+        ("standard_prompt", "top-1 %"): (100.0, 50.0),  # the style cell has no top-1: it is left out
+        ("standard_prompt", "top-5 %"): (100.0, 75.0),
         ("noise_based", "CLIP"): (None, 26.0),
-        ("noise_based", "Top-1 %"): (None, 100.0),
+        ("noise_based", "top-1 %"): (None, 100.0),
         ("noise_based", "CLIP, all candidates"): (None, 19.5),
-        ("noise_based", "Top-1 %, all candidates"): (None, 37.5),
-        ("noise_based", "Top-5 %, all candidates"): (None, 62.5),
+        ("noise_based", "top-1 %, all candidates"): (None, 37.5),
+        ("noise_based", "top-5 %, all candidates"): (None, 62.5),
     }
     for key, (base, erased) in expected.items():
         assert paper.loc[key, "esd-x"] == pytest.approx(erased)
         assert (pd.isna(paper.loc[key, "none"]) if base is None else paper.loc[key, "none"] == pytest.approx(base))
-    assert ("standard_prompt", "Top-1 %, all candidates") not in paper.index  # not a best-of-N probe
+    assert ("standard_prompt", "top-1 %, all candidates") not in paper.index  # not a best-of-N probe
 
 
 def test_pooled_plot_statistics(hand_run):
     pooled = pooled_stats(load_rows([hand_run])).set_index(["probe_label", "method"])
     row = pooled.loc[("standard_prompt", "esd-x")]
     assert row["n"] == 7 and row["clip_mean"] == pytest.approx(26.0)  # (20+22+24+26+28+30+32) / 7
-    assert row["top1_rate"] == pytest.approx(0.5) and row["judged_n"] == 4
+    assert row["top1_rate"] == pytest.approx(0.5) and row["top1_n"] == 4
 
 
 class _Collector(HTMLParser):
@@ -287,3 +304,93 @@ def test_unscored_run_still_reports_counts_and_images(tmp_path):
     assert content.plots == [] and len(content.sheets) == 1 and content.judges == []
     assert content.cells.iloc[0]["n"] == 4 and pd.isna(content.cells.iloc[0]["clip_mean"])
     assert "Judges: none (unscored rows)" in (content.output / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- recovery vs preservation
+
+
+def _paired_records() -> list[dict]:
+    """Base model `sd` and two erased models: esdx_church (erased church) and uce_church (erased
+    church), probed on church (recovery) and on airliner (preservation), plus noise sweep variants
+    whose labels must sort numerically (eta=2 < eta=10)."""
+    records = []
+
+    def add(model, method, concept, target, probe, params, role, top1, clip, seed_base=100):
+        for index, (hit, score) in enumerate(zip(top1, clip)):
+            image = np.full((16, 16, 3), (30 * index) % 256, np.uint8)
+            records.append({
+                "row_id": f"{model}-{concept}-{target}-{probe}-{params}-{index}", "model": model, "method": method,
+                "concept": concept, "target_concept": target, "probe": probe, "params": params,
+                "prompt": f"a picture of a {target}", "prompt_index": index, "seed": seed_base + index,
+                "image": encode_png(image), "image_width": 16, "image_height": 16, "extras": "{}",
+                "generation_seconds": 1.0, "device": "cpu", "engine_version": "t", "judge_top1": hit,
+                "judge_top5": hit, "judge_target_prob": 0.5, "judge_model": JUDGE, "clip_score": None,
+                "role": role,
+            })  # fmt: skip
+
+    add("sd", "none", "church", "church", "standard_prompt", "{}", "base", [True] * 4, [None] * 4)
+    add("sd", "none", "airliner", "airliner", "standard_prompt", "{}", "base", [True, True, True, False], [None] * 4)
+    add("esdx_church", "esdx", "church", "church", "standard_prompt", "{}", "recovery", [False] * 3 + [True], [None] * 4)
+    add("uce_church", "uce", "church", "church", "standard_prompt", "{}", "recovery", [False] * 4, [None] * 4)
+    add("esdx_church", "esdx", "church", "church", "noise_based", '{"eta":10}', "recovery", [True] * 2, [None] * 2)
+    add("esdx_church", "esdx", "church", "church", "noise_based", '{"eta":2}', "recovery", [False] * 2, [None] * 2)
+    add("esdx_church", "esdx", "airliner", "airliner", "standard_prompt", "{}", "preservation",
+        [True, False, True, False], [None] * 4)
+    return records
+
+
+def _write_paired_run(folder):
+    import pyarrow as pa
+
+    records = _paired_records()
+    table = rows_table(records).append_column("role", pa.array([r["role"] for r in records], pa.string()))
+    (folder / "rows").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / "rows" / "part-0.parquet")
+    return folder
+
+
+def test_recovery_table_pools_erased_concepts_and_matches_the_rows(tmp_path):
+    content = build_report([_write_paired_run(tmp_path / "paired")])
+    recovery = pd.read_csv(tmp_path / "paired" / "report" / "recovery.csv")
+    frame = load_rows([tmp_path / "paired"])
+    # Recompute every recovery cell from the rows: recovery rows of the method, or the base's rows
+    # on the erased concepts, pooled.
+    for _, line in recovery.iterrows():
+        if line["method"] == "none":
+            rows = frame[(frame.role == "base") & (frame.concept == "church") & (frame.probe_label == line.probe_label)]
+        else:
+            rows = frame[(frame.role == "recovery") & (frame.method == line.method)
+                         & (frame.probe_label == line.probe_label)]
+        values = rows[line.metric_column].dropna().astype(float)  # rates: True = 1
+        assert line["n"] == len(values) and line["value"] == pytest.approx(values.mean())
+    assert set(recovery.metric_column) == {"judge_top1", "judge_top5", "judge_target_prob"}  # no CLIP judge ran
+    standard = recovery[(recovery.probe_label == "standard_prompt") & (recovery.metric_column == "judge_top1")]
+    assert dict(zip(standard.method, standard.value)) == {"none": 1.0, "esdx": 0.25, "uce": 0.0}
+    assert list(dict.fromkeys(recovery.probe_label)) == [
+        "standard_prompt", "noise_based[eta=2]", "noise_based[eta=10]"]  # numeric order
+    assert list(content.paper.columns[:5]) == ["probe", "metric", "none", "none low", "none high"]
+
+
+def test_preservation_table_compares_with_the_base_on_the_same_prompts(tmp_path):
+    build_report([_write_paired_run(tmp_path / "paired")])
+    preservation = pd.read_csv(tmp_path / "paired" / "report" / "preservation.csv")
+    top1 = preservation[preservation.metric_column == "judge_top1"].iloc[0]
+    assert top1["method"] == "esdx" and top1["n"] == 4 and top1["value"] == pytest.approx(0.5)
+    assert top1["base_n"] == 4 and top1["base_value"] == pytest.approx(0.75)
+    assert top1["ratio_to_base"] == pytest.approx(0.5 / 0.75)
+
+
+def test_paired_report_sections_and_sheets(tmp_path):
+    content = build_report([_write_paired_run(tmp_path / "paired")])
+    markdown = (content.output / "report.md").read_text()
+    recovery_at = markdown.index("## Recovery: does the erased concept come back?")
+    preservation_at = markdown.index("## Preservation: what did erasure break?")
+    assert recovery_at < preservation_at
+    assert "| standard_prompt | top-1 % | 100.0 [51.0, 100.0] | 25.0 [4.6, 69.9] | 0.0 [0.0, 49.0] |" in markdown
+    assert "CLIP" not in markdown[recovery_at:preservation_at]  # no CLIP judge: no CLIP rows
+    assert "Probes x methods (mean over concepts)" not in markdown  # nothing unpaired to mix
+    titles = [title for title, _ in content.paired_sheets]
+    assert titles == [f"church / {p}: the same prompt and seed across methods"
+                      for p in ("standard_prompt", "noise_based[eta=2]", "noise_based[eta=10]")]
+    sheet = Image.open(content.paired_sheets[0][1])
+    assert sheet.height > 4 * 128  # one line per seed

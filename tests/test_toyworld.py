@@ -96,15 +96,6 @@ def test_judge_classify_returns_probabilities_and_checks_input():
         judge.classify(images.astype(np.float32))
 
 
-def test_wilson_interval():
-    from engine.toyworld.evaluate import wilson_interval
-
-    low, high = wilson_interval(16, 16)
-    assert high == 1.0 and 0.79 < low < 0.81
-    low, high = wilson_interval(0, 16)
-    assert low == 0.0 and 0.19 < high < 0.21
-
-
 # --------------------------------------------------------------------------- training code
 
 

@@ -70,7 +70,9 @@ def ray_session(cluster: str | None):
     if cluster:
         ray.init(address=cluster, runtime_env=runtime_env, **quiet)
     else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env, **quiet)
+        # address="local": always a fresh local Ray, never a cluster that `ray start` left running
+        # on this machine (ray.init() alone would join it).
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
     try:
         yield ray
     finally:

@@ -1,13 +1,16 @@
-"""`engine report RUN_DIR [RUN_DIR...]`: recovery tables with confidence intervals, plots, image grids.
+"""`engine report RUN_DIR [RUN_DIR...]`: recovery and preservation tables with confidence intervals,
+plots, image grids.
 
 Reads the rows of one or more runs (merged; a row present in several runs counts once) and writes:
 - summary.parquet / summary.csv: one line per cell = (model, method, concept, target_concept,
-  probe, params): n, CLIP mean with a 95% Student-t interval, top-1 / top-5 rates with 95% Wilson
-  intervals, mean target probability, and for best-of-N probes the all-candidates means;
-- paper_table.csv: probes x methods, each value the mean over concepts of the cells' values (the
-  original's notebook averaging), the base model (method `none`) included;
-- plots/*.png: recovery by probe for each method, pooled over concepts, with 95% CI error bars;
-- sheets/*.png: a contact sheet per cell with prompt, seed and scores under each image;
+  probe, params): n, each metric with its 95% interval, and for best-of-N probes the
+  all-candidates means;
+- recovery.csv / preservation.csv (runs whose models declare erased concepts): the paper's tables
+  in long form, each value with n and its interval;
+- paper_table.csv: the recovery table with methods as columns (base model first); for runs without
+  erased concepts, each probe x method averaged over concepts instead;
+- plots/*.png: bar charts by probe and method with 95% CI error bars;
+- sheets/*.png: a contact sheet per cell, and paired sheets (base and each method on the same seed);
 - report.md and a self-contained report.html (every image embedded as a data URI).
 Numbers from different judges are not comparable, so rows scored by different judge models
 are refused (rescore them with `engine score`).
@@ -18,10 +21,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pandas as pd
+
 from engine.errors import UserError
+from engine.metrics import METRICS, MODEL_COLUMNS
 from engine.report.figures import write_contact_sheets, write_recovery_plots
+from engine.report.paired import write_paired_sheets
+from engine.report.paper import has_roles, mean_over_concepts_table, preservation_table, recovery_table
 from engine.report.render import write_html, write_markdown
-from engine.report.tables import ReportContent, cell_stats, load_rows, paper_table, pooled_stats, present_values
+from engine.report.tables import (
+    BASE,
+    RECOVERY,
+    ReportContent,
+    cell_stats,
+    load_rows,
+    pooled_stats,
+    present_values,
+)
 from engine.results import now_iso
 
 logger = logging.getLogger(__name__)
@@ -35,6 +51,26 @@ def default_report_dir(run_dirs: list[Path], output: Path | None) -> Path:
     return Path(run_dirs[0]) / "report"
 
 
+def recovery_wide(recovery: pd.DataFrame) -> pd.DataFrame:
+    """paper_table.csv of a paired run: probe, metric, then one column per method (value in display
+    units: rates in %), with `<method> low` / `<method> high` interval columns beside each."""
+    from engine.report.tables import method_order
+
+    scale = {m.column: m.scale for m in METRICS}
+    methods = method_order(recovery["method"])
+    records = []
+    for (probe, metric), group in recovery.groupby(["probe_label", "metric"], sort=False):
+        record = {"probe": probe, "metric": metric}
+        for _, line in group.iterrows():
+            factor = scale[line["metric_column"]]
+            for suffix, column in (("", "value"), (" low", "ci_low"), (" high", "ci_high")):
+                value = line[column]
+                record[line["method"] + suffix] = None if pd.isna(value) else value * factor
+        records.append(record)
+    columns = ["probe", "metric", *[m + s for m in methods for s in ("", " low", " high")]]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
 def build_report(run_dirs: list[Path], output: Path | None = None, max_images_per_cell: int = 12) -> ReportContent:
     """Read the runs, aggregate, and write every report file. Raises UserError on bad input."""
     if not run_dirs:
@@ -43,22 +79,37 @@ def build_report(run_dirs: list[Path], output: Path | None = None, max_images_pe
     report_dir = default_report_dir(run_dirs, output)
     frame = load_rows(run_dirs)
     cells = cell_stats(frame)
-    judges = sorted({str(v) for c in ("clip_model", "judge_model") for v in present_values(frame[c])})
+    judges = sorted({str(v) for c in MODEL_COLUMNS.values() for v in present_values(frame[c])})
+    paired = has_roles(frame)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if paired:
+        recovery = recovery_table(frame)
+        recovery.to_csv(report_dir / "recovery.csv", index=False)
+        preservation_table(frame).to_csv(report_dir / "preservation.csv", index=False)
+        paper = recovery_wide(recovery)
+    else:
+        paper = mean_over_concepts_table(cells)
     content = ReportContent(
         output=report_dir,
         runs=[str(d) for d in run_dirs],
         created_at=now_iso(),
         rows=len(frame),
         judges=judges,
+        frame=frame,
         cells=cells,
-        paper=paper_table(cells),
+        paper=paper,
     )
-    report_dir.mkdir(parents=True, exist_ok=True)
     cells.to_parquet(report_dir / "summary.parquet", index=False)
     cells.to_csv(report_dir / "summary.csv", index=False)
-    content.paper.to_csv(report_dir / "paper_table.csv", index=False)
-    content.plots = write_recovery_plots(pooled_stats(frame), report_dir / "plots")
+    paper.to_csv(report_dir / "paper_table.csv", index=False)
+    if paired:  # plots show recovery: erased concepts, and the base model on the same concepts
+        erased = set(frame.loc[frame["role"] == RECOVERY, "concept"])
+        plotted = frame[(frame["role"] == RECOVERY) | ((frame["role"] == BASE) & frame["concept"].isin(erased))]
+        content.plots = write_recovery_plots(pooled_stats(plotted), report_dir / "plots", "erased concepts")
+    else:
+        content.plots = write_recovery_plots(pooled_stats(frame), report_dir / "plots", "pooled over concepts")
     content.sheets = write_contact_sheets(run_dirs, frame, cells, report_dir / "sheets", max_images_per_cell)
+    content.paired_sheets = write_paired_sheets(run_dirs, frame, report_dir / "sheets", max_images_per_cell)
     write_markdown(content, report_dir / "report.md")
     write_html(content, report_dir / "report.html")
     logger.info("report of %d rows in %d cells written to %s", len(frame), len(cells), report_dir)

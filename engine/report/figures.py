@@ -17,18 +17,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.report.tables import CELL_KEYS, cell_slug, method_label, method_order, probe_order
+from engine.metrics import METRICS
+from engine.report.tables import CELL_GROUP, cell_slug, method_label, method_order, probe_order
 from engine.results import decode_png, parquet_files
 
 THUMBNAIL = 128
 COLUMNS = 6
 FONT_SIZE = 11
-# (file stem, title, y label, value column, CI columns, scale): rates are plotted in %.
-PLOTS = [
-    ("top1", "Top-1 recovery by probe", "top-1 rate (%)", "top1_rate", ("top1_ci_low", "top1_ci_high"), 100.0),
-    ("top5", "Top-5 recovery by probe", "top-5 rate (%)", "top5_rate", ("top5_ci_low", "top5_ci_high"), 100.0),
-    ("clip", "CLIP score by probe", "CLIP score (100 x cosine)", "clip_mean", ("clip_ci_low", "clip_ci_high"), 1.0),
-]
 
 
 def _value(row: pd.Series | None, column: str) -> float:
@@ -37,37 +32,39 @@ def _value(row: pd.Series | None, column: str) -> float:
     return float(row[column])
 
 
-def write_recovery_plots(pooled: pd.DataFrame, folder: Path) -> list[tuple[str, Path]]:
-    """One grouped bar chart per metric: probes on x, one bar per method, pooled over concepts."""
+def write_recovery_plots(pooled: pd.DataFrame, folder: Path, scope: str) -> list[tuple[str, Path]]:
+    """One grouped bar chart per plotted metric: probes on x, one bar per method, with 95% CI bars.
+    `scope` says which rows were pooled (e.g. "erased concepts"), for the title."""
     from matplotlib.figure import Figure
 
     folder.mkdir(parents=True, exist_ok=True)
     probes, methods = probe_order(pooled["probe_label"]), method_order(pooled["method"])
     index = {(r["probe_label"], r["method"]): r for _, r in pooled.iterrows()}
     written = []
-    for stem, title, ylabel, column, (low_column, high_column), scale in PLOTS:
-        if pooled[column].isna().all():
+    for metric in (m for m in METRICS if m.plotted):
+        if pooled[metric.value].isna().all():
             continue  # e.g. top-1 of a run with style concepts only: nothing to plot
         figure = Figure(figsize=(max(6.0, 1.3 * len(probes) * max(1, len(methods)) / 2), 4.2))
         axes = figure.subplots()
         width = 0.8 / max(1, len(methods))
         for position, method in enumerate(methods):
             rows = [index.get((probe, method)) for probe in probes]
-            values = np.array([_value(r, column) for r in rows]) * scale
-            lows = np.array([_value(r, low_column) for r in rows]) * scale
-            highs = np.array([_value(r, high_column) for r in rows]) * scale
+            values = np.array([_value(r, metric.value) for r in rows]) * metric.scale
+            lows = np.array([_value(r, metric.ci_low) for r in rows]) * metric.scale
+            highs = np.array([_value(r, metric.ci_high) for r in rows]) * metric.scale
             # A cell with one image has no interval: no error bar rather than a fake one.
             errors = np.nan_to_num(np.vstack([values - lows, highs - values]), nan=0.0)
             x = np.arange(len(probes)) - 0.4 + width * (position + 0.5)
             axes.bar(x, values, width, yerr=errors, capsize=3, label=method_label(method))
         axes.set_xticks(np.arange(len(probes)), probes, rotation=15, ha="right")
-        axes.set_ylabel(ylabel)
-        axes.set_title(f"{title} (pooled over concepts, 95% CI)")
-        if scale == 100.0:
+        axes.set_ylabel(metric.label)
+        title = f"{metric.label} by probe"
+        axes.set_title(f"{title} ({scope}, 95% CI)")
+        if metric.kind == "rate":
             axes.set_ylim(0, 105)
         axes.legend(fontsize=8)
         figure.tight_layout()
-        path = folder / f"{stem}.png"
+        path = folder / f"{metric.key}.png"
         figure.savefig(path, dpi=100)
         written.append((title, path))
     return written
@@ -76,7 +73,7 @@ def write_recovery_plots(pooled: pd.DataFrame, folder: Path) -> list[tuple[str, 
 # --------------------------------------------------------------------------- contact sheets
 
 
-def _read_images(run_dirs: list[Path], row_ids: set[str]) -> dict[str, bytes]:
+def read_images(run_dirs: list[Path], row_ids: set[str]) -> dict[str, bytes]:
     """PNG bytes of the given rows only, so a large run's images are never all in memory."""
     found: dict[str, bytes] = {}
     for run_dir in run_dirs:
@@ -98,16 +95,16 @@ def _prompt_lines(prompt: str, width: int = 24, most: int = 2) -> list[str]:
 
 
 def _score_lines(row: dict[str, Any]) -> list[str]:
-    lines = []
-    if row.get("clip_score") is not None and not pd.isna(row["clip_score"]):
-        lines.append(f"clip {row['clip_score']:.1f}")
-    hits = []
-    for key, name in (("judge_top1", "top-1"), ("judge_top5", "top-5")):
-        value = row.get(key)
-        if value is not None and not (isinstance(value, float) and pd.isna(value)):
-            hits.append(f"{name} {'yes' if value else 'no'}")
-    if hits:
-        lines.append("  ".join(hits))
+    means, hits = [], []
+    for metric in METRICS:
+        value = row.get(metric.column)
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            continue
+        if metric.kind == "rate":
+            hits.append(f"{metric.key} {'yes' if value else 'no'}")
+        elif metric.plotted:
+            means.append(f"{metric.key} {float(value):.{metric.digits - 1}f}")
+    lines = ["  ".join(part) for part in (means, hits) if part]
     return lines or ["unscored"]
 
 
@@ -146,12 +143,12 @@ def write_contact_sheets(
 ) -> list[tuple[dict[str, Any], Path]]:
     """A PNG per cell (same order as `cells`) with its first `max_images` rows by prompt index and seed."""
     folder.mkdir(parents=True, exist_ok=True)
-    keys = [*CELL_KEYS, "probe_label"]
+    keys = CELL_GROUP
     chosen = {
         key: group.sort_values(["prompt_index", "seed", "row_id"]).head(max_images)
         for key, group in frame.groupby(keys, sort=True, dropna=False)
     }
-    images = _read_images(run_dirs, {i for g in chosen.values() for i in g["row_id"]})
+    images = read_images(run_dirs, {i for g in chosen.values() for i in g["row_id"]})
     written = []
     for _, cell in cells.iterrows():
         key = tuple(cell[k] for k in keys)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from engine.report.render import fmt_interval, fmt_number
+from engine.report.sections import fmt_interval, fmt_number
 from engine.report.tables import cell_stats, load_rows
 
 

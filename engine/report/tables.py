@@ -17,29 +17,23 @@ from typing import Any
 import pandas as pd
 
 from engine.errors import UserError
-from engine.report.stats import mean_interval, wilson_interval
-from engine.results import read_rows, require_run_folder
+from engine.metrics import CANDIDATE_COLUMNS, METRICS, MODEL_COLUMNS, SCORE_COLUMNS, Metric
+from engine.report.stats import mean_interval, rate_interval
+from engine.results import read_rows, require_run_folder, row_columns
 
 logger = logging.getLogger(__name__)
 
 CELL_KEYS = ["model", "method", "concept", "target_concept", "probe", "params"]
-STAT_COLUMNS = [
-    "row_id", *CELL_KEYS, "prompt", "prompt_index", "seed", "generation_seconds",
-    "clip_score", "clip_model", "judge_top1", "judge_top5", "judge_target_prob", "judge_model", "selector",
-    "candidate_count", "candidate_clip_mean", "candidate_top1_rate", "candidate_top5_rate",
-]  # fmt: skip
 BASE_METHOD = "none"  # ModelSpec.method of an un-erased model
-# (label, cell column, scale): rows of the paper table. Rates are shown in %.
-PAPER_METRICS = [
-    ("CLIP", "clip_mean", 1.0),
-    ("Top-1 %", "top1_rate", 100.0),
-    ("Top-5 %", "top5_rate", 100.0),
-]
-CANDIDATE_METRICS = [
-    ("CLIP, all candidates", "candidate_clip_mean", 1.0),
-    ("Top-1 %, all candidates", "candidate_top1_rate", 100.0),
-    ("Top-5 %, all candidates", "candidate_top5_rate", 100.0),
-]
+# Row roles (column `role`): what a row measures. Runs written before roles existed read as unpaired.
+RECOVERY, PRESERVATION, BASE, UNPAIRED = "recovery", "preservation", "base", "unpaired"
+STAT_COLUMNS = [
+    "row_id", *CELL_KEYS, "prompt", "prompt_index", "seed", "generation_seconds", "scoring_region",
+    *SCORE_COLUMNS, *MODEL_COLUMNS.values(), "selector", "candidate_count", *CANDIDATE_COLUMNS,
+]  # fmt: skip
+OPTIONAL_COLUMNS = ["role"]  # read when the run has them
+# A cell: its keys plus the label and role derived from them (one role per cell).
+CELL_GROUP = [*CELL_KEYS, "probe_label", "role"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -51,7 +45,12 @@ def load_rows(run_dirs: list[Path], single_judge: bool = True) -> pd.DataFrame:
     frames = []
     for run_dir in run_dirs:
         require_run_folder(run_dir)
-        frame = read_rows(run_dir, columns=STAT_COLUMNS).to_pandas()
+        available = row_columns(run_dir)
+        columns = STAT_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in available]
+        frame = read_rows(run_dir, columns=columns).to_pandas()
+        if "role" not in frame:
+            frame["role"] = UNPAIRED
+        frame["role"] = frame["role"].fillna(UNPAIRED)
         if frame.empty:
             raise UserError(f"{run_dir} holds no readable result rows")
         frame["run"] = str(run_dir)
@@ -61,7 +60,7 @@ def load_rows(run_dirs: list[Path], single_judge: bool = True) -> pd.DataFrame:
     if duplicated.any():
         logger.warning("%d rows appear in more than one run; each is counted once", int(duplicated.sum()))
         frame = frame[~duplicated].reset_index(drop=True)
-    for column in ("clip_model", "judge_model") if single_judge else ():
+    for column in MODEL_COLUMNS.values() if single_judge else ():
         models = sorted(frame[column].dropna().unique())
         if len(models) > 1:
             raise UserError(
@@ -105,11 +104,17 @@ def present_values(series: pd.Series) -> list[Any]:
     return [v for v in series.tolist() if v is not None and not (isinstance(v, float) and pd.isna(v))]
 
 
-def _rate(series: pd.Series) -> dict[str, Any]:
-    hits = [bool(v) for v in present_values(series)]
-    low, high = wilson_interval(sum(hits), len(hits))
-    rate = sum(hits) / len(hits) if hits else None
-    return {"n": len(hits), "hits": sum(hits), "rate": rate, "low": low, "high": high}
+def metric_stats(metric: Metric, group: pd.DataFrame) -> dict[str, Any]:
+    """n, value and 95% interval of one metric over a group of rows (its column's non-null values)."""
+    values = present_values(group[metric.column])
+    if metric.kind == "rate":
+        hits = sum(bool(v) for v in values)
+        low, high = rate_interval(hits, len(values), metric.interval)
+        stats = {metric.hits: hits, metric.value: hits / len(values) if values else None}
+    else:
+        mean, low, high = mean_interval([float(v) for v in values], metric.bounds)
+        stats = {metric.value: mean}
+    return {f"{metric.key}_n": len(values), **stats, metric.ci_low: low, metric.ci_high: high}
 
 
 def _weighted_candidate_mean(group: pd.DataFrame, column: str) -> float | None:
@@ -129,40 +134,23 @@ def _joined(series: pd.Series) -> str | None:
 
 def group_stats(group: pd.DataFrame) -> dict[str, Any]:
     """All statistics of one group of rows (a cell, or a pooled probe x method group)."""
-    clip_mean, clip_low, clip_high = mean_interval([float(v) for v in present_values(group["clip_score"])])
-    top1, top5 = _rate(group["judge_top1"]), _rate(group["judge_top5"])
-    target = [float(v) for v in present_values(group["judge_target_prob"])]
     counts = [int(c) for c in present_values(group["candidate_count"])]
-    return {
-        "n": len(group),
-        "clip_n": len(present_values(group["clip_score"])),
-        "clip_mean": clip_mean,
-        "clip_ci_low": clip_low,
-        "clip_ci_high": clip_high,
-        "judged_n": top1["n"],
-        "top1_hits": top1["hits"],
-        "top1_rate": top1["rate"],
-        "top1_ci_low": top1["low"],
-        "top1_ci_high": top1["high"],
-        "top5_hits": top5["hits"],
-        "top5_rate": top5["rate"],
-        "top5_ci_low": top5["low"],
-        "top5_ci_high": top5["high"],
-        "target_prob_mean": sum(target) / len(target) if target else None,
-        "candidate_n": sum(counts) if counts else None,
-        "candidate_clip_mean": _weighted_candidate_mean(group, "candidate_clip_mean"),
-        "candidate_top1_rate": _weighted_candidate_mean(group, "candidate_top1_rate"),
-        "candidate_top5_rate": _weighted_candidate_mean(group, "candidate_top5_rate"),
-        "seconds_per_image": float(group["generation_seconds"].mean()),
-        "selector": _joined(group["selector"]),
-        "clip_model": _joined(group["clip_model"]),
-        "judge_model": _joined(group["judge_model"]),
-    }
+    stats: dict[str, Any] = {"n": len(group)}
+    for metric in METRICS:
+        stats.update(metric_stats(metric, group))
+    stats["candidate_n"] = sum(counts) if counts else None
+    for column in CANDIDATE_COLUMNS:
+        stats[column] = _weighted_candidate_mean(group, column)
+    stats["seconds_per_image"] = float(group["generation_seconds"].mean())
+    stats["selector"] = _joined(group["selector"])
+    for column in MODEL_COLUMNS.values():
+        stats[column] = _joined(group[column])
+    return stats
 
 
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
     """One line per cell, keys first, in a stable order."""
-    keys = [*CELL_KEYS, "probe_label"]
+    keys = CELL_GROUP
     records = [
         {**dict(zip(keys, key)), **group_stats(group)}
         for key, group in frame.groupby(keys, sort=True, dropna=False)
@@ -186,28 +174,23 @@ def method_order(methods) -> list[str]:
 
 
 def probe_order(labels) -> list[str]:
-    """standard_prompt (the baseline) first, then the others alphabetically."""
-    labels = sorted(set(labels))
+    """standard_prompt (the baseline) first, then the others by name; a probe's parameter variants
+    in numeric order (eta=2 before eta=10, v=1.0 before v=1.04), not as text."""
+    labels = sorted(set(labels), key=natural_key)
     return [label for label in labels if label.startswith("standard_prompt")] + [
         label for label in labels if not label.startswith("standard_prompt")
     ]
 
 
-def paper_table(cells: pd.DataFrame) -> pd.DataFrame:
-    """Probes x metrics (rows) by methods (columns): the mean over a probe-method's cells, i.e. over
-    concepts, of each cell's value. Rates in %. All-candidates rows only for best-of-N probes."""
-    methods = method_order(cells["method"])
-    rows = []
-    for probe in probe_order(cells["probe_label"]):
-        probe_cells = cells[cells["probe_label"] == probe]
-        has_candidates = probe_cells["candidate_n"].notna().any()
-        for label, column, scale in PAPER_METRICS + (CANDIDATE_METRICS if has_candidates else []):
-            row: dict[str, Any] = {"probe": probe, "metric": label}
-            for method in methods:
-                values = [float(v) for v in present_values(probe_cells.loc[probe_cells["method"] == method, column])]
-                row[method] = sum(values) / len(values) * scale if values else None
-            rows.append(row)
-    return pd.DataFrame(rows, columns=["probe", "metric", *methods])
+def natural_key(text: str) -> list[tuple[int, float | str]]:
+    """Sort key that compares embedded numbers as numbers: 'k=2' < 'k=10', '1.0' < '1.04'."""
+    parts = re.split(r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", text)
+    return [(0, float(part)) if index % 2 else (1, part) for index, part in enumerate(parts) if part != ""]
+
+
+def present_metrics(frame: pd.DataFrame) -> list[Metric]:
+    """The metrics some judge filled in these rows; the others have no judge behind them."""
+    return [m for m in METRICS if frame[m.column].notna().any()]
 
 
 # --------------------------------------------------------------------------- the report
@@ -222,10 +205,14 @@ class ReportContent:
     created_at: str
     rows: int
     judges: list[str]
+    frame: pd.DataFrame  # every row, without images
     cells: pd.DataFrame
-    paper: pd.DataFrame
+    paper: pd.DataFrame  # what paper_table.csv holds
     plots: list[tuple[str, Path]] = field(default_factory=list)
     sheets: list[tuple[dict[str, Any], Path]] = field(default_factory=list)
+    paired_sheets: list[tuple[str, Path]] = field(default_factory=list)
+    # Per cell position: score columns whose best-of-N pick was made by the model that judges them.
+    inflated: dict[int, set[str]] = field(default_factory=dict)
 
 
 def cell_slug(cell: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from engine.errors import UserError
+from engine.metrics import MODEL_COLUMNS, slot_metrics
 
 if TYPE_CHECKING:
     import torch
@@ -27,15 +28,12 @@ if TYPE_CHECKING:
     from engine.concepts import ConceptSpec
 
 # Per slot: the value columns a judge returns, the column naming the judge, and the per-row
-# reductions over best-of-N candidates (candidate column -> value column it averages).
-SLOT_COLUMNS: dict[str, list[str]] = {
-    "clip": ["clip_score"],
-    "classifier": ["judge_top1", "judge_top5", "judge_target_prob"],
-}
-MODEL_COLUMN: dict[str, str] = {"clip": "clip_model", "classifier": "judge_model"}
+# reductions over best-of-N candidates (candidate column -> value column it averages). All from
+# engine.metrics, where every score column is declared.
+SLOT_COLUMNS: dict[str, list[str]] = {slot: [m.column for m in slot_metrics(slot)] for slot in MODEL_COLUMNS}
+MODEL_COLUMN: dict[str, str] = MODEL_COLUMNS
 CANDIDATE_COLUMNS: dict[str, dict[str, str]] = {
-    "clip": {"candidate_clip_mean": "clip_score"},
-    "classifier": {"candidate_top1_rate": "judge_top1", "candidate_top5_rate": "judge_top5"},
+    slot: {m.candidate_column: m.column for m in slot_metrics(slot) if m.candidate_column} for slot in MODEL_COLUMNS
 }
 
 

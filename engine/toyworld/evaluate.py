@@ -7,11 +7,10 @@ guidance scale.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from engine.report.stats import wilson_interval
 from engine.toyworld.judge import ToyJudge
 from engine.toyworld.render import CONCEPTS, caption
 
@@ -45,15 +44,6 @@ def concept_rates(pipe, judge: ToyJudge, seeds: list[int], concepts: tuple[str, 
         out[concept] = {"rate": hits / len(seeds), "n": len(seeds), "ci_low": low, "ci_high": high,
                         "predicted": {CONCEPTS[k]: int((predicted == k).sum()) for k in range(len(CONCEPTS))}}
     return out
-
-
-def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def format_rates(rates: dict[str, dict[str, float]]) -> str:

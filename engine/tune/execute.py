@@ -32,6 +32,7 @@ import yaml
 
 from engine.config import run_spec_from_dict
 from engine.errors import UserError
+from engine.metrics import METRICS
 from engine.scoring.registry import judge_requests
 from engine.tune.plan import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TunePlan, run_data, slug
 from engine.tune.search import SearchSettings, search_pair
@@ -193,8 +194,8 @@ TRIAL_FIELDS = [
     ("algorithm", pa.string()), ("objective_name", pa.string()), ("trial_index", pa.int32()),
     ("trial_id", pa.string()), ("status", pa.string()), ("params", pa.string()), ("searched", pa.string()),
     ("objective", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("n", pa.int32()),
-    ("hits", pa.int32()), ("top1_rate", pa.float64()), ("target_prob_mean", pa.float64()),
-    ("clip_mean", pa.float64()), ("images_scored", pa.int32()), ("trial_seconds", pa.float64()),
+    ("hits", pa.int32()), *[(m.value, pa.float64()) for m in METRICS], ("images_scored", pa.int32()),
+    ("trial_seconds", pa.float64()),
     ("setup_seconds", pa.float64()), ("generation_seconds", pa.float64()), ("scoring_seconds", pa.float64()),
     ("pipeline_loaded", pa.bool_()), ("process_trial_index", pa.int32()), ("worker_pid", pa.int64()),
     ("error", pa.string()),

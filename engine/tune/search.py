@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from engine.metrics import METRICS
 from engine.tune.plan import METRIC, slug
 from engine.tune.space import SearchSpace
 from engine.tune.trial import TrialSetup, tune_trial
@@ -134,8 +135,8 @@ def _trial_record(index: int, result, setup: TrialSetup, settings: SearchSetting
         "searched": json.dumps(config, sort_keys=True, default=float),
         "error": error,
     }
-    for key in ["objective", "ci_low", "ci_high", "n", "hits", "top1_rate", "target_prob_mean", "clip_mean",
-                "images_scored", "trial_seconds", "setup_seconds", "generation_seconds", "scoring_seconds",
+    for key in ["objective", "ci_low", "ci_high", "n", "hits", *(m.value for m in METRICS), "images_scored",
+                "trial_seconds", "setup_seconds", "generation_seconds", "scoring_seconds",
                 "pipeline_loaded", "process_trial_index", "worker_pid"]:
         value = metrics.get(key)
         record[key] = None if value is None or (isinstance(value, float) and math.isnan(value)) else value

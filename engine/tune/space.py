@@ -33,25 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from engine.concepts import find_config_files, read_yaml, validate
+from engine.concepts import Frozen, find_config_files, read_yaml, validate
 from engine.config import DEFAULT_BASE_MODEL, ModelSpec, apply_overrides, no_duplicate_names
-from engine.errors import UserError
+from engine.errors import UserError, unknown_choice
+from engine.metrics import METRICS
 from engine.probe import ProbeParams, get_probe_class, parse_params
 
 DISTRIBUTIONS = ("choice", "int", "logint", "loguniform", "uniform")
 # Objective column -> (how rows reduce to the metric, the judge slot that fills the column).
-OBJECTIVES: dict[str, tuple[str, str]] = {
-    "judge_top1": ("rate", "classifier"),
-    "judge_target_prob": ("mean", "classifier"),
-    "clip_score": ("mean", "clip"),
-}
+OBJECTIVES: dict[str, tuple[str, str]] = {m.column: (m.kind, m.slot) for m in METRICS}
 MAX_GRID_POINTS = 10_000
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Dimension(Frozen):
@@ -78,8 +71,9 @@ class TuneSpec(Frozen):
     probe: str = Field(description="The probe whose params are searched.")
     params: dict[str, Any] = Field(default_factory=dict, description="Probe params shared by every trial.")
     space: dict[str, Dimension] = Field(min_length=1, description="Searched params: key -> dimension.")
-    objective: Literal["judge_top1", "judge_target_prob", "clip_score"] = Field(
-        "judge_top1", description="Maximised: judge top-1 rate, mean target-class probability, or mean CLIP score."
+    objective: str = Field(
+        "judge_top1", description="Maximised metric: " + ", ".join(OBJECTIVES) + " (rates by their share of hits, "
+        "the others by their mean)."
     )
     algorithm: Literal["tpe", "random", "grid"] = Field(
         "tpe", description="tpe (Optuna TPE), random, or grid (every grid point; num_samples unused)."
@@ -99,6 +93,13 @@ class TuneSpec(Frozen):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when trials get GPUs.")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel on CUDA.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per trial; default: cpus_per_trial.")
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        if value not in OBJECTIVES:
+            raise ValueError(str(unknown_choice("objective", value, OBJECTIVES)))
+        return value
     judges: list[str | dict[str, Any]] | None = Field(
         None, description="Judges scoring each trial's images (as in run configs); default: the run default."
     )

@@ -18,9 +18,10 @@ import pyarrow as pa
 
 from engine.concepts import ConceptSpec
 from engine.config import ModelSpec
+from engine.metrics import metric as metric_of
 from engine.pipeline.grid import ProbeChoice, expand_rows, work_units
 from engine.probe import ProbeParams, WorkRow
-from engine.report.stats import mean_interval, wilson_interval
+from engine.report.stats import mean_interval, rate_interval
 from engine.tune.plan import METRIC
 from engine.tune.space import OBJECTIVES, SearchSpace
 
@@ -60,19 +61,13 @@ class ObjectiveTally:
         n = len(values)
         if OBJECTIVES[self.objective][0] == "rate":
             hits = int(sum(values))
-            low, high = wilson_interval(hits, n)
+            low, high = rate_interval(hits, n, metric_of(self.objective).interval)
             metric = hits / n if n else None
         else:
             hits = None
-            metric, low, high = mean_interval(values)
-            if self.objective == "judge_target_prob" and low is not None:
-                low, high = max(0.0, low), min(1.0, high)  # a probability: the t interval can overshoot
-        means = {c: (sum(v) / len(v) if v else None) for c, v in self.values.items()}
-        return {
-            METRIC: _num(metric), "ci_low": _num(low), "ci_high": _num(high), "n": n, "hits": _num(hits),
-            "top1_rate": _num(means["judge_top1"]), "target_prob_mean": _num(means["judge_target_prob"]),
-            "clip_mean": _num(means["clip_score"]),
-        }
+            metric, low, high = mean_interval(values, metric_of(self.objective).bounds)
+        means = {metric_of(c).value: _num(sum(v) / len(v) if v else None) for c, v in self.values.items()}
+        return {METRIC: _num(metric), "ci_low": _num(low), "ci_high": _num(high), "n": n, "hits": _num(hits), **means}
 
 
 def _num(value) -> float:
