@@ -330,7 +330,8 @@ def _paired_records() -> list[dict]:
 
     add("sd", "none", "church", "church", "standard_prompt", "{}", "base", [True] * 4, [None] * 4)
     add("sd", "none", "airliner", "airliner", "standard_prompt", "{}", "base", [True, True, True, False], [None] * 4)
-    add("esdx_church", "esdx", "church", "church", "standard_prompt", "{}", "recovery", [False] * 3 + [True], [None] * 4)
+    add("esdx_church", "esdx", "church", "church", "standard_prompt", "{}", "recovery", [False] * 3 + [True],
+        [None] * 4)
     add("uce_church", "uce", "church", "church", "standard_prompt", "{}", "recovery", [False] * 4, [None] * 4)
     add("esdx_church", "esdx", "church", "church", "noise_based", '{"eta":10}', "recovery", [True] * 2, [None] * 2)
     add("esdx_church", "esdx", "church", "church", "noise_based", '{"eta":2}', "recovery", [False] * 2, [None] * 2)
