@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from engine.concepts import Frozen, read_yaml, validate
 from engine.errors import UserError
-from engine.scoring.registry import JudgeRequest, default_judge_refs, parse_judge_ref
+from engine.judge_refs import JudgeRequest, default_judge_refs, parse_judge_ref
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 

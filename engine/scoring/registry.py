@@ -1,11 +1,8 @@
-"""The judge registry: name -> "module:Class", judge requests as written in run configs, preflight.
+"""The judge registry: judge classes loaded by name ("module:Class" in engine.judge_refs), their
+options and presets, and the driver's preflight.
 
 Registration is explicit and lazy (as engine.probe's PROBE_REGISTRY), so validating a run config
-imports neither torch nor open_clip. A judge is referred to as
-
-    clip                                    the judge with its defaults (real weights)
-    clip:tiny                               a named preset of the judge (here: random test model)
-    {name: clip, preset: tiny, options: {seed: 1}}   preset and/or options spelled out
+imports neither torch nor open_clip.
 
 Real-weight judges check in the driver, before any generation, that their weights are present
 (downloading them once when the machine is online); a missing weight is a UserError, never a
@@ -16,12 +13,21 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from engine.errors import UserError, format_validation_error, unknown_choice
+from engine.judge_refs import (  # noqa: F401  (re-exported: the registry's public names)
+    DEFAULT_JUDGES,
+    JUDGE_REGISTRY,
+    JUDGES_ENV,
+    JudgeRequest,
+    default_judge_refs,
+    judge_names,
+    judge_requests,
+    parse_judge_ref,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -30,64 +36,6 @@ if TYPE_CHECKING:
     from engine.scoring.judge import Judge, JudgeOptions
 
 logger = logging.getLogger(__name__)
-
-# Adding a judge: its module (a Judge subclass), one line here, its test.
-JUDGE_REGISTRY: dict[str, str] = {
-    "clip": "engine.scoring.clip_judge:ClipJudge",
-    "imagenet": "engine.scoring.imagenet_judge:ImagenetJudge",
-    "toy": "engine.toyworld.scoring_judge:ToyClassifierJudge",
-}
-
-DEFAULT_JUDGES = ["clip", "imagenet"]
-# Comma-separated judge references used when a run config has no `judges:` key (the test suite
-# sets "clip:tiny,imagenet:tiny" so runs need no downloaded weights). Explicit, never a fallback.
-JUDGES_ENV = "ENGINE_JUDGES"
-
-
-class JudgeRequest(BaseModel):
-    """One judge of a run: registered name, optional preset, options on top of the preset."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(description="Registered judge name, e.g. clip or imagenet.")
-    preset: str | None = Field(None, description="Named option set of the judge, e.g. tiny (random test model).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Judge options (see `engine judges`).")
-
-    def label(self) -> str:
-        return self.name if self.preset is None else f"{self.name}:{self.preset}"
-
-
-def judge_names() -> list[str]:
-    return sorted(JUDGE_REGISTRY)
-
-
-def default_judge_refs() -> list[str]:
-    raw = os.environ.get(JUDGES_ENV)
-    if raw is None:
-        return list(DEFAULT_JUDGES)
-    return [part.strip() for part in raw.split(",") if part.strip()]
-
-
-def parse_judge_ref(ref: str | JudgeRequest | dict[str, Any]) -> JudgeRequest:
-    """`name`, `name:preset`, a mapping or a JudgeRequest -> JudgeRequest with a known name."""
-    if isinstance(ref, JudgeRequest):
-        request = ref
-    elif isinstance(ref, dict):
-        try:
-            request = JudgeRequest.model_validate(ref)
-        except ValidationError as exc:
-            raise format_validation_error(exc, "judge", JudgeRequest) from None
-    else:
-        name, _, preset = str(ref).partition(":")
-        request = JudgeRequest(name=name.strip(), preset=preset.strip() or None)
-    if request.name not in JUDGE_REGISTRY:
-        raise unknown_choice("judge", request.name, JUDGE_REGISTRY)
-    return request
-
-
-def judge_requests(refs: list[str | JudgeRequest | dict[str, Any]]) -> list[JudgeRequest]:
-    return [parse_judge_ref(ref) for ref in refs]
-
 
 def get_judge_class(name: str) -> type[Judge]:
     if name not in JUDGE_REGISTRY:
