@@ -395,3 +395,15 @@ def test_paired_report_sections_and_sheets(tmp_path):
                       for p in ("standard_prompt", "noise_based[eta=2]", "noise_based[eta=10]")]
     sheet = Image.open(content.paired_sheets[0][1])
     assert sheet.height > 4 * 128  # one line per seed
+
+
+def test_terminal_summary_of_a_paired_run_is_the_recovery_table(tmp_path):
+    from engine.report.summary import paper_summary
+
+    text = paper_summary(_write_paired_run(tmp_path / "paired"))
+    lines = text.splitlines()
+    assert lines[0].startswith("Recovery") and "base model" in lines[1] and "esdx" in lines[1]
+    standard = next(line for line in lines if line.split()[:3] == ["standard_prompt", "top-1", "%"])
+    assert "100.0 [51.0, 100.0]" in standard and "25.0 [4.6, 69.9]" in standard
+    assert any(line.startswith("Preservation") for line in lines)
+    assert paper_summary(_write_run(tmp_path / "plain", _records("A"))) is None  # nothing erased declared

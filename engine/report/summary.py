@@ -1,4 +1,5 @@
-"""A short per-cell summary of a run for the terminal (the full report is `engine report`)."""
+"""What a finished run prints on the terminal (the full report is `engine report`): the recovery and
+preservation tables when the run's models declare erased concepts, else one line per cell."""
 
 from __future__ import annotations
 
@@ -7,32 +8,53 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from engine.report.sections import fmt_interval, fmt_number
-from engine.report.tables import cell_stats, load_rows
+from engine.metrics import METRICS
+from engine.report.paper import has_roles, preservation_table, recovery_table
+from engine.report.sections import Table, fmt_interval, fmt_number, preservation_section, recovery_section
+from engine.report.tables import cell_stats, load_rows, present_metrics
 
 
 def summary_frame(output: Path) -> pd.DataFrame:
-    """One line per (model, concept, probe) cell: n, seconds per image, CLIP and top-1 with 95% CIs."""
+    """One line per (model, concept, probe) cell: n, seconds per image, each judged metric with its 95% CI."""
     # A resumed run may mix judges; the terminal summary still shows it (`engine report` refuses).
-    cells = cell_stats(load_rows([Path(output)], single_judge=False))
-    return pd.DataFrame(
-        {
-            "model": cells["model"],
-            "concept": cells["concept"],
-            "probe": cells["probe_label"],
-            "n": cells["n"],
-            "s/image": [fmt_number(v) for v in cells["seconds_per_image"]],
-            "CLIP [95% CI]": [
-                fmt_interval(m, lo, hi) for m, lo, hi in zip(cells.clip_mean, cells.clip_ci_low, cells.clip_ci_high)
-            ],
-            "top-1 % [95% CI]": [
-                fmt_interval(r, lo, hi, 100.0, 1)
-                for r, lo, hi in zip(cells.top1_rate, cells.top1_ci_low, cells.top1_ci_high)
-            ],
-        }
-    )
+    frame = load_rows([Path(output)], single_judge=False)
+    cells = cell_stats(frame)
+    columns = {
+        "model": cells["model"],
+        "concept": cells["concept"],
+        "probe": cells["probe_label"],
+        "n": cells["n"],
+        "s/image": [fmt_number(v) for v in cells["seconds_per_image"]],
+    }
+    for metric in [m for m in present_metrics(frame) if m.plotted] or [m for m in METRICS if m.plotted][:2]:
+        columns[f"{metric.label} [95% CI]"] = [
+            fmt_interval(v, lo, hi, metric.scale, metric.digits)
+            for v, lo, hi in zip(cells[metric.value], cells[metric.ci_low], cells[metric.ci_high])
+        ]
+    return pd.DataFrame(columns)
+
+
+def paper_summary(output: Path) -> str | None:
+    """The recovery table (and the preservation table, if any) as text; None for unpaired runs."""
+    frame = load_rows([Path(output)], single_judge=False)
+    if not has_roles(frame):
+        return None
+    parts = []
+    recovery = recovery_table(frame)
+    if not recovery.empty:
+        section = recovery_section(recovery, "Recovery (erased concepts; rates in %, 95% CI)", ["probe_label", "metric"])
+        parts += [section.title, _text(section.table)]
+    preservation = preservation_table(frame)
+    if not preservation.empty:
+        section = preservation_section(preservation, "Preservation (other concepts, vs the base model)", False)
+        parts += ["", section.title, _text(section.table)]
+    return "\n".join(parts)
+
+
+def _text(table: Table) -> str:
+    return pd.DataFrame(table.rows, columns=table.headers).to_string(index=False)
 
 
 def print_summary(output: Path) -> None:
     typer.echo("")
-    typer.echo(summary_frame(output).to_string(index=False))
+    typer.echo(paper_summary(output) or summary_frame(output).to_string(index=False))
