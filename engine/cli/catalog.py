@@ -38,24 +38,30 @@ def probes_describe(name: str = typer.Argument(..., help="Probe name.")):
 @app.command()
 @user_errors
 def concepts():
-    """Concepts found in the config folders."""
-    from engine.concepts import available_concepts, load_concept
+    """Concepts found in the config folders, with where each came from ($ENGINE_CONFIG_DIR, ./configs, shipped)."""
+    from engine.concepts import available_concepts, find_config_entries, load_concept
 
+    entries = find_config_entries("concepts")
     for name in sorted(available_concepts()):
         spec = load_concept(name)
-        typer.echo(f"{name:28s} {spec.kind:7s} {spec.prompt}")
+        typer.echo(f"{name:28s} {spec.kind:7s} {spec.prompt:44s} {entries[name].source}")
 
 
 @app.command()
 @user_errors
 def models():
-    """Built-in models and configs/models entries."""
+    """Built-in models and configs/models entries, with where each came from."""
     from engine.builtin_models import BUILTIN_MODELS
+    from engine.concepts import find_config_entries, read_yaml
     from engine.models import available_models
 
+    entries = find_config_entries("models")
     for name in available_models():
-        note = BUILTIN_MODELS[name].description if name in BUILTIN_MODELS else "configs/models"
-        typer.echo(f"{name:28s} {note}")
+        if name in BUILTIN_MODELS:
+            source, note = "built-in", BUILTIN_MODELS[name].description
+        else:
+            source, note = entries[name].source, str(read_yaml(entries[name].path).get("pretrained", ""))
+        typer.echo(f"{name:28s} {note:68s} {source}")
 
 
 @app.command()

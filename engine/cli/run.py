@@ -27,6 +27,9 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="key.sub=value override of the run config."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per work unit."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
+    ship_code: Optional[bool] = typer.Option(
+        None, "--ship-code/--no-ship-code", help="Send the engine's code to the workers (default: with --cluster)."
+    ),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (unsafe)."),
     classifier_dir: Optional[Path] = typer.Option(
         None, "--classifier-dir", help="Latent classifiers for the guidance probes (engine train-classifier)."
@@ -72,7 +75,7 @@ def run(
         extra.append(unet_override_spec(str(unet), spec.base_model, method).model_copy(
             update={"allow_pickle": allow_pickle}))
     plan = plan_run(spec, extra_models=extra)
-    execute_and_print(plan, cluster)
+    execute_and_print(plan, cluster, ship_code)
 
 
 def _merge_probe_params(probes: list, overrides: dict[str, dict[str, Any]]) -> list:
@@ -105,11 +108,11 @@ def _with_classifier_dir(probes: list, classifier_dir: str) -> list:
     return updated
 
 
-def execute_and_print(plan, cluster: Optional[str]) -> None:
+def execute_and_print(plan, cluster: Optional[str], ship_code: Optional[bool] = None) -> None:
     from engine.pipeline.run import execute
     from engine.report.summary import print_summary
 
-    summary = execute(plan, cluster=cluster)
+    summary = execute(plan, cluster=cluster, ship_code=ship_code)
     typer.echo(
         f"{summary.generated} rows generated, {summary.skipped} already done, "
         f"{summary.total_rows} in {summary.output} ({summary.seconds:.1f} s)"

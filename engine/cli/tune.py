@@ -24,6 +24,9 @@ def tune(
     output: Optional[Path] = typer.Option(None, "--output", help="Output folder (trials.parquet, best_*.yaml)."),
     set_: list[str] = typer.Option([], "--set", help="key.sub=value override of the tune config."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
+    ship_code: Optional[bool] = typer.Option(
+        None, "--ship-code/--no-ship-code", help="Send the engine's code to the workers (default: with --cluster)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Search a probe's params for the setting that recovers the concept most (Ray Tune)."""
@@ -36,7 +39,7 @@ def tune(
              "num_images": num_images, "algorithm": algorithm, "objective": objective,
              "output": str(output) if output else None}
     spec, where = load_tune_spec(config, flags, set_)
-    summary = execute_tune(plan_tune(spec, where), cluster)
+    summary = execute_tune(plan_tune(spec, where), cluster, ship_code)
     for line in summary_lines(summary):
         typer.echo(line)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine.errors import UserError
 from engine.pipeline.grid import RunPlan, pending_rows, work_units
+from engine.pipeline.shipping import code_runtime_env, report_node_engines, should_ship, uses_toy_weights
 from engine.pipeline.stages import ProbeActor, ScoreActor, actor_payload, score_payload
 from engine.results import (
     base_manifest,
@@ -54,9 +55,10 @@ def worker_env() -> dict[str, str]:
 
 
 @contextmanager
-def ray_session(cluster: str | None):
+def ray_session(cluster: str | None, ship_code: bool | None = None, toy_weights: bool = False):
     """Connect to `cluster` ('auto' reads RAY_ADDRESS), reuse a running session (tests), or start a
-    local Ray that is shut down at the end."""
+    local Ray that is shut down at the end. Shipping the engine's code to the workers (shipping.py)
+    defaults to on for an existing cluster; `toy_weights` says whether the toy-world weights go too."""
     import ray
 
     if ray.is_initialized():
@@ -64,7 +66,8 @@ def ray_session(cluster: str | None):
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": worker_env()}
+    ship = should_ship(cluster, ship_code)
+    runtime_env = {"env_vars": worker_env(), **(code_runtime_env(toy_weights) if ship else {})}
     # Ray's own INFO lines drown the CLI's output; --verbose turns the engine's logging back on.
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if cluster:
@@ -74,12 +77,14 @@ def ray_session(cluster: str | None):
         # on this machine (ray.init() alone would join it).
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
     try:
+        if cluster or ship:
+            report_node_engines(ray, shipped=ship)
         yield ray
     finally:
         ray.shutdown()
 
 
-def execute(plan: RunPlan, cluster: str | None = None) -> RunSummary:
+def execute(plan: RunPlan, cluster: str | None = None, ship_code: bool | None = None) -> RunSummary:
     check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
     output = Path(plan.spec.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
@@ -98,7 +103,7 @@ def execute(plan: RunPlan, cluster: str | None = None) -> RunSummary:
     write_manifest(output, manifest)
 
     if todo:
-        with ray_session(cluster) as ray:
+        with ray_session(cluster, ship_code, uses_toy_weights(plan)) as ray:
             _stream(ray, plan, todo, output)
 
     done = finished_row_ids(output)

@@ -63,9 +63,10 @@ class TuneSummary:
     seconds: float
 
 
-def execute_tune(plan: TunePlan, cluster: str | None = None) -> TuneSummary:
+def execute_tune(plan: TunePlan, cluster: str | None = None, ship_code: bool | None = None) -> TuneSummary:
     """Run every pair's search (together, as Ray tasks), write trials.parquet and the best configs."""
     from engine.pipeline.run import ray_session
+    from engine.pipeline.shipping import uses_toy_weights
     from engine.pipeline.stages import actor_payload
 
     started = time.perf_counter()
@@ -73,7 +74,8 @@ def execute_tune(plan: TunePlan, cluster: str | None = None) -> TuneSummary:
     plan.output.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     outcomes: list[PairOutcome] = []
-    with ray_session(cluster) as ray:
+    toy_weights = any(uses_toy_weights(job.plan) for job in plan.jobs)
+    with ray_session(cluster, ship_code, toy_weights) as ray:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         resources, device, threads, max_concurrent = _trial_resources(ray, spec)
