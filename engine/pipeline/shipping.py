@@ -107,25 +107,31 @@ def origin_reporter() -> Callable[[], dict[str, Any]]:
 
 def node_engines(ray, timeout_s: float = VERSION_CHECK_TIMEOUT_S) -> list[NodeEngine]:
     """One zero-CPU task pinned to each alive node, under the job's runtime_env (so it imports what
-    that node's probe actors import)."""
+    that node's probe actors import). A node that does not answer within `timeout_s` is reported so."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     remote = ray.remote(num_cpus=0, max_retries=0)(origin_reporter())
     futures = {}
     for node in ray.nodes():
         if node.get("Alive"):
-            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
             label = node.get("NodeManagerAddress") or node["NodeID"][:12]
-            futures[label if label not in futures else f"{label} ({node['NodeID'][:8]})"] = remote.options(
-                scheduling_strategy=strategy).remote()
+            label = label if label not in futures else f"{label} ({node['NodeID'][:8]})"  # nodes sharing an IP
+            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            futures[label] = remote.options(scheduling_strategy=strategy).remote()
+    ready, _ = ray.wait(list(futures.values()), num_returns=len(futures), timeout=timeout_s)
     reports = []
     for label, future in futures.items():
-        try:
-            answer = ray.get(future, timeout=timeout_s)
-        except Exception as error:  # the node died, or could not set up the runtime_env
-            first_line = (str(error).splitlines() or [""])[0]
+        if future in ready:
+            try:
+                answer = ray.get(future)
+            except Exception as error:  # the node died, or could not set up the runtime_env
+                first_line = (str(error).splitlines() or [""])[0]
+                answer = {"version": None, "engine_file": None, "probes_file": None,
+                          "error": f"{type(error).__name__} {first_line}".strip()}
+        else:
+            ray.cancel(future, force=True)
             answer = {"version": None, "engine_file": None, "probes_file": None,
-                      "error": f"no answer: {type(error).__name__} {first_line}".strip()}
+                      "error": f"no answer within {timeout_s:g} s"}
         reports.append(NodeEngine(label, **answer))
     return reports
 
