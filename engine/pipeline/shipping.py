@@ -4,7 +4,9 @@ Worker nodes of a real cluster run their own Python: without this engine install
 older one), a ProbeActor cannot even be unpickled. Ray's answer is the runtime_env's `py_modules`:
 the driver zips each package folder, uploads it to the cluster once (content-hashed), and every
 worker of the job imports it from its node's runtime-resources folder ahead of anything installed.
-The toy-world weights (~15 MB) travel only when a run uses a toy model or the toy judge.
+The toy-world weights (~15 MB) travel only when a run uses a toy model or the toy judge. Ray also
+puts the driver's working folder first on every worker's sys.path: on the driver's own machine, a
+source checkout the driver was started from is imported instead of the shipped copy (same code).
 
 Before work starts, one tiny task per node reports the engine version and module files that node
 imports; a node whose version differs from the driver's, or that has no engine, gets one warning line.
