@@ -39,7 +39,7 @@ def should_ship(cluster: str | None, ship_code: bool | None) -> bool:
 def uses_toy_weights(plan: Any) -> bool:
     """Whether a run plan (engine.pipeline.grid.RunPlan) loads the shipped toy-world weights: a toy
     model as probed or base model, a folder inside the weights, or the toy judge."""
-    from engine.scoring.registry import judge_requests
+    from engine.judge_refs import judge_requests
     from engine.toyworld import __file__ as toyworld_init
 
     weights = (Path(toyworld_init).resolve().parent / "weights").as_posix()
