@@ -42,7 +42,8 @@ def paper_summary(output: Path) -> str | None:
     parts = []
     recovery = recovery_table(frame)
     if not recovery.empty:
-        section = recovery_section(recovery, "Recovery (erased concepts; rates in %, 95% CI)", ["probe_label", "metric"])
+        title = "Recovery (erased concepts; rates in %, 95% CI)"
+        section = recovery_section(recovery, title, ["probe_label", "metric"])
         parts += [section.title, _text(section.table)]
     preservation = preservation_table(frame)
     if not preservation.empty:
