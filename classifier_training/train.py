@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 class TrainSettings(BaseModel):
-    """Training hyperparameters; defaults are the original's."""
+    """Training hyperparameters; defaults are the original's. NaN and infinities are rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     epochs: int = Field(70, ge=1, description="Passes over the training latents (the original's e2e default: 70).")
     batch_size: int = Field(8, ge=1, description="Clean latents per batch, before replication.")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator
 
-from engine.concepts import Frozen, read_yaml, validate
+from engine.concepts import Frozen, Sources, read_yaml_with_sources, validate
 from engine.errors import UserError
 from engine.judge_refs import JudgeRequest, default_judge_refs, parse_judge_ref
 
@@ -98,16 +98,17 @@ def probe_requests(spec: RunSpec) -> list[ProbeRequest]:
 
 
 def load_run_file(path: Path, overrides: list[str] = ()) -> RunSpec:
-    data = read_yaml(path)
-    return run_spec_from_dict(apply_overrides(data, overrides), str(path))
+    data, sources = read_yaml_with_sources(path)
+    return run_spec_from_dict(apply_overrides(data, overrides, sources), sources)
 
 
-def run_spec_from_dict(data: dict[str, Any], where: str = "run config") -> RunSpec:
+def run_spec_from_dict(data: dict[str, Any], where: str | Sources = "run config") -> RunSpec:
     return validate(RunSpec, data, where)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`key.sub=value` overrides; values are parsed as YAML (so 1e-3 is a string, as in files)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], sources: Sources | None = None) -> dict[str, Any]:
+    """`key.sub=value` overrides; values are parsed as YAML (so 1e-3 is a string, as in files).
+    Each key set is recorded in `sources` as `--set key=value`, so an error blames the flag."""
     data = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -124,6 +125,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             target[leaf] = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise UserError(f"--set {key}: cannot parse value {raw!r}") from None
+        except RecursionError:
+            raise UserError(f"--set {key}: value nested too deeply") from None
+        if sources is not None:
+            sources.record(tuple(key.split(".")), f"--set {item}")
     return data
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import re
+from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel
 
@@ -16,24 +17,64 @@ def unknown_choice(kind: str, value: str, choices: Iterable[str]) -> UserError:
     return UserError(f"unknown {kind} {value!r}; valid choices: {valid}")
 
 
-def format_validation_error(error, where: str, model: type[BaseModel] | None = None) -> UserError:
+def format_validation_error(
+    error, where: str | Callable[[tuple], str], model: type[BaseModel] | None = None
+) -> UserError:
     """Turn a pydantic ValidationError into one line that names the bad key and value.
 
-    Unknown keys are the most common mistake (a misspelling), so when there are any, only they
-    are reported, with the keys that would have been valid.
+    `where` names the source: a string, or a function of an error's location (engine.concepts.Sources)
+    when the values were merged from a file, flags and `--set`, so each bad value is blamed on the
+    place it was written. Unknown keys are the most common mistake (a misspelling), so when there
+    are any, only they are reported, with the keys that would have been valid.
     """
     items = error.errors()
     unknown = [i for i in items if i["type"] == "extra_forbidden"]
-    parts = []
-    for item in unknown or items:
+    by_source: dict[str, list[str]] = {}
+    for item in unknown or _merge_union_branches(items):
         location = ".".join(str(p) for p in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             valid = _valid_keys(model, item["loc"][:-1])
             hint = f"; valid keys: {', '.join(valid)}" if valid else ""
-            parts.append(f"unknown key {location!r}{hint}")
+            part = f"unknown key {location!r}{hint}"
+        elif item["type"] == "missing":
+            part = f"{location}: {item['msg']}"
         else:
-            parts.append(f"{location}: {item['msg']} (got {item.get('input')!r})")
-    return UserError(f"{where}: " + "; ".join(parts))
+            part = f"{location}: {item['msg']} (got {_short_repr(item.get('input'))})"
+        source = where(tuple(item["loc"])) if callable(where) else where
+        by_source.setdefault(source, []).append(part)
+    return UserError("; ".join(f"{source}: " + "; ".join(parts) for source, parts in by_source.items()))
+
+
+# How pydantic names the branch of a union in an error's location: float, int, literal['auto'], ...
+_UNION_BRANCH = re.compile(r"^(float|int|str|bool|none|bytes|literal\[.*\]|list\[.*\]|dict\[.*\]|function-\w+\[.*\])$")
+
+
+def _merge_union_branches(items: list[dict]) -> list[dict]:
+    """One error per value that matched no branch of a union (`float | Literal['auto']`): pydantic
+    reports one per branch, at `key.float` and `key.literal['auto']`; this reads
+    `key: Input should be a finite number, or 'auto'`."""
+    merged: list[dict] = []
+    groups: dict[tuple, dict] = {}
+    for item in items:
+        loc = tuple(item["loc"])
+        if loc and isinstance(loc[-1], str) and _UNION_BRANCH.match(loc[-1]):
+            key = loc[:-1]
+            if key in groups:
+                group = groups[key]
+                message = item["msg"].removeprefix("Input should be ")
+                group["msg"] = f"{group['msg']}, or {message}"
+                continue
+            groups[key] = {**item, "loc": key}
+            merged.append(groups[key])
+        else:
+            merged.append(item)
+    return merged
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """repr on one line, cut to `limit` characters: the input may be a whole mapping or a huge string."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _valid_keys(model: type[BaseModel] | None, parents: tuple) -> list[str]:

@@ -42,16 +42,27 @@ REQUIREMENTS = {
 }
 
 
-class ProbeParams(BaseModel):
-    """Parameters every probe shares. Subclasses add their own; unknown keys are rejected."""
+MAX_IMAGE_SIDE = 4096
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+
+class ProbeParams(BaseModel):
+    """Parameters every probe shares. Subclasses add their own; unknown keys are rejected, and so
+    are NaN and infinities in every float field (sweep lists included)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     num_inference_steps: int = Field(50, ge=1, le=1000, description="Denoising steps (the original: 50).")
     guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale (the original: 7.5).")
     negative_prompt: str = Field("", description="Negative prompt for classifier-free guidance.")
-    height: int | None = Field(None, ge=8, description="Image height in pixels; default: the model's native size.")
-    width: int | None = Field(None, ge=8, description="Image width in pixels; default: the model's native size.")
+    # Multiples of 8, as diffusers pipelines require; the cap keeps a typo from asking for terabytes.
+    height: int | None = Field(
+        None, ge=8, le=MAX_IMAGE_SIDE, multiple_of=8,
+        description="Image height in pixels (a multiple of 8); default: the model's native size.",
+    )
+    width: int | None = Field(
+        None, ge=8, le=MAX_IMAGE_SIDE, multiple_of=8,
+        description="Image width in pixels (a multiple of 8); default: the model's native size.",
+    )
 
     def canonical_json(self) -> str:
         """Every field, defaults included, sorted and compact: part of each row's identity."""
@@ -183,12 +194,16 @@ def get_probe_class(name: str) -> type[Probe]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def parse_params(probe_name: str, raw: dict[str, Any]) -> ProbeParams:
+def parse_params(probe_name: str, raw: dict[str, Any], source: Callable[[tuple], str] | None = None) -> ProbeParams:
+    """Validated params of a probe. `source(loc)`, when given, names where the value at `loc` was
+    written (a run file line, --probe-param, --set) and leads the error message."""
     params_class = get_probe_class(probe_name).params_class
     try:
         return params_class.model_validate(raw)
     except ValidationError as exc:
-        raise format_validation_error(exc, f"probe {probe_name} params", params_class) from None
+        where = f"probe {probe_name} params"
+        label = where if source is None else (lambda loc: f"{source(loc)}: {where}")
+        raise format_validation_error(exc, label, params_class) from None
 
 
 def describe_params(params_class: type[ProbeParams]) -> list[tuple[str, str, str, str]]:

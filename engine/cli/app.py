@@ -31,10 +31,19 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except UserError as error:
-            typer.echo(f"error: {error}", err=True)
+            typer.echo(f"error: {one_line(str(error))}", err=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
+
+
+# Every character str.splitlines() breaks at: a key or value the user wrote may hold one.
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def one_line(message: str) -> str:
+    """The message with line breaks escaped (a quoted bad value may contain one), so it stays one line."""
+    return message.translate({ord(c): ascii(c)[1:-1] for c in _LINE_BREAKS})
 
 
 def setup_logging(verbose: bool) -> None:

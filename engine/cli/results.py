@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from engine.cli.app import app, parse_owner_key_values, setup_logging, user_errors
+from engine.cli.validation import check_output_folder
 from engine.errors import UserError
 
 
@@ -53,5 +54,7 @@ def report(
     from engine.report.build import build_report
 
     setup_logging(verbose)
+    if output is not None:
+        check_output_folder(output, "--output")
     content = build_report(run_dirs, output, max_images)
     typer.echo(f"report of {content.rows} rows in {len(content.cells)} cells: {content.output / 'report.html'}")

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from engine.cli.app import app, parse_owner_key_values, setup_logging, user_errors
+from engine.cli.validation import check_output_folder, check_run_names
 from engine.errors import UserError
 
 
@@ -37,39 +38,48 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Generate (and score) every row of a grid into OUTPUT/rows/*.parquet."""
-    from engine.concepts import read_yaml
+    from engine.concepts import Sources, read_yaml_with_sources
     from engine.config import apply_overrides, run_spec_from_dict
     from engine.models import resolve_model, unet_override_spec
     from engine.pipeline.grid import plan_run
 
     setup_logging(verbose)
-    data: dict[str, Any] = read_yaml(config) if config else {}
+    # `sources` records where each key came from (file line, flag, --set), so errors name it.
+    data, sources = read_yaml_with_sources(config) if config else ({}, Sources("run flags"))
     if config and (model or concept or probe):
         raise UserError("give either a run file or --model/--concept/--probe flags, not both")
     if concept:
         data["concepts"] = list(concept)
+        sources.record("concepts", "--concept")
     if probe:
         data["probes"] = list(probe)
+        sources.record("probes", "--probe")
     for field, value in [("output", output), ("num_images", num_images), ("base_model", base_model),
                          ("batch_size", batch_size)]:
         if value is not None:
             data[field] = str(value) if isinstance(value, Path) else value
+            sources.record(field, "--" + field.replace("_", "-"))
     if model:
         data["models"] = list(model)
-    if allow_pickle:
+        sources.record("models", "--model")
+    if allow_pickle and isinstance(data.get("models"), list):
         data["models"] = [
-            resolve_model(m).model_copy(update={"allow_pickle": True}).model_dump() for m in data.get("models", [])
+            resolve_model(m).model_copy(update={"allow_pickle": True}).model_dump() if isinstance(m, str)
+            else {**m, "allow_pickle": True} if isinstance(m, dict) else m
+            for m in data["models"]
         ]
     overrides = parse_owner_key_values(probe_param, "--probe-param", "PROBE")
     if overrides:
-        data["probes"] = _merge_probe_params(data.get("probes", []), overrides)
+        data["probes"] = _merge_probe_params(data.get("probes", []), overrides, probe_param, sources)
     if classifier_dir is not None:
-        data["probes"] = _with_classifier_dir(data.get("probes", []), str(classifier_dir))
+        data["probes"] = _with_classifier_dir(data.get("probes", []), str(classifier_dir), sources)
     for required, flag in [("output", "--output"), ("num_images", "--num-images"), ("concepts", "--concept"),
                            ("probes", "--probe")]:
         if required not in data and not config:
             raise UserError(f"missing {flag}")
-    spec = run_spec_from_dict(apply_overrides(data, set_), str(config) if config else "run flags")
+    spec = run_spec_from_dict(apply_overrides(data, set_, sources), sources)
+    check_output_folder(spec.output, sources.of(("output",)))
+    check_run_names(spec, sources)
     extra = []
     if unet is not None:
         extra.append(unet_override_spec(str(unet), spec.base_model, method).model_copy(
@@ -78,31 +88,54 @@ def run(
     execute_and_print(plan, cluster, ship_code)
 
 
-def _merge_probe_params(probes: list, overrides: dict[str, dict[str, Any]]) -> list:
-    merged = []
-    names = []
-    for entry in probes:
-        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
-        names.append(entry["name"])
-        entry["params"] = {**entry.get("params", {}), **overrides.get(entry["name"], {})}
-        merged.append(entry)
+def _probe_entries(probes: Any) -> list[tuple[int, dict[str, Any]]]:
+    """(index, entry as a dict) of each well-formed probe entry (a name, or a mapping with a string
+    name and mapping params); malformed ones are left to the run spec's validation to report."""
+    if not isinstance(probes, list):
+        return []
+    entries = []
+    for index, entry in enumerate(probes):
+        if isinstance(entry, str):
+            entries.append((index, {"name": entry}))
+        elif (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+              and isinstance(entry.get("params", {}), dict)):
+            entries.append((index, dict(entry)))
+    return entries
+
+
+def _merge_probe_params(probes: Any, overrides: dict[str, dict[str, Any]], flags: list[str], sources) -> Any:
+    entries = _probe_entries(probes)
+    names = [entry["name"] for _, entry in entries]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise UserError(f"--probe-param names probe {unknown[0]!r}, which is not in this run ({', '.join(names)})")
+    merged = list(probes)
+    for index, entry in entries:
+        if entry["name"] in overrides:
+            entry["params"] = {**entry.get("params", {}), **overrides[entry["name"]]}
+            merged[index] = entry
+            for key in overrides[entry["name"]]:
+                flag = next(f for f in reversed(flags) if f.partition("=")[0] == f"{entry['name']}.{key}")
+                sources.record(("probes", index, "params", key), f"--probe-param {flag}")
     return merged
 
 
-def _with_classifier_dir(probes: list, classifier_dir: str) -> list:
+def _with_classifier_dir(probes: Any, classifier_dir: str, sources) -> Any:
     """--classifier-dir: the classifier_dir param of every probe that has one, unless set already."""
     from engine.probe import get_probe_class
 
-    updated, used = [], False
-    for entry in probes:
-        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
-        if "classifier_dir" in get_probe_class(entry["name"]).params_class.model_fields:
+    updated, used = list(probes) if isinstance(probes, list) else probes, False
+    for index, entry in _probe_entries(probes):
+        try:
+            fields = get_probe_class(entry["name"]).params_class.model_fields
+        except UserError as error:
+            raise UserError(f"{sources.of(('probes', index))}: {error}") from None
+        if "classifier_dir" in fields:
+            if "classifier_dir" not in entry.get("params", {}):
+                sources.record(("probes", index, "params", "classifier_dir"), "--classifier-dir")
             entry["params"] = {"classifier_dir": classifier_dir, **entry.get("params", {})}
+            updated[index] = entry
             used = True
-        updated.append(entry)
     if not used:
         raise UserError("--classifier-dir: no probe of this run uses latent classifiers")
     return updated
@@ -136,6 +169,7 @@ def demo(
     from engine.report.build import build_report
 
     setup_logging(verbose)
+    check_output_folder(output, "--output")
     plan = plan_run(run_spec_from_dict(demo_spec(str(output), num_images, random_models), "demo"))
     execute_and_print(plan, None)
     content = build_report([output])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from engine.cli.app import app, setup_logging, toyworld_app, user_errors
+from engine.cli.validation import check_output_folder
+from engine.errors import UserError
 
 
 @app.command("train-classifier")
@@ -38,11 +41,17 @@ def train_classifier(
     """Train time-conditioned latent classifiers (one per concept, in parallel) for classifier guidance."""
     from classifier_training.jobs import TrainRequest, train_classifiers
     from classifier_training.train import TrainSettings
+    from engine.concepts import Sources, validate
     from engine.config import DEFAULT_BASE_MODEL
 
     setup_logging(verbose)
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, learning_rate=lr, timestep_power=timestep_power,
-                             seed=seed)
+    check_output_folder(output_dir, "--output-dir")
+    sources = Sources("train-classifier flags")
+    for key, flag in [("learning_rate", "--lr"), ("timestep_power", "--timestep-power"), ("epochs", "--epochs"),
+                      ("batch_size", "--batch-size"), ("seed", "--seed")]:
+        sources.record(key, flag)
+    settings = validate(TrainSettings, {"epochs": epochs, "batch_size": batch_size, "learning_rate": lr,
+                                        "timestep_power": timestep_power, "seed": seed}, sources)
     request = TrainRequest(labels=list(labels), output_dir=output_dir, settings=settings,
                            model=model or DEFAULT_BASE_MODEL,
                            positive_dir=positive_dir, negative_dir=negative_dir,
@@ -69,6 +78,8 @@ def toyworld_build(
     from engine.toyworld.build import WEIGHTS_DIR, BuildSettings, build_toy_world
 
     setup_logging(True)
+    if minutes is not None and not math.isfinite(minutes):
+        raise UserError(f"--minutes must be a finite number of minutes, got {minutes}")
     settings = BuildSettings.tiny() if tiny else BuildSettings()
     if minutes is not None:
         settings = settings.with_budget(minutes)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from engine.cli.app import app, setup_logging, user_errors
+from engine.cli.validation import check_output_folder
 
 
 @app.command()
@@ -38,8 +39,9 @@ def tune(
     flags = {"models": model, "concepts": concept, "probe": probe, "num_samples": num_samples,
              "num_images": num_images, "algorithm": algorithm, "objective": objective,
              "output": str(output) if output else None}
-    spec, where = load_tune_spec(config, flags, set_)
-    summary = execute_tune(plan_tune(spec, where), cluster, ship_code)
+    spec, sources = load_tune_spec(config, flags, set_)
+    check_output_folder(spec.output, sources.of(("output",)))
+    summary = execute_tune(plan_tune(spec, sources), cluster, ship_code)
     for line in summary_lines(summary):
         typer.echo(line)
 

@@ -38,9 +38,9 @@ CANDIDATE_COLUMNS: dict[str, dict[str, str]] = {
 
 
 class JudgeOptions(BaseModel):
-    """Options every judge validates strictly: frozen, unknown keys rejected."""
+    """Options every judge validates strictly: frozen, unknown keys rejected, floats finite."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Judge(ABC):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.concepts import ConceptSpec
+from engine.concepts import ConceptSpec, Sources
 from engine.config import ModelSpec, run_spec_from_dict
 from engine.errors import UserError
 from engine.pipeline.grid import plan_run
@@ -44,7 +44,7 @@ class TunePlan:
     output: Path
 
 
-def plan_tune(spec: TuneSpec, where: str = "tune config") -> TunePlan:
+def plan_tune(spec: TuneSpec, where: str | Sources = "tune config") -> TunePlan:
     """Check everything a search needs before Ray or any model starts. Raises UserError."""
     if not spec.models:
         raise UserError(f"{where}: no model to tune: give --model or `models:`")
@@ -60,7 +60,7 @@ def plan_tune(spec: TuneSpec, where: str = "tune config") -> TunePlan:
         for concept in spec.concepts:
             ref = model_ref if isinstance(model_ref, str) else model_ref.model_dump(mode="json")
             data = run_data(spec, ref, concept, space.raw_params(corner), output)
-            plan = plan_run(run_spec_from_dict(data, where))
+            plan = plan_run(run_spec_from_dict(data, str(where)))  # its keys are the run's, not the tune file's
             check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
             _check_objective(spec, plan, where)
             jobs.append(PairJob(ref, plan.models[0], plan.concepts[concept], plan, len(plan.rows)))

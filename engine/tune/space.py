@@ -35,7 +35,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from engine.concepts import Frozen, find_config_files, read_yaml, validate
+from engine.concepts import (
+    SHIPPED,
+    Frozen,
+    Sources,
+    find_config_entries,
+    find_config_files,
+    read_yaml_with_sources,
+    validate,
+)
 from engine.config import DEFAULT_BASE_MODEL, ModelSpec, apply_overrides, no_duplicate_names
 from engine.errors import UserError, unknown_choice
 from engine.metrics import METRICS
@@ -56,6 +64,16 @@ class Dimension(Frozen):
     high: float | None = Field(None, description="Upper bound (inclusive).")
     values: list[Any] | None = Field(None, description="The options of a choice dimension.")
     grid: list[Any] | None = Field(None, description="Points of the grid algorithm (default: grid_points spaced).")
+
+    @field_validator("values", "grid")
+    @classmethod
+    def _finite(cls, value: list[Any] | None) -> list[Any] | None:
+        # Their items are any type (a choice may list strings), so Frozen's finite-float rule
+        # does not reach them.
+        for item in value or ():
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{item} is not a finite number")
+        return value
 
 
 class SchedulerSpec(Frozen):
@@ -79,7 +97,9 @@ class TuneSpec(Frozen):
         "tpe", description="tpe (Optuna TPE), random, or grid (every grid point; num_samples unused)."
     )
     num_samples: int = Field(16, ge=1, description="Trials per (model, concept) for tpe and random.")
-    grid_points: int = Field(5, ge=2, description="Grid values of a dimension without an explicit `grid:`.")
+    grid_points: int = Field(
+        5, ge=2, le=MAX_GRID_POINTS, description="Grid values of a dimension without an explicit `grid:`."
+    )
     startup_trials: int | None = Field(
         None, ge=1, description="TPE: random trials before the model guides; default max(2, min(10, num_samples // 4))."
     )
@@ -127,16 +147,24 @@ def available_tune_configs() -> dict[str, Path]:
     return find_config_files("tune")
 
 
-def tune_spec_from_dict(data: dict[str, Any], where: str) -> TuneSpec:
+def tune_spec_from_dict(data: dict[str, Any], where: str | Sources) -> TuneSpec:
     return validate(TuneSpec, data, where)
 
 
-def load_tune_spec(config: Path | None, flags: dict[str, Any], overrides: list[str] = ()) -> tuple[TuneSpec, str]:
+# The flag of each key `engine tune` can set from its command line, to name it in errors.
+FLAG_NAMES = {"models": "--model", "concepts": "--concept"}
+
+
+def load_tune_spec(config: Path | None, flags: dict[str, Any], overrides: list[str] = ()) -> tuple[TuneSpec, Sources]:
     """CONFIG.yaml (or, with only --probe, the shipped configs/tune/<probe>.yaml), then the CLI
-    flags that were given (models, concepts, probe, num_samples...), then --set overrides."""
+    flags that were given (models, concepts, probe, num_samples...), then --set overrides.
+
+    Returns the spec and where each of its keys came from (a Sources, whose str() is the config
+    file), so a bad flag is blamed on the flag, not on a shipped file the user never opened."""
     probe = flags.get("probe")
     if config is None and probe is None:
         raise UserError("give a tune config file or --probe (its search space is configs/tune/<probe>.yaml)")
+    label = None
     if config is None:
         files = available_tune_configs()
         if probe not in files:
@@ -145,11 +173,16 @@ def load_tune_spec(config: Path | None, flags: dict[str, Any], overrides: list[s
                 f"write configs/tune/{probe}.yaml or pass a tune config file"
             )
         config = files[probe]
-    data = read_yaml(config)
+        source = find_config_entries("tune")[probe].source
+        label = f"shipped config {config}" if source == SHIPPED else None  # else the path, as the user's
+    data, sources = read_yaml_with_sources(config, label)
     if probe is not None and data.get("probe") not in (None, probe):
         raise UserError(f"--probe {probe} differs from the probe of {config} ({data['probe']})")
-    data.update({key: value for key, value in flags.items() if value not in (None, [], ())})
-    return tune_spec_from_dict(apply_overrides(data, list(overrides)), str(config)), str(config)
+    for key, value in flags.items():
+        if value not in (None, [], ()):
+            data[key] = value
+            sources.record((key,), FLAG_NAMES.get(key, "--" + key.replace("_", "-")))
+    return tune_spec_from_dict(apply_overrides(data, list(overrides), sources), sources), sources
 
 
 # --------------------------------------------------------------------------- search space
@@ -222,19 +255,25 @@ class SearchSpace:
         return {dim.key: dim.grid_values(points) for dim in self.dimensions}
 
 
-def parse_space(spec: TuneSpec, where: str) -> SearchSpace:
-    """Resolve and check spec.space against the probe's params class. Raises UserError."""
+def parse_space(spec: TuneSpec, where: str | Sources) -> SearchSpace:
+    """Resolve and check spec.space against the probe's params class. Raises UserError.
+
+    `where` names the config; a Sources (from load_tune_spec) also names the flag or `--set`
+    that wrote a bad key."""
+    sources = where if isinstance(where, Sources) else Sources(where)
     params_class = get_probe_class(spec.probe).params_class
-    parse_params(spec.probe, spec.params)  # the fixed params alone must be valid
+    parse_params(spec.probe, spec.params, lambda loc: sources.of(("params", *loc)))  # fixed params alone valid
     dimensions = []
     for key, dimension in spec.space.items():
-        field, as_list = _resolve_key(key, params_class, spec.probe, where)
+        at = sources.of(("space", key), deep=True)
+        field, as_list = _resolve_key(key, params_class, spec.probe, at)
         if field in spec.params:
-            raise UserError(f"{where}: {field!r} is both fixed in params and searched in space.{key}; keep one")
+            raise UserError(f"{at}: {field!r} is both fixed in params and searched in space.{key}; keep one")
         if field in [d.field for d in dimensions]:
-            raise UserError(f"{where}: space sets {field!r} twice; keep one key for it")
+            raise UserError(f"{at}: space sets {field!r} twice; keep one key for it")
         kind = _element_kind(params_class.model_fields[field].annotation)
-        dimensions.append(_check_dimension(key, field, as_list, kind, dimension, f"{where}: space.{key}"))
+        dimensions.append(_check_dimension(key, field, as_list, kind, dimension, f"{at}: space.{key}"))
+    where = str(where)
     space = SearchSpace(spec.probe, dict(spec.params), tuple(dimensions))
     _check_corners(space, where)
     if spec.algorithm == "grid":
@@ -293,7 +332,7 @@ def _check_dimension(key, field, as_list, kind, dimension: Dimension, where: str
         if not dimension.values:
             raise UserError(f"{where}: a choice needs a non-empty `values` list")
         return SearchDimension(key, field, as_list, distribution, None, None, tuple(dimension.values),
-                               _tuple(dimension.grid))
+                               _tuple(dimension.grid, where))
     if dimension.values is not None:
         raise UserError(f"{where}: `values` belongs to distribution choice; {distribution} takes low and high")
     if dimension.low is None or dimension.high is None:
@@ -307,23 +346,25 @@ def _check_dimension(key, field, as_list, kind, dimension: Dimension, where: str
         raise UserError(f"{where}: low {_fmt(low)} > high {_fmt(high)}")
     if low == high:
         raise UserError(f"{where}: low equals high ({_fmt(low)}); fix the value in params instead")
+    if not math.isfinite(high - low):
+        raise UserError(f"{where}: the range {_fmt(low)} to {_fmt(high)} is too wide to step through")
     if distribution.startswith("log") and low <= 0:
         raise UserError(f"{where}: a {distribution} range needs low > 0 (got {_fmt(low)}); log(0) is undefined")
     if distribution in ("int", "logint") and not (float(low).is_integer() and float(high).is_integer()):
         raise UserError(f"{where}: {distribution} bounds must be whole numbers (got {_fmt(low)}, {_fmt(high)})")
-    return SearchDimension(key, field, as_list, distribution, low, high, None, _tuple(dimension.grid))
+    return SearchDimension(key, field, as_list, distribution, low, high, None, _tuple(dimension.grid, where))
 
 
-def _tuple(values: list[Any] | None) -> tuple[Any, ...] | None:
+def _tuple(values: list[Any] | None, where: str) -> tuple[Any, ...] | None:
     if values is None:
         return None
     if not values:
-        raise UserError("a `grid:` list must not be empty")
+        raise UserError(f"{where}: a `grid:` list must not be empty")
     return tuple(values)
 
 
 def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(value)
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
 
 
 def _check_corners(space: SearchSpace, where: str) -> None:
@@ -331,6 +372,10 @@ def _check_corners(space: SearchSpace, where: str) -> None:
     params class's own limits (eta >= 0, mask_size <= 512, hand-over step < steps) are checked
     here, not discovered by a failing trial."""
     bounds = [dim.bounds() for dim in space.dimensions]
+    corners = math.prod(len(b) for b in bounds)
+    if corners > MAX_GRID_POINTS:
+        raise UserError(f"{where}: the search space has {corners} corners to check (more than {MAX_GRID_POINTS}); "
+                        "list fewer choice values")
     for corner in itertools.product(*bounds):
         config = {dim.key: value for dim, value in zip(space.dimensions, corner)}
         _check_point(space, config, where, "the search space")

@@ -1,0 +1,59 @@
+"""Checks the commands run on their input before any work starts, each failing with one line that
+names the flag or file the bad value came from."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.errors import UserError
+
+if TYPE_CHECKING:
+    from engine.concepts import Sources
+    from engine.config import RunSpec
+
+
+def check_output_folder(path: str | Path, source: str) -> None:
+    """An output folder we can create or write into: not an existing file, not below a file, and
+    writable. Checked up front, so a typo fails in a second instead of after Ray has started."""
+    try:
+        path = Path(path).expanduser()
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{source}: {path} exists and is not a folder; give a folder path")
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"{source}: cannot create {path}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            what = "" if existing == path else f" ({existing} does not let us create it)"
+            raise UserError(f"{source}: {path} is not writable{what}")
+    except (OSError, ValueError) as exc:  # a NUL byte, an over-long name, a permission on a parent
+        reason = getattr(exc, "strerror", None) or exc
+        raise UserError(f"{source}: {str(path)!r} is not a usable folder path ({reason})") from None
+
+
+def check_run_names(spec: RunSpec, sources: Sources) -> None:
+    """Every model, concept and probe name and every probe param of a run spec, each error led by
+    where the value was written (a flag, `--set`, a run file line). engine.pipeline.grid.plan_run
+    checks the same again; this only makes the first failure name its source."""
+    from engine.concepts import load_concept
+    from engine.config import probe_requests
+    from engine.models import resolve_model
+    from engine.probe import get_probe_class, parse_params
+
+    for index, ref in enumerate(spec.models):
+        _blamed(sources.of(("models", index)), resolve_model, ref)
+    for index, name in enumerate(spec.concepts):
+        _blamed(sources.of(("concepts", index)), load_concept, name)
+    for index, request in enumerate(probe_requests(spec)):
+        _blamed(sources.of(("probes", index)), get_probe_class, request.name)
+        parse_params(request.name, request.params, lambda loc, i=index: sources.of(("probes", i, "params", *loc)))
+
+
+def _blamed(source: str, check, *args):
+    try:
+        return check(*args)
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
