@@ -116,8 +116,9 @@ def read_yaml_with_sources(path: Path, label: str | None = None) -> tuple[dict[s
         raise UserError(f"{label}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     except (OSError, ValueError) as exc:  # permissions, a NUL byte or an over-long name in the path
         raise UserError(f"{label}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # checks every character: may raise a ReaderError already
         node = loader.get_single_node()
         sources = Sources(label)
         if node is not None:
@@ -128,7 +129,8 @@ def read_yaml_with_sources(path: Path, label: str | None = None) -> tuple[dict[s
     except RecursionError:  # deeply nested flow collections: the parser recurses per level
         raise UserError(f"{label}: malformed YAML (nested too deeply)") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise UserError(f"{label}: expected a mapping of keys at the top level")
     return data, sources
