@@ -270,7 +270,7 @@ def test_run_file_errors_name_the_line_and_flags_name_the_flag(tmp_path):
     "args, expected",
     [
         (["--algorithm", "nonsense"], "error: --algorithm: algorithm: Input should be 'tpe', 'random' or 'grid'"),
-        (["--objective", "best"], "error: --objective: objective: Input should be"),
+        (["--objective", "best"], "error: --objective: objective: Value error, unknown objective 'best'"),
         (["--set", "num_samples=0"], "error: --set num_samples=0: num_samples: Input should be greater than"),
         (["--set", "space.eta.low=nan"], "error: --set space.eta.low=nan: space.eta.low: Input should be a finite"),
         (["--set", "params.guidance_scale=-.inf"],
