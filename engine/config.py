@@ -41,7 +41,14 @@ class ProbeRequest(Frozen):
 
 
 class RunSpec(Frozen):
-    output: str = Field(description="Output folder: rows/*.parquet and manifest.json.")
+    output: str = Field(
+        description="Output folder: rows/*.parquet and manifest.json. A local path or a URI (s3://, gs://, abfs://, "
+        "file://, local://)."
+    )
+    shared_output: bool = Field(
+        False, description="A local output path every node of the cluster sees (NFS...): nodes write to it directly. "
+        "Network mounts are recognised without it."
+    )
     models: list[str | ModelSpec] = Field(
         default_factory=list, description="Models to probe: built-in names, configs/models stems, hub ids, folders."
     )

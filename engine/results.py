@@ -1,7 +1,8 @@
 """The results dataset: one Arrow schema, PNG helpers, manifest, and read helpers.
 
 <output>/rows/*.parquet holds one row per image; <output>/manifest.json the resolved config,
-versions, git commit, times and counts. The schema is defined once, here.
+versions, git commit, times and counts. The schema is defined once, here. An output is a local
+folder or a URI (s3://...): every helper takes either (engine.storage).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import Image
 from engine import __version__
 from engine.errors import UserError
 from engine.metrics import CANDIDATE_COLUMNS, MODEL_COLUMNS, slot_metrics
+from engine.storage import TEMPORARY_PREFIX, OutputLocation, output_location
 
 logger = logging.getLogger(__name__)
 
@@ -88,62 +90,104 @@ def rows_table(records: list[dict[str, Any]], schema: pa.Schema = ROW_SCHEMA) ->
     return pa.table(columns, schema=schema)
 
 
-def rows_dir(output: Path) -> Path:
-    return Path(output) / ROWS_DIR
+Output = str | Path | OutputLocation  # a local folder or a URI (engine.storage)
 
 
-def parquet_files(output: Path) -> list[Path]:
-    return sorted(rows_dir(output).glob("*.parquet"))
+def rows_location(output: Output) -> OutputLocation:
+    return output_location(output).child(ROWS_DIR)
 
 
-def row_columns(output: Path) -> set[str]:
+def rows_dir(output: Output) -> str:
+    """OUTPUT/rows, as the user would write it (a path or a URI)."""
+    return rows_location(output).uri
+
+
+def parquet_files(output: Output) -> list[str]:
+    """Names of the finished results files in OUTPUT/rows. Temporaries (hidden names) are never listed."""
+    return rows_location(output).list_files(suffix=".parquet")
+
+
+def read_rows_file(output: Output, name: str, columns: list[str] | None = None, **options) -> pa.Table:
+    rows = rows_location(output)
+    return pq.read_table(rows.path(name), filesystem=rows.fs, columns=columns, **options)
+
+
+def row_columns(output: Output) -> set[str]:
     """Columns every readable row file of a run has (files of older versions may lack some)."""
+    rows = rows_location(output)
     names: set[str] | None = None
-    for path in parquet_files(output):
+    for name in rows.list_files(suffix=".parquet"):
         try:
-            file_names = set(pq.read_schema(path).names)
+            with rows.open_input(name) as handle:
+                file_names = set(pq.read_schema(handle).names)
         except Exception:  # unreadable files are reported by read_rows
             continue
         names = file_names if names is None else names & file_names
     return names or set()
 
 
-def read_rows(output: Path, columns: list[str] | None = None) -> pa.Table:
-    """Every readable row of a run. A file left half-written by a killed run cannot be read; it is
-    skipped with a warning (its rows are missing, so a resume regenerates them)."""
+def read_rows(output: Output, columns: list[str] | None = None) -> pa.Table:
+    """Every readable row of a run. A file that cannot be read (left by an older engine version
+    or damaged) is skipped with a warning; its rows count as missing, so a resume regenerates them."""
+    output = output_location(output)  # once: opening an object store's file system costs a request
     tables = []
-    for path in parquet_files(output):
+    for name in parquet_files(output):
         try:
-            tables.append(pq.read_table(path, columns=columns, schema=ROW_SCHEMA if columns is None else None))
-        except Exception as exc:  # truncated or corrupt file from an interrupted write
-            logger.warning("skipping unreadable results file %s (%s)", path, exc)
+            tables.append(read_rows_file(output, name, columns, schema=ROW_SCHEMA if columns is None else None))
+        except Exception as exc:  # truncated or corrupt file
+            logger.warning("skipping unreadable results file %s (%s)", name, exc)
     if not tables:
         schema = ROW_SCHEMA if columns is None else pa.schema([ROW_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
     return pa.concat_tables(tables, promote_options="default")
 
 
-def finished_row_ids(output: Path) -> set[str]:
+def finished_row_ids(output: Output) -> set[str]:
     return set(read_rows(output, columns=["row_id"]).column("row_id").to_pylist())
 
 
-def remove_unreadable_files(output: Path) -> list[Path]:
-    """Delete result files a killed run left half-written, so a resume starts clean."""
+def remove_unreadable_files(output: Output) -> list[str]:
+    """Delete results files whose footer cannot be read, so a resume starts clean. Call it only
+    while holding the output's lock: no live writer can then be mid-file. (Files are renamed into
+    place when complete, so only an older engine version or damage leaves such a file.)"""
+    rows = rows_location(output)
     removed = []
-    for path in parquet_files(output):
+    for name in parquet_files(output):
         try:
-            pq.read_metadata(path)
+            with rows.open_input(name) as handle:
+                pq.read_metadata(handle)
         except Exception:
-            path.unlink()
-            removed.append(path)
+            rows.delete(name)
+            removed.append(name)
     return removed
 
 
-def require_run_folder(output: Path) -> None:
-    if not Path(output).is_dir():
-        raise UserError(f"run folder not found: {output}")
-    if not parquet_files(output):
-        raise UserError(f"{output} holds no result rows ({ROWS_DIR}/*.parquet); run `engine run` first")
+def remove_temporaries(output: Output) -> list[str]:
+    """Delete the hidden temporaries a killed writer left in OUTPUT/rows and OUTPUT. Only under
+    the output's lock: a temporary then belongs to a writer that is gone."""
+    location = output_location(output)
+    removed = []
+    for folder in ((ROWS_DIR,), ()):
+        for name in location.list_files(*folder, hidden=True):
+            if name.startswith(TEMPORARY_PREFIX):
+                location.delete(*folder, name)
+                removed.append("/".join((*folder, name)))
+    return removed
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """A table as the bytes of one Parquet file (written whole with one atomic write)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def require_run_folder(output: Output) -> None:
+    location = output_location(output)
+    if not location.is_dir():  # on an object store: no object under the prefix
+        raise UserError(f"run folder not found: {location}")
+    if not parquet_files(location):
+        raise UserError(f"{location} holds no result rows ({ROWS_DIR}/*.parquet); run `engine run` first")
 
 
 # --------------------------------------------------------------------------- manifest
@@ -174,16 +218,14 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_manifest(output: Path, content: dict[str, Any]) -> None:
-    path = Path(output) / MANIFEST
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(content, indent=2, sort_keys=True))
-    temporary.replace(path)  # atomic: a killed run never leaves half a manifest
+def write_manifest(output: Output, content: dict[str, Any]) -> None:
+    # Atomic: a killed run never leaves half a manifest.
+    output_location(output).atomic_write(json.dumps(content, indent=2, sort_keys=True).encode(), MANIFEST)
 
 
-def read_manifest(output: Path) -> dict[str, Any]:
-    path = Path(output) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+def read_manifest(output: Output) -> dict[str, Any]:
+    location = output_location(output)
+    return json.loads(location.read_text(MANIFEST)) if location.exists(MANIFEST) else {}
 
 
 def base_manifest(resolved_config: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -15,7 +14,7 @@ from engine.errors import UserError
 @app.command()
 @user_errors
 def score(
-    run_dir: Path = typer.Argument(..., help="Run folder written by `engine run`."),
+    run_dir: str = typer.Argument(..., help="Run folder written by `engine run` (a path or a URI)."),
     judge: list[str] = typer.Option(..., "--judge", help="Judge NAME or NAME:PRESET (repeatable), e.g. clip."),
     judge_option: list[str] = typer.Option([], "--judge-option", help="JUDGE.KEY=VALUE judge option."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -45,8 +44,8 @@ def score(
 @app.command()
 @user_errors
 def report(
-    run_dirs: list[Path] = typer.Argument(..., help="Run folders; several are merged into one report."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Report folder; default RUN_DIR/report."),
+    run_dirs: list[str] = typer.Argument(..., help="Run folders (paths or URIs); several are merged into one report."),
+    output: Optional[str] = typer.Option(None, "--output", help="Report folder (path or URI); default RUN_DIR/report."),
     max_images: int = typer.Option(12, "--max-images", min=1, help="Images per cell in the contact sheets."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -57,4 +56,5 @@ def report(
     if output is not None:
         check_output_folder(output, "--output")
     content = build_report(run_dirs, output, max_images)
-    typer.echo(f"report of {content.rows} rows in {len(content.cells)} cells: {content.output / 'report.html'}")
+    report_file = f"{str(content.output).rstrip('/')}/report.html"
+    typer.echo(f"report of {content.rows} rows in {len(content.cells)} cells: {report_file}")

@@ -20,7 +20,12 @@ def run(
     concept: list[str] = typer.Option([], "--concept", help="Concept slug (repeatable)."),
     probe: list[str] = typer.Option([], "--probe", help="Probe name (repeatable)."),
     num_images: Optional[int] = typer.Option(None, "--num-images", help="Prompts per cell."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Output folder."),
+    output: Optional[str] = typer.Option(
+        None, "--output", help="Output folder: a local path or a URI (s3://bucket/run, gs://, abfs://, local://)."
+    ),
+    shared_output: bool = typer.Option(
+        False, "--shared-output", help="The local --output is on storage every cluster node sees (NFS...)."
+    ),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="The original, un-erased model."),
     unet: Optional[Path] = typer.Option(None, "--unet", help="Erased UNet on the base model's other parts."),
     method: str = typer.Option("unknown", "--method", help="Erasure method label for --unet models."),
@@ -73,6 +78,9 @@ def run(
         data["probes"] = _merge_probe_params(data.get("probes", []), overrides, probe_param, sources)
     if classifier_dir is not None:
         data["probes"] = _with_classifier_dir(data.get("probes", []), str(classifier_dir), sources)
+    if shared_output:
+        data["shared_output"] = True
+        sources.record("shared_output", "--shared-output")
     for required, flag in [("output", "--output"), ("num_images", "--num-images"), ("concepts", "--concept"),
                            ("probes", "--probe")]:
         if required not in data and not config:

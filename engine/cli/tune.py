@@ -22,7 +22,9 @@ def tune(
     num_images: Optional[int] = typer.Option(None, "--num-images", min=1, help="Prompts per trial."),
     algorithm: Optional[str] = typer.Option(None, "--algorithm", help="tpe (default), random or grid."),
     objective: Optional[str] = typer.Option(None, "--objective", help="judge_top1, judge_target_prob, clip_score."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Output folder (trials.parquet, best_*.yaml)."),
+    output: Optional[str] = typer.Option(
+        None, "--output", help="Output folder (trials.parquet, best_*.yaml): a local path or a URI (s3://...)."
+    ),
     set_: list[str] = typer.Option([], "--set", help="key.sub=value override of the tune config."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
     ship_code: Optional[bool] = typer.Option(
@@ -38,7 +40,7 @@ def tune(
     setup_logging(verbose)
     flags = {"models": model, "concepts": concept, "probe": probe, "num_samples": num_samples,
              "num_images": num_images, "algorithm": algorithm, "objective": objective,
-             "output": str(output) if output else None}
+             "output": output}
     spec, sources = load_tune_spec(config, flags, set_)
     check_output_folder(spec.output, sources.of(("output",)))
     summary = execute_tune(plan_tune(spec, sources), cluster, ship_code)

@@ -16,7 +16,19 @@ if TYPE_CHECKING:
 
 def check_output_folder(path: str | Path, source: str) -> None:
     """An output folder we can create or write into: not an existing file, not below a file, and
-    writable. Checked up front, so a typo fails in a second instead of after Ray has started."""
+    writable. Checked up front, so a typo fails in a second instead of after Ray has started. A URI
+    (s3://...) is checked for a file system that can open it; whether the bucket takes writes shows
+    when the run takes the output's lock, still before any work."""
+    if "://" in str(path):
+        from engine.storage import output_location
+
+        try:
+            location = output_location(path)
+        except UserError as error:
+            raise UserError(f"{source}: {error}") from None
+        if not location.is_local:
+            return
+        path = location.local_path()
     try:
         path = Path(path).expanduser()
         if path.exists() and not path.is_dir():

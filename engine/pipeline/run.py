@@ -1,8 +1,9 @@
 """Build and execute the Ray Data pipeline of a run, on a local Ray or an existing cluster.
 
 units (driver) -> ray.data.from_items -> map_batches(ProbeActor, ActorPoolStrategy)
-               -> map_batches(ScoreActor, fractional GPU) -> write_parquet(<output>/rows/)
-Finished rows are skipped (resume); the manifest records config, versions, times and counts.
+               -> map_batches(ScoreActor, fractional GPU) -> RowsDatasink(<output>/rows/)
+The run holds the output's lock throughout (engine.lock); finished rows are skipped (resume); the
+manifest records config, versions, times, counts and where files were written (engine.storage).
 """
 
 from __future__ import annotations
@@ -13,34 +14,43 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from engine.errors import UserError
+from engine.lock import OutputLock
 from engine.pipeline.grid import RunPlan, pending_rows, work_units
 from engine.pipeline.shipping import code_runtime_env, report_node_engines, should_ship, uses_toy_weights
+from engine.pipeline.sink import RowsDatasink
 from engine.pipeline.stages import ProbeActor, ScoreActor, actor_payload, score_payload
 from engine.results import (
     base_manifest,
     finished_row_ids,
     now_iso,
     read_manifest,
+    remove_temporaries,
     remove_unreadable_files,
-    rows_dir,
     write_manifest,
 )
 from engine.scoring.preflight import check_run_scoring
 from engine.scoring.registry import judge_requests
+from engine.storage import OutputLocation, Placement, output_location, placement
 
 logger = logging.getLogger(__name__)
 
 # Passed to every Ray worker: offline hub, no usage stats, no auth tokens (environment.md).
 WORKER_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 WORKER_ENV_PASSTHROUGH = ["HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "ENGINE_CONFIG_DIR", "RAY_AUTH_MODE"]
+# Object-store endpoints and credentials: write tasks on every node open the output themselves.
+STORAGE_ENV_PASSTHROUGH = [
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CA_BUNDLE",
+    "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
+]  # fmt: skip
 
 
 @dataclass
 class RunSummary:
-    output: Path
+    output: OutputLocation
     planned: int
     skipped: int
     generated: int
@@ -50,7 +60,7 @@ class RunSummary:
 
 def worker_env() -> dict[str, str]:
     env = dict(WORKER_ENV_DEFAULTS)
-    env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
+    env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH + STORAGE_ENV_PASSTHROUGH if k in os.environ})
     return env
 
 
@@ -86,11 +96,19 @@ def ray_session(cluster: str | None, ship_code: bool | None = None, toy_weights:
 
 def execute(plan: RunPlan, cluster: str | None = None, ship_code: bool | None = None) -> RunSummary:
     check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
-    output = Path(plan.spec.output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
+    output = output_location(plan.spec.output)
+    # One writer per output: a second run into the same folder stops here (UserError naming the holder).
+    with OutputLock(output, "engine run") as lock:
+        return _execute_locked(plan, cluster, ship_code, output, lock)
+
+
+def _execute_locked(
+    plan: RunPlan, cluster: str | None, ship_code: bool | None, output: OutputLocation, lock: OutputLock
+) -> RunSummary:
     started = time.perf_counter()
-    for path in remove_unreadable_files(output):
-        logger.warning("removed a half-written results file from an interrupted run: %s", path.name)
+    # Under the lock, partial files can only be a dead writer's: removing them deletes nothing live.
+    for name in remove_temporaries(output) + remove_unreadable_files(output):
+        logger.warning("removed a partial file left by an interrupted run: %s", name)
     finished = finished_row_ids(output)
     todo = pending_rows(plan.rows, finished)
     manifest = {
@@ -104,7 +122,10 @@ def execute(plan: RunPlan, cluster: str | None = None, ship_code: bool | None = 
 
     if todo:
         with ray_session(cluster, ship_code, uses_toy_weights(plan)) as ray:
-            _stream(ray, plan, todo, output)
+            where = output_placement(ray, output, cluster, plan.spec.shared_output)
+            logger.info("output %s: %s", output, where.reason)
+            manifest["storage"] = {**where.describe(), "driver_node": ray.get_runtime_context().get_node_id()}
+            _stream(ray, plan, todo, output, RowsDatasink(output, lock.token, where.driver_writes), where.cache_dir)
 
     done = finished_row_ids(output)
     missing = [r.row_id for r in plan.rows if r.row_id not in done]
@@ -121,7 +142,14 @@ def execute(plan: RunPlan, cluster: str | None = None, ship_code: bool | None = 
     return RunSummary(output, len(plan.rows), len(plan.rows) - len(todo), len(todo), len(done), seconds)
 
 
-def _stream(ray, plan: RunPlan, todo, output: Path) -> None:
+def output_placement(ray, output: OutputLocation, cluster: str | None, shared: bool) -> Placement:
+    """Where this run writes and caches. A cluster we connected to counts as several machines even
+    if it has one node now: an autoscaler may add some, and a local path is not shared with them."""
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    return placement(output, multi_node=cluster is not None or len(alive) > 1, shared=shared)
+
+
+def _stream(ray, plan: RunPlan, todo, output: OutputLocation, sink: RowsDatasink, cache_dir: str) -> None:
     from ray.data import ActorPoolStrategy, DataContext
 
     spec = plan.spec
@@ -146,7 +174,7 @@ def _stream(ray, plan: RunPlan, todo, output: Path) -> None:
             f"need {wanted_gpus:g} GPUs; the cluster has {cluster_gpus}. Lower gpus_per_actor, actors or score_gpus"
         )
     logger.info("%d rows in %d units on %d actor(s), %s GPU each", len(todo), len(units), actors, gpus_per_actor)
-    payload = actor_payload(plan, device, spec.attention, spec.torch_threads, str(output / "cache"))
+    payload = actor_payload(plan, device, spec.attention, spec.torch_threads, cache_dir)
     dataset = ray.data.from_items(units, override_num_blocks=len(units))
     dataset = dataset.map_batches(
         ProbeActor,
@@ -170,4 +198,6 @@ def _stream(ray, plan: RunPlan, todo, output: Path) -> None:
             batch_size=spec.score_batch_size,
             batch_format="pyarrow",
         )
-    dataset.write_parquet(str(rows_dir(output)))
+    # Writes pinned to the driver's node reserve no CPU: a head node started with --num-cpus 0 (common)
+    # must still take them, and a write is light next to generation.
+    dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0} if sink.driver_only else None)

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -26,6 +25,7 @@ from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, encode_p
 from engine.scoring.registry import JudgeRequest, judge_requests
 from engine.scoring.scorer import Scorer
 from engine.scoring.selectors import SelectorBank
+from engine.storage import cache_folder
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ProbeRunner:
         self.base = ModelSpec(**payload["base"]) if payload.get("base") else None
         self.concepts = {name: ConceptSpec(**spec) for name, spec in payload["concepts"].items()}
         self.cache = ModelCache(self.device, payload.get("attention", "sdpa"))
-        self.cache_dir = Path(payload["cache_dir"])
+        self.cache_dir = cache_folder(payload["cache_dir"])  # OUTPUT/cache, or this node's temp folder
         self.unit_options: dict[str, Any] = {}
         self.probes: dict[str, Any] = {}
         self.judges = [JudgeRequest(**j) for j in payload.get("judges", [])]

@@ -14,11 +14,16 @@ Reads the rows of one or more runs (merged; a row present in several runs counts
 - report.md and a self-contained report.html (every image embedded as a data URI).
 Numbers from different judges are not comparable, so rows scored by different judge models
 are refused (rescore them with `engine score`).
+
+Run folders and the report folder may be local paths or URIs (s3://...): a report for an object
+store is built in a local temporary folder and then uploaded file by file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -39,16 +44,22 @@ from engine.report.tables import (
     present_values,
 )
 from engine.results import now_iso
+from engine.storage import OutputLocation, output_location
 
 logger = logging.getLogger(__name__)
 
 
-def default_report_dir(run_dirs: list[Path], output: Path | None) -> Path:
-    if output is not None:
-        return Path(output)
-    if len(run_dirs) > 1:
+RunDir = str | Path
+
+
+def default_report_dir(run_dirs: list[RunDir], output: RunDir | None) -> Path | OutputLocation:
+    """A local folder (Path) or a remote one (OutputLocation)."""
+    if output is None and len(run_dirs) > 1:
         raise UserError("several run folders are merged into one report: give --output DIR")
-    return Path(run_dirs[0]) / "report"
+    target = output_location(output) if output is not None else output_location(run_dirs[0]).child("report")
+    if not target.is_local:
+        return target
+    return Path(output) if output is not None else target.local_path()
 
 
 def recovery_wide(recovery: pd.DataFrame) -> pd.DataFrame:
@@ -71,12 +82,31 @@ def recovery_wide(recovery: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=columns)
 
 
-def build_report(run_dirs: list[Path], output: Path | None = None, max_images_per_cell: int = 12) -> ReportContent:
+def build_report(run_dirs: list[RunDir], output: RunDir | None = None, max_images_per_cell: int = 12) -> ReportContent:
     """Read the runs, aggregate, and write every report file. Raises UserError on bad input."""
     if not run_dirs:
         raise UserError("give at least one run folder")
-    run_dirs = [Path(d) for d in run_dirs]
-    report_dir = default_report_dir(run_dirs, output)
+    target = default_report_dir(run_dirs, output)
+    if isinstance(target, Path):
+        return _build(run_dirs, target, max_images_per_cell)
+    with tempfile.TemporaryDirectory(prefix="engine-report-") as staging:
+        content = _build(run_dirs, Path(staging), max_images_per_cell)
+        uploaded = {path: _upload(Path(staging), path, target) for path in sorted(Path(staging).rglob("*"))
+                    if path.is_file()}
+    return dataclasses.replace(
+        content, output=target.uri, plots=[(title, uploaded[path]) for title, path in content.plots],
+        sheets=[(cell, uploaded[path]) for cell, path in content.sheets],
+        paired_sheets=[(title, uploaded[path]) for title, path in content.paired_sheets],
+    )
+
+
+def _upload(staging: Path, path: Path, target: OutputLocation) -> str:
+    parts = path.relative_to(staging).parts
+    target.atomic_write(path.read_bytes(), *parts)
+    return target.display(*parts)
+
+
+def _build(run_dirs: list[RunDir], report_dir: Path, max_images_per_cell: int) -> ReportContent:
     frame = load_rows(run_dirs)
     cells = cell_stats(frame)
     judges = sorted({str(v) for c in MODEL_COLUMNS.values() for v in present_values(frame[c])})

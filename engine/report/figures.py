@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.metrics import METRICS
 from engine.report.tables import CELL_GROUP, cell_slug, method_label, method_order, probe_order
-from engine.results import decode_png, parquet_files
+from engine.results import decode_png, parquet_files, read_rows_file
+from engine.storage import output_location
 
 THUMBNAIL = 128
 COLUMNS = 6
@@ -73,13 +73,14 @@ def write_recovery_plots(pooled: pd.DataFrame, folder: Path, scope: str) -> list
 # --------------------------------------------------------------------------- contact sheets
 
 
-def read_images(run_dirs: list[Path], row_ids: set[str]) -> dict[str, bytes]:
+def read_images(run_dirs: list[str | Path], row_ids: set[str]) -> dict[str, bytes]:
     """PNG bytes of the given rows only, so a large run's images are never all in memory."""
     found: dict[str, bytes] = {}
     for run_dir in run_dirs:
-        for path in parquet_files(run_dir):
+        location = output_location(run_dir)
+        for name in parquet_files(location):
             try:
-                table = pq.read_table(path, columns=["row_id", "image"], filters=[("row_id", "in", sorted(row_ids))])
+                table = read_rows_file(location, name, ["row_id", "image"], filters=[("row_id", "in", sorted(row_ids))])
             except Exception:  # unreadable files are already reported by read_rows
                 continue
             for row_id, image in zip(table.column("row_id").to_pylist(), table.column("image").to_pylist()):
@@ -139,7 +140,7 @@ def contact_sheet(images: list[np.ndarray], captions: list[list[str]], title: st
 
 
 def write_contact_sheets(
-    run_dirs: list[Path], frame: pd.DataFrame, cells: pd.DataFrame, folder: Path, max_images: int
+    run_dirs: list[str | Path], frame: pd.DataFrame, cells: pd.DataFrame, folder: Path, max_images: int
 ) -> list[tuple[dict[str, Any], Path]]:
     """A PNG per cell (same order as `cells`) with its first `max_images` rows by prompt index and seed."""
     folder.mkdir(parents=True, exist_ok=True)

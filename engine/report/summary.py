@@ -14,10 +14,10 @@ from engine.report.sections import Table, fmt_interval, fmt_number, preservation
 from engine.report.tables import cell_stats, load_rows, present_metrics
 
 
-def summary_frame(output: Path) -> pd.DataFrame:
+def summary_frame(output: str | Path) -> pd.DataFrame:
     """One line per (model, concept, probe) cell: n, seconds per image, each judged metric with its 95% CI."""
     # A resumed run may mix judges; the terminal summary still shows it (`engine report` refuses).
-    frame = load_rows([Path(output)], single_judge=False)
+    frame = load_rows([output], single_judge=False)
     cells = cell_stats(frame)
     columns = {
         "model": cells["model"],
@@ -34,9 +34,9 @@ def summary_frame(output: Path) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def paper_summary(output: Path) -> str | None:
+def paper_summary(output: str | Path) -> str | None:
     """The recovery table (and the preservation table, if any) as text; None for unpaired runs."""
-    frame = load_rows([Path(output)], single_judge=False)
+    frame = load_rows([output], single_judge=False)
     if not has_roles(frame):
         return None
     parts = []
@@ -56,6 +56,6 @@ def _text(table: Table) -> str:
     return pd.DataFrame(table.rows, columns=table.headers).to_string(index=False)
 
 
-def print_summary(output: Path) -> None:
+def print_summary(output: str | Path) -> None:
     typer.echo("")
     typer.echo(paper_summary(output) or summary_frame(output).to_string(index=False))

@@ -39,7 +39,7 @@ CELL_GROUP = [*CELL_KEYS, "probe_label", "role"]
 # --------------------------------------------------------------------------- loading
 
 
-def load_rows(run_dirs: list[Path], single_judge: bool = True) -> pd.DataFrame:
+def load_rows(run_dirs: list[str | Path], single_judge: bool = True) -> pd.DataFrame:
     """Every row of the runs without images, plus `run` and `probe_label` columns. With
     `single_judge`, rows scored by different judge models are refused."""
     frames = []
@@ -200,7 +200,7 @@ def present_metrics(frame: pd.DataFrame) -> list[Metric]:
 class ReportContent:
     """Everything the renderers need; paths are inside `output`."""
 
-    output: Path
+    output: Path | str  # a local folder, or the URI a remote report was uploaded to
     runs: list[str]
     created_at: str
     rows: int
@@ -208,9 +208,10 @@ class ReportContent:
     frame: pd.DataFrame  # every row, without images
     cells: pd.DataFrame
     paper: pd.DataFrame  # what paper_table.csv holds
-    plots: list[tuple[str, Path]] = field(default_factory=list)
-    sheets: list[tuple[dict[str, Any], Path]] = field(default_factory=list)
-    paired_sheets: list[tuple[str, Path]] = field(default_factory=list)
+    # Paths inside `output`; for a report uploaded to an object store, the files' URIs.
+    plots: list[tuple[str, Path | str]] = field(default_factory=list)
+    sheets: list[tuple[dict[str, Any], Path | str]] = field(default_factory=list)
+    paired_sheets: list[tuple[str, Path | str]] = field(default_factory=list)
     # Per cell position: score columns whose best-of-N pick was made by the model that judges them.
     inflated: dict[int, set[str]] = field(default_factory=dict)
 

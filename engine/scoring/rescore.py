@@ -1,49 +1,52 @@
 """`engine score RUN_DIR --judge NAME`: add or replace the scores of an existing run, in place.
 
 No image is regenerated: each stored PNG is judged again (cropped to its scoring region) and only
-the judge's slot columns change (plus `scoring_seconds`). Every results file is rewritten
-atomically (a temporary file in the same folder, then os.replace), so a killed rescore leaves each
-file entirely old or entirely new; rows name their judge, so a partial rescore is visible and
-rerunning the command completes it. Concepts come from the current config folders, so a fixed
-class list takes effect; the manifest records what was used.
+the judge's slot columns change (plus `scoring_seconds`). The run folder may be a local path or a
+URI (s3://...). The command holds the folder's lock (no run writes it meanwhile), and every results
+file is rewritten atomically (a hidden temporary renamed into place, or one PUT on an object
+store), so a killed rescore leaves each file entirely old or entirely new; rows name their judge,
+so a partial rescore is visible and rerunning the command completes it. Concepts come from the
+current config folders, so a fixed class list takes effect; the manifest records what was used.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from engine.concepts import load_concept
 from engine.errors import UserError
+from engine.lock import OutputLock
 from engine.models import resolve_device
 from engine.results import (
+    ROWS_DIR,
     now_iso,
     parquet_files,
     read_manifest,
     read_rows,
+    read_rows_file,
+    remove_temporaries,
     require_run_folder,
-    rows_dir,
+    table_bytes,
     write_manifest,
 )
 from engine.scoring.registry import JudgeRequest, check_judges, judge_requests
 from engine.scoring.scorer import Scorer
+from engine.storage import OutputLocation, output_location
 
 logger = logging.getLogger(__name__)
 
-TEMPORARY_SUFFIX = ".rescoring"  # not *.parquet, so readers never pick up a half-written file
 ROWS_PER_CHUNK = 256  # decoded images held at once: bounded memory on large files
 
 
 @dataclass
 class RescoreSummary:
-    output: Path
+    output: OutputLocation
     rows: int
     files: int
     judges: list[str]
@@ -51,9 +54,10 @@ class RescoreSummary:
 
 
 def rescore_run(
-    output: Path, refs: list[str | JudgeRequest | dict[str, Any]], device: str = "auto", batch_size: int = 32
+    output: str | Path | OutputLocation, refs: list[str | JudgeRequest | dict[str, Any]], device: str = "auto",
+    batch_size: int = 32,
 ) -> RescoreSummary:
-    output = Path(output)
+    output = output_location(output)
     require_run_folder(output)
     requests = judge_requests(refs)
     if not requests:
@@ -64,20 +68,25 @@ def rescore_run(
     concepts = {name: load_concept(name) for name in names}
     check_judges(requests, concepts)
     scorer = Scorer.from_requests(requests, concepts, resolve_device(device), batch_size)
+    with OutputLock(output, "engine score"):
+        return _rescore_locked(output, requests, concepts, scorer)
 
+
+def _rescore_locked(output: OutputLocation, requests: list[JudgeRequest], concepts, scorer: Scorer) -> RescoreSummary:
     started = time.perf_counter()
-    for stale in rows_dir(output).glob(f"*{TEMPORARY_SUFFIX}"):
-        stale.unlink()  # left by a killed rescore; the file it was replacing is intact
+    for name in remove_temporaries(output):  # a killed writer's; the files they were replacing are intact
+        logger.info("removed a partial file left by an interrupted command: %s", name)
     rows = files = 0
-    for path in parquet_files(output):
+    for name in parquet_files(output):
         try:
-            table = pq.read_table(path)
-        except Exception as exc:  # half-written by a killed run; the next resume regenerates it
-            logger.warning("skipping unreadable results file %s (%s)", path.name, exc)
+            table = read_rows_file(output, name)
+        except Exception as exc:  # damaged; the next resume regenerates its rows
+            logger.warning("skipping unreadable results file %s (%s)", name, exc)
             continue
         chunks = [scorer.score_table(table.slice(s, ROWS_PER_CHUNK)) for s in range(0, table.num_rows, ROWS_PER_CHUNK)]
         if chunks:
-            _replace_atomically(pa.concat_tables(chunks), path)
+            rescored = pa.concat_tables(chunks)
+            output.atomic_write(table_bytes(rescored.replace_schema_metadata(table.schema.metadata)), ROWS_DIR, name)
         rows += table.num_rows
         files += 1
     seconds = time.perf_counter() - started
@@ -94,9 +103,3 @@ def rescore_run(
     )
     write_manifest(output, manifest)
     return RescoreSummary(output, rows, files, model_ids, seconds)
-
-
-def _replace_atomically(table: pa.Table, path: Path) -> None:
-    temporary = path.with_name(path.name + TEMPORARY_SUFFIX)
-    pq.write_table(table, temporary)
-    os.replace(temporary, path)

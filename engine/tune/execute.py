@@ -13,7 +13,8 @@ whether it loaded anything, how long that took, and its process's trial count, s
 measured in trials.parquet (`pipeline_loaded`, `setup_seconds`, `process_trial_index`).
 
 Outputs: OUTPUT/trials.parquet (one row per trial), OUTPUT/best_<model>_<concept>.yaml (a run
-config `engine run` accepts as is), OUTPUT/tune/ (Ray Tune's experiment state).
+config `engine run` accepts as is), OUTPUT/tune/ (Ray Tune's experiment state). OUTPUT is a local
+path or a URI (s3://...), held under the output's lock (engine.lock) while the search runs.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from engine.config import run_spec_from_dict
 from engine.errors import UserError
+from engine.lock import OutputLock
 from engine.metrics import METRICS
+from engine.results import table_bytes
 from engine.scoring.registry import judge_requests
+from engine.storage import OutputLocation
 from engine.tune.plan import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TunePlan, run_data, slug
 from engine.tune.search import SearchSettings, search_pair
 from engine.tune.space import TuneSpec
@@ -48,7 +50,7 @@ class PairOutcome:
     concept: str
     trials: int
     best: dict[str, Any] | None
-    best_config: Path | None
+    best_config: str | None  # path or URI
     pipeline_loads: int
     worker_processes: int
     first_trial_seconds: float | None  # mean over trials that were their process's first
@@ -57,21 +59,25 @@ class PairOutcome:
 
 @dataclass
 class TuneSummary:
-    output: Path
-    trials_path: Path
+    output: OutputLocation
+    trials_path: str
     pairs: list[PairOutcome]
     seconds: float
 
 
 def execute_tune(plan: TunePlan, cluster: str | None = None, ship_code: bool | None = None) -> TuneSummary:
     """Run every pair's search (together, as Ray tasks), write trials.parquet and the best configs."""
-    from engine.pipeline.run import ray_session
+    with OutputLock(plan.output, "engine tune"):
+        return _execute_locked(plan, cluster, ship_code)
+
+
+def _execute_locked(plan: TunePlan, cluster: str | None, ship_code: bool | None) -> TuneSummary:
+    from engine.pipeline.run import output_placement, ray_session
     from engine.pipeline.shipping import uses_toy_weights
     from engine.pipeline.stages import actor_payload
 
     started = time.perf_counter()
     spec = plan.spec
-    plan.output.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     outcomes: list[PairOutcome] = []
     toy_weights = any(uses_toy_weights(job.plan) for job in plan.jobs)
@@ -79,13 +85,14 @@ def execute_tune(plan: TunePlan, cluster: str | None = None, ship_code: bool | N
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         resources, device, threads, max_concurrent = _trial_resources(ray, spec)
+        cache_dir = output_placement(ray, plan.output, cluster, spec.shared_output).cache_dir
         # The searches' drivers stay on this node, so Tune's state lands in OUTPUT/tune here; the
         # trials themselves go wherever the cluster has room. A search task holds no CPU.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         remote = ray.remote(num_cpus=0, max_retries=0)(search_pair).options(scheduling_strategy=here)
         futures = {}
         for job in plan.jobs:
-            payload = actor_payload(job.plan, device, spec.attention, threads, str(plan.output / "cache"))
+            payload = actor_payload(job.plan, device, spec.attention, threads, cache_dir)
             setup = TrialSetup(payload, job.model, job.plan.base, job.concept, spec.probe, spec.num_images,
                                spec.batch_size, spec.score_batch_size, plan.space, spec.objective)
             settings = _settings(spec, job, resources, max_concurrent, threads, plan.output)
@@ -102,14 +109,15 @@ def execute_tune(plan: TunePlan, cluster: str | None = None, ship_code: bool | N
                 trial.update(model=job.model.name, method=job.model.method, concept=job.concept.name,
                              probe=spec.probe, algorithm=spec.algorithm, objective_name=spec.objective)
             records.extend(trials)
-            write_trials(plan.output / TRIALS_FILE, records)
+            write_trials(plan.output, records)
             outcomes.append(_finish_pair(plan, job, trials, threads))
     failed = [o for o in outcomes if o.best is None]
     if failed:
         first = next((r["error"] for r in records if r["error"]), "no trial scored every image")
         names = ", ".join(f"{o.model} x {o.concept}" for o in failed)
-        raise RuntimeError(f"no complete trial for {names}; first error: {first} (see {plan.output / TRIALS_FILE})")
-    return TuneSummary(plan.output, plan.output / TRIALS_FILE, outcomes, time.perf_counter() - started)
+        raise RuntimeError(f"no complete trial for {names}; first error: {first} "
+                           f"(see {plan.output.display(TRIALS_FILE)})")
+    return TuneSummary(plan.output, plan.output.display(TRIALS_FILE), outcomes, time.perf_counter() - started)
 
 
 def _trial_resources(ray, spec: TuneSpec) -> tuple[dict[str, float], str, int | None, int]:
@@ -132,13 +140,13 @@ def _trial_resources(ray, spec: TuneSpec) -> tuple[dict[str, float], str, int | 
 
 
 def _settings(spec: TuneSpec, job: PairJob, resources, max_concurrent: int, threads: int | None,
-              output: Path) -> SearchSettings:
+              output: OutputLocation) -> SearchSettings:
     startup = spec.startup_trials or max(2, min(10, spec.num_samples // 4))
     scheduler = spec.scheduler.model_dump() if spec.scheduler else None
     return SearchSettings(
         algorithm=spec.algorithm, num_samples=spec.num_samples, seed=spec.seed, startup_trials=startup,
         grid_points=spec.grid_points, scheduler=scheduler, max_t=job.rows_per_trial, resources=resources,
-        max_concurrent=max_concurrent, storage_path=str(output / "tune"),
+        max_concurrent=max_concurrent, storage_path=output.child("tune").uri,
         experiment=f"{slug(job.model.name)}_{slug(job.concept.name)}_{time.strftime('%Y%m%d-%H%M%S')}",
         reuse_actors=spec.reuse_actors, torch_threads=threads,
     )
@@ -164,7 +172,7 @@ def _finish_pair(plan: TunePlan, job: PairJob, trials: list[dict[str, Any]], thr
     )
 
 
-def write_best_config(plan: TunePlan, job: PairJob, best: dict[str, Any], threads: int | None) -> Path:
+def write_best_config(plan: TunePlan, job: PairJob, best: dict[str, Any], threads: int | None) -> str:
     """OUTPUT/best_<model>_<concept>.yaml: the pair's run config with the best params."""
     config = {dim.key: best[f"param_{dim.key}"] for dim in plan.space.dimensions}
     data = run_data(plan.spec, job.model_ref, job.concept.name, plan.space.raw_params(config), plan.output)
@@ -176,15 +184,15 @@ def write_best_config(plan: TunePlan, job: PairJob, best: dict[str, Any], thread
     data["judges"] = [r.label() if not r.options else r.model_dump(mode="json", exclude_none=True)
                       for r in judge_requests(job.plan.spec.judges)]
     run_spec_from_dict(data, "best config")  # `engine run` must accept it as is
-    path = plan.output / f"best_{slug(job.model.name)}_{slug(job.concept.name)}.yaml"
+    name = f"best_{slug(job.model.name)}_{slug(job.concept.name)}.yaml"
     interval = f"[{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}]"
     header = (
         f"# engine tune: best of {plan.spec.algorithm} search for {job.model.name} x {job.concept.name}, "
         f"probe {plan.spec.probe}\n# {plan.spec.objective} = {_fmt(best['objective'])} {interval} on "
-        f"n = {best['n']} images (trial {best['trial_index']}); run it with `engine run {path.name}`\n"
+        f"n = {best['n']} images (trial {best['trial_index']}); run it with `engine run {name}`\n"
     )
-    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
-    return path
+    plan.output.atomic_write((header + yaml.safe_dump(data, sort_keys=False)).encode(), name)
+    return plan.output.display(name)
 
 
 def _fmt(value) -> str:
@@ -204,7 +212,7 @@ TRIAL_FIELDS = [
 ]
 
 
-def write_trials(path: Path, records: list[dict[str, Any]]) -> None:
+def write_trials(output: OutputLocation, records: list[dict[str, Any]]) -> None:
     """One row per trial; searched values also as param_<key> columns. Written atomically."""
     columns = {name: pa.array([_cast(r.get(name), kind) for r in records], type=kind) for name, kind in TRIAL_FIELDS}
     for name in sorted({k for r in records for k in r if k.startswith("param_")}):
@@ -212,9 +220,7 @@ def write_trials(path: Path, records: list[dict[str, Any]]) -> None:
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None)
         columns[name] = pa.array([float(v) if v is not None else None for v in values] if numeric
                                  else [None if v is None else json.dumps(v) for v in values])
-    temporary = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.table(columns), temporary)
-    temporary.replace(path)
+    output.atomic_write(table_bytes(pa.table(columns)), TRIALS_FILE)
 
 
 def _cast(value, kind):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from engine.concepts import ConceptSpec, Sources
@@ -16,6 +15,7 @@ from engine.errors import UserError
 from engine.pipeline.grid import plan_run
 from engine.scoring.preflight import check_run_scoring
 from engine.scoring.registry import get_judge_class, judge_requests
+from engine.storage import OutputLocation, output_location
 from engine.tune.space import OBJECTIVES, SearchSpace, TuneSpec, parse_space
 
 TRIALS_FILE = "trials.parquet"
@@ -41,7 +41,7 @@ class TunePlan:
     spec: TuneSpec
     space: SearchSpace
     jobs: list[PairJob]
-    output: Path
+    output: OutputLocation
 
 
 def plan_tune(spec: TuneSpec, where: str | Sources = "tune config") -> TunePlan:
@@ -51,9 +51,11 @@ def plan_tune(spec: TuneSpec, where: str | Sources = "tune config") -> TunePlan:
     if not spec.concepts:
         raise UserError(f"{where}: no concept to tune: give --concept or `concepts:`")
     space = parse_space(spec, where)
-    output = Path(spec.output).expanduser().resolve()
-    if (output / TRIALS_FILE).exists():
-        raise UserError(f"{output / TRIALS_FILE} exists from an earlier search; choose another --output or delete it")
+    output = output_location(spec.output)
+    if output.exists(TRIALS_FILE):
+        raise UserError(
+            f"{output.display(TRIALS_FILE)} exists from an earlier search; choose another --output or delete it"
+        )
     corner = {dim.key: dim.bounds()[0] for dim in space.dimensions}
     jobs = []
     for model_ref in spec.models:
@@ -72,11 +74,11 @@ def plan_tune(spec: TuneSpec, where: str | Sources = "tune config") -> TunePlan:
     return TunePlan(spec, space, jobs, output)
 
 
-def run_data(spec: TuneSpec, model_ref, concept: str, params: dict[str, Any], output: Path) -> dict[str, Any]:
+def run_data(spec: TuneSpec, model_ref, concept: str, params: dict[str, Any], output: OutputLocation) -> dict[str, Any]:
     """The run config of one (model, concept) pair with `params`: what `engine run` reads."""
     model_name = model_ref if isinstance(model_ref, str) else model_ref["name"]
     data: dict[str, Any] = {
-        "output": str(output / f"best_{slug(model_name)}_{slug(concept)}"),
+        "output": output.child(f"best_{slug(model_name)}_{slug(concept)}").uri,
         "models": [model_ref],
         "base_model": spec.base_model,
         "concepts": [concept],

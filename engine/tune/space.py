@@ -83,7 +83,12 @@ class SchedulerSpec(Frozen):
 
 
 class TuneSpec(Frozen):
-    output: str = Field(description="Output folder: trials.parquet, best_<model>_<concept>.yaml, Tune state.")
+    output: str = Field(
+        description="Output folder: trials.parquet, best_<model>_<concept>.yaml, Tune state. A path or a URI (s3://...)."
+    )
+    shared_output: bool = Field(
+        False, description="A local output every cluster node sees (NFS...): actors cache in OUTPUT/cache."
+    )
     models: list[str | ModelSpec] = Field(default_factory=list, description="Models; one search per (model, concept).")
     concepts: list[str] = Field(default_factory=list, description="Concept slugs; one search per (model, concept).")
     probe: str = Field(description="The probe whose params are searched.")
