@@ -53,7 +53,7 @@ class LockInfo:
     pid: int
     pid_started: str | None  # the process's start time (Linux), to tell a reused pid from the holder
     started_at: str
-    heartbeat_at: float  # unix time of the latest heartbeat
+    heartbeat_at: float  # unix time (whole seconds) of the latest heartbeat
     command: str
 
     def describe(self) -> str:
@@ -110,7 +110,7 @@ class OutputLock:
             pid=os.getpid(),
             pid_started=process_start_time(os.getpid()),
             started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            heartbeat_at=time.time(),
+            heartbeat_at=round(time.time()),
             command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) if sys.argv else holder,
         )
         self._stop = threading.Event()
@@ -261,23 +261,39 @@ class OutputLock:
                     logger.error("%s was taken over by another run; this run's files are no longer published",
                                  self.location.display(LOCK_FILE))
                     return
-                self.info = LockInfo(**{**asdict(self.info), "heartbeat_at": time.time()})
+                self.info = LockInfo(**{**asdict(self.info), "heartbeat_at": round(time.time())})
                 self.location.atomic_write(self._content(), LOCK_FILE)
             except OSError as error:  # a storage hiccup: try again at the next beat
                 logger.warning("lock heartbeat failed: %s", error)
 
 
-def read_lock(location: OutputLocation) -> LockInfo | None:
-    try:
-        return LockInfo.parse(location.read_text(LOCK_FILE))
-    except FileNotFoundError:
-        return None
+def read_lock(location: OutputLocation, attempts: int = 4) -> LockInfo | None:
+    """The lock's content; None when there is no lock. A read that overlaps a heartbeat's rewrite
+    can see a mix of old and new bytes on an object store (size from one, content from the other):
+    such a read is retried, and a lock still unreadable after that is reported as None."""
+    for attempt in range(attempts):
+        try:
+            info = LockInfo.parse(location.read_text(LOCK_FILE))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            info = None
+        if info is not None:
+            return info
+        time.sleep(0.1 * (attempt + 1))
+    return None
 
 
 def holds_lock(location: OutputLocation, token: str) -> bool:
     """Whether the output's lock is (still) the one with `token`."""
     current = read_lock(location)
     return current is not None and current.token == token
+
+
+def lock_holder(location: OutputLocation) -> str:
+    """Who holds the lock now, for messages."""
+    current = read_lock(location)
+    return "nobody (the lock is gone)" if current is None else current.describe()
 
 
 def _s3_options(location: OutputLocation) -> dict:

@@ -106,7 +106,8 @@ class OutputLocation:
     # ------------------------------------------------------------------ reading and writing
 
     def makedirs(self, *parts: str) -> None:
-        self.fs.create_dir(self.path(*parts), recursive=True)
+        if self.renames_atomically:  # object stores have no folders: a key's prefix is enough
+            self.fs.create_dir(self.path(*parts), recursive=True)
 
     def open_input(self, *parts: str) -> pa.NativeFile:
         return self.fs.open_input_file(self.path(*parts))
@@ -183,8 +184,9 @@ def output_location(value: str | Path | OutputLocation) -> OutputLocation:
         path = Path(text).expanduser().resolve()
         return OutputLocation(pafs.LocalFileSystem(), path.as_posix(), str(path))
     if scheme in ("file", LOCAL_SCHEME):
-        path = Path(urlsplit(text).path or "/").expanduser()
-        if not path.is_absolute():
+        parts = urlsplit(text)
+        path = Path(parts.path or "/")
+        if parts.netloc not in ("", "localhost"):
             raise UserError(f"{text}: a {scheme}:// output needs an absolute path ({scheme}:///abs/folder)")
         return OutputLocation(pafs.LocalFileSystem(), path.as_posix(), text, driver_only=scheme == LOCAL_SCHEME)
     uri = with_s3_endpoint(text) if scheme in ("s3", "s3a") else text

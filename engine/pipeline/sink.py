@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from engine.lock import holds_lock
+from engine.lock import holds_lock, lock_holder
 from engine.results import ROWS_DIR, Output, table_bytes
 from engine.storage import OutputLocation, output_location, temporary_name
 
@@ -67,7 +67,8 @@ def publish_rows(output: OutputLocation, table: pa.Table, lock_token: str | None
 
 def _check_fence(output: OutputLocation, lock_token: str | None) -> None:
     if lock_token is not None and not holds_lock(output, lock_token):
-        raise LockLost(f"{output}: the lock was taken over by another run; not publishing this run's rows")
+        raise LockLost(f"{output}: this run no longer holds the output's lock (now: {lock_holder(output)}); "
+                       "not publishing its rows")
 
 
 class RowsDatasink(Datasink[list[dict]]):
