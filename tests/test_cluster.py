@@ -1,5 +1,6 @@
 """`engine run --cluster ADDRESS` on a multi-node Ray cluster (ray.cluster_utils.Cluster): a node
-joins before the run and one is removed mid-run; every row arrives exactly once."""
+joins before the run and one is removed mid-run; every row arrives exactly once. A local output
+path is written by tasks on the driver's node only."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import time
 
 import pytest
 
-from engine.results import read_rows
+from engine.pipeline.sink import writer_info
+from engine.results import parquet_files, read_manifest, read_rows
 
 
 @pytest.fixture
@@ -22,18 +24,24 @@ def cluster():
     cluster.shutdown()
 
 
+def _command(cluster, output, *extra) -> list[str]:
+    return [
+        sys.executable, "-m", "engine.cli", "run", "--cluster", cluster.address,
+        "--model", "tiny", "--concept", "church", "--concept", "tench", "--probe", "standard_prompt",
+        "--batch-size", "1", "--output", str(output), *extra,
+    ]
+
+
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+
+
 def test_run_survives_losing_a_node(cluster, tmp_path):
     doomed = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     output = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "engine.cli", "run", "--cluster", cluster.address,
-        "--model", "tiny", "--concept", "church", "--concept", "tench", "--probe", "standard_prompt",
-        "--num-images", "4", "--batch-size", "1", "--output", str(output),
-        "--probe-param", "standard_prompt.num_inference_steps=8", "--set", "actors=2",
-    ]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = _command(cluster, output, "--num-images", "4", "--probe-param", "standard_prompt.num_inference_steps=8",
+                       "--set", "actors=2")
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Remove the extra node as soon as the first rows land, while the rest are in flight.
     deadline = time.time() + 240
     while time.time() < deadline and not list((output / "rows").glob("*.parquet")):
@@ -46,3 +54,28 @@ def test_run_survives_losing_a_node(cluster, tmp_path):
     assert process.returncode == 0, out[-3000:]
     rows = read_rows(output).column("row_id").to_pylist()
     assert len(rows) == 8 and len(set(rows)) == 8
+
+
+def test_local_output_is_written_on_the_drivers_node(tmp_path):
+    """The driver's node (the head) has no CPU, so every task that reserves one runs on the other
+    node; the results files must still all be written by tasks on the driver's node."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+    try:
+        other = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        output = tmp_path / "out"
+        command = _command(cluster, output, "--num-images", "2", "--probe-param",
+                           "standard_prompt.num_inference_steps=2", "--set", "judges=[]")
+        done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        storage = read_manifest(output)["storage"]
+        assert storage["writes_on_driver_node"] is True
+        assert storage["driver_node"] == cluster.head_node.node_id != other.node_id
+        writers = [writer_info(output, name)["node_id"] for name in parquet_files(output)]
+        assert writers and set(writers) == {storage["driver_node"]}
+        rows = read_rows(output).column("row_id").to_pylist()
+        assert len(rows) == 4 and len(set(rows)) == 4
+    finally:
+        cluster.shutdown()
