@@ -262,6 +262,10 @@ class Placement:
     cache_dir: str  # a folder every actor can use, or NODE_TEMP_PREFIX + key: each node's temp folder
     reason: str
 
+    @property
+    def node_caches(self) -> bool:
+        return self.cache_dir.startswith(NODE_TEMP_PREFIX)
+
     def describe(self) -> dict[str, str | bool]:
         return {"writes_on_driver_node": self.driver_writes, "cache": self.cache_dir, "reason": self.reason}
 

@@ -123,7 +123,9 @@ def _execute_locked(
     if todo:
         with ray_session(cluster, ship_code, uses_toy_weights(plan)) as ray:
             where = output_placement(ray, output, cluster, plan.spec.shared_output)
-            logger.info("output %s: %s", output, where.reason)
+            # Said out loud on a cluster: where the rows and the caches end up is the user's to know.
+            (logger.warning if where.driver_writes or where.node_caches else logger.info)(
+                "output %s: %s", output, where.reason)
             manifest["storage"] = {**where.describe(), "driver_node": ray.get_runtime_context().get_node_id()}
             _stream(ray, plan, todo, output, RowsDatasink(output, lock.token, where.driver_writes), where.cache_dir)
 
