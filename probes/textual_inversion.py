@@ -36,8 +36,6 @@ from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, WorkRow, r
 from engine.textual_inversion import TextualInversionSettings, encode_with_token, ensure_embedding
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# For tests/test_probe_conformance.py: a few training steps on two reference images.
-CONFORMANCE_PARAMS = {"max_train_steps": 2, "gradient_accumulation_steps": 1, "num_reference_images": 2}
 
 
 class TextualInversionParams(ProbeParams):
