@@ -138,11 +138,15 @@ class TextualInversionProbe(Probe):
             paths = reference_files(params.reference_dir, concept.name)
             images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
             return images, [hashlib.sha256(p.read_bytes()).hexdigest()[:32] for p in paths]
-        rows = [
+        return sampling.base_reference_images(batch.context, self.reference_rows(params, concept), params)
+
+    @staticmethod
+    def reference_rows(params: TextualInversionParams, concept: ConceptSpec) -> list[WorkRow]:
+        """The rows whose base-model images the token learns from: the concept's first sampled rows."""
+        return [
             WorkRow("", "", "", concept.name, concept.name, "reference", "", prompt, index, seed)
             for index, prompt, seed in concept.sample_prompts(params.num_reference_images)
         ]
-        return sampling.base_reference_images(batch.context, rows, params)
 
     @torch.no_grad()
     def run(self, batch: ProbeBatch) -> ProbeOutput:
