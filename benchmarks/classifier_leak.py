@@ -76,8 +76,11 @@ def generate(pipe, rows_for, shapes, args, folder: Path) -> dict[str, ImageGroup
         out.mkdir(parents=True, exist_ok=True)
         for start in range(0, len(rows), 16):
             chunk = rows[start : start + 16]
-            for row, image in zip(chunk, probe.run(ProbeBatch(chunk, params, pipe, context)).images):
-                Image.fromarray(image).save(out / f"{row.prompt_index:03d}_seed{row.seed}.png")
+            paths = [out / f"{row.prompt_index:03d}_seed{row.seed}.png" for row in chunk]
+            if all(path.exists() for path in paths):
+                continue  # made by an earlier, interrupted call (the same rows give the same images)
+            for path, image in zip(paths, probe.run(ProbeBatch(chunk, params, pipe, context)).images):
+                Image.fromarray(image).save(path)
         groups[shape] = ImageGroup(f"{BASE_MODEL}:{shape}", str(out), shape, concept.prompt,
                                    tuple(row.seed for row in rows))
     return groups
