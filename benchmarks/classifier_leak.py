@@ -3,7 +3,7 @@ from evaluation, against one trained on the evaluation rows themselves (the engi
 `engine train-classifier` default, which leaked: its positives were the concept's first sampled
 prompt/seed rows, the very rows a guidance probe then evaluates, from the same initial noise).
 
-    python benchmarks/classifier_leak.py --output runs/classifier-leak     # ~15-25 min on 2 busy cores
+    python benchmarks/classifier_leak.py --output runs/classifier-leak     # ~10 min of CPU, one thread
 
 Both classifiers are trained identically (the original's recipe: 70 epochs, batch 8, 7 noised
 copies, AdamW 1e-4) on toy-base images of the 8 toy shapes (positives: circle; negatives: the
@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 30.0, 100.0, 193.0])
     parser.add_argument("--epochs", type=int, default=70)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; on a shared, loaded machine more threads spin without progress")
     args = parser.parse_args()
     if args.train_images < args.num_images:
         parser.error("--train-images must cover --num-images, so the leaking classifier saw every evaluated row")

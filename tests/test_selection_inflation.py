@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from engine.metrics import MODEL_COLUMNS, slot_metrics
 from engine.report.selection import _SELECTOR_SLOT, all_candidates_column, selection_inflated
-from engine.scoring.judge import SLOT_COLUMNS
 
 CLIP = "clip:ViT-B-32/openai"
 RESNET = "imagenet:resnet50/IMAGENET1K_V2"
@@ -47,7 +47,9 @@ def test_columns_and_selector_slots_are_the_engines():
     from engine.scoring.selectors import SELECTOR_SLOTS
 
     assert _SELECTOR_SLOT == SELECTOR_SLOTS
-    assert selection_inflated("clip", "x", "y") == set(SLOT_COLUMNS["clip"])
+    assert MODEL_COLUMNS == {"clip": "clip_model", "classifier": "judge_model"}  # the two models it compares
+    assert selection_inflated("clip", "x", "y") == {m.column for m in slot_metrics("clip")}
+    assert selection_inflated("judge", "x", "y") == {m.column for m in slot_metrics("classifier")}
 
 
 def test_all_candidates_mean_beside_each_inflatable_column():

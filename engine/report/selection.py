@@ -15,7 +15,7 @@ judges' model ids, written by the scoring stage). Pure: no model, no I/O.
 
 from __future__ import annotations
 
-from engine.scoring.judge import CANDIDATE_COLUMNS, SLOT_COLUMNS
+from engine.metrics import METRIC_BY_COLUMN, slot_metrics
 
 # Selectors that reuse a judge of the run, by judge slot (engine.scoring.selectors.SELECTOR_SLOTS);
 # used only for a selector recorded without its model id.
@@ -35,15 +35,12 @@ def selection_inflated(selector: str | None, judge_model: str | None, clip_model
                 continue  # that judge did not score the row: no column to inflate
             same = model == judge if has_model else _SELECTOR_SLOT.get(name) == slot
             if same:
-                inflated.update(SLOT_COLUMNS[slot])
+                inflated.update(m.column for m in slot_metrics(slot))
     return inflated
 
 
 def all_candidates_column(column: str) -> str | None:
     """The per-row mean over all candidates to show beside `column` (e.g. clip_score ->
     candidate_clip_mean), or None when the scoring stage keeps none for it."""
-    for reductions in CANDIDATE_COLUMNS.values():
-        for candidate_column, value_column in reductions.items():
-            if value_column == column:
-                return candidate_column
-    return None
+    metric = METRIC_BY_COLUMN.get(column)
+    return metric.candidate_column if metric is not None else None
