@@ -1,4 +1,5 @@
-"""Training loop of the latent classifier (original-system.md §6.3, with the bugs of §9.14 fixed).
+"""Training loop of the latent classifier (the original's, with its bugs fixed:
+docs/deviations.md).
 
 Each batch of clean latents x0 is replicated K times; every copy gets its own timestep
 t = floor(u^(1/p) * (T - 1)) (p = 3 favours noisy timesteps: the density grows like t^2) and its

@@ -1,18 +1,38 @@
-"""Shared parameters of best-of-N probes (noise sweep, classifier-guidance sweeps).
+"""The best-of-N base: probes that make several candidate trajectories per prompt and keep one.
 
-A best-of-N probe makes several candidates per prompt and either keeps the one its `selector`
-ranks highest (design.md §4: never the judge by default, since selecting with the judge inflates
-recovery) or writes every candidate as its own row (`keep_all_candidates`).
+A best-of-N probe (noise sweep, classifier-guidance sweeps) declares only its candidate list (its
+params' `candidates()`, one dict per candidate, and `sweep_fields`, the list field each candidate
+key comes from) and, if it needs them, its step-noise settings and its guidance hook. This base
+holds the rest, once:
+
+- expansion: with `keep_all_candidates` every candidate becomes its own row, whose params hold a
+  one-candidate sweep (so each candidate is reproducible alone and has its own row_id);
+- the candidate check (one candidate per keep-all row; a selector needs the scoring context);
+- chunked candidate denoising: every (row, candidate) pair of the batch runs through
+  engine.sampling's DDIM loop, `candidate_batch_size` at a time;
+- the starting noise (`initial_noise`): `per_candidate` (default) seeds one generator per candidate
+  from (row seed, candidate) that draws the candidate's x_T and then its step noise, so candidates of
+  one prompt start from different noise, as in the original, where every variant continued one
+  random stream; `shared` draws every candidate's x_T from the row's seed, exactly as the
+  standard_prompt probe draws it, and the step noise from the candidate's own generator (a
+  controlled comparison: candidates then differ only by their trajectory);
+- selection: a selector (never the judge by default: selecting with the model that also judges
+  inflates the judged rate) picks one candidate per row, and the row's extras keep every
+  candidate's score; every candidate image goes to the scoring stage, which records the mean over
+  all candidates beside the kept one's score.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 from pydantic import Field, model_validator
 
-from engine.probe import ProbeBatch, ProbeParams
+from engine import sampling
+from engine.errors import UserError
+from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator
 
 
 def unique_values(values: list[float], minimum: float | None = None, strict: bool = False) -> list[float]:
@@ -27,7 +47,10 @@ def unique_values(values: list[float], minimum: float | None = None, strict: boo
 
 
 class BestOfNParams(ProbeParams):
-    """How one candidate per prompt is chosen, or kept all."""
+    """How candidates start, and how one per prompt is chosen, or all kept."""
+
+    # Candidate key -> the params list field it is swept over (set by each probe's params).
+    sweep_fields: ClassVar[dict[str, str]] = {}
 
     # The names of engine.scoring.selectors.SelectorName, spelled out so probes import no scoring code.
     selector: Literal["clip", "judge", "latent_classifier", "none"] = Field(
@@ -41,6 +64,12 @@ class BestOfNParams(ProbeParams):
     candidate_batch_size: int = Field(
         16, ge=1, description="Candidates denoised together in one UNet batch (memory vs speed)."
     )
+    initial_noise: Literal["per_candidate", "shared"] = Field(
+        "per_candidate",
+        description="per_candidate: each candidate draws its own x_T from (seed, candidate), as the original's "
+        "candidates each started from new noise; shared: every candidate starts from the row seed's x_T "
+        "(the standard probe's), for controlled comparisons.",
+    )
 
     @model_validator(mode="after")
     def _selector_or_keep_all(self):
@@ -51,15 +80,141 @@ class BestOfNParams(ProbeParams):
             )
         return self
 
+    def candidates(self) -> list[dict[str, float]]:
+        """One dict per candidate, in sweep order; its keys are those of `sweep_fields`."""
+        raise NotImplementedError
 
-def select_per_row(batch: ProbeBatch, selector: str, images: list[np.ndarray], per_row: int):
-    """The selector's pick among each row's `per_row` consecutive candidates.
 
-    Yields (row index, candidate images, chosen index, scores of all candidates) per row."""
+class BestOfNProbe(Probe):
+    """Base of the best-of-N probes. Subclasses set `name` and `params_class` and may override the
+    hooks `prepare_params`, `step_noise`, `noise_key`, `guidance` and `candidate_extras`."""
+
+    params_class: ClassVar[type[BestOfNParams]] = BestOfNParams
+
+    # --------------------------------------------------------------- hooks
+
+    def prepare_params(self, params: BestOfNParams) -> BestOfNParams:
+        """Params as they enter the row identity (e.g. a folder made absolute). Default: unchanged."""
+        return params
+
+    def step_noise(self, params: BestOfNParams, candidate: dict[str, float]) -> tuple[float, float]:
+        """(eta, noise multiplier v) of a candidate's DDIM steps. Default: deterministic DDIM."""
+        return 0.0, 1.0
+
+    def noise_key(self, candidate: dict[str, float]) -> tuple:
+        """What a candidate's own generator is derived from, with the row's seed."""
+        return tuple(candidate.values())
+
+    def guidance(self, batch: ProbeBatch, rows: list, candidates: list[dict[str, float]], latents, schedule):
+        """A hook (x_t, t, eps) -> eps for one chunk of candidates, or None (no guidance)."""
+        return None
+
+    def candidate_extras(self, guidance, latents: torch.Tensor) -> list[dict[str, Any]]:
+        """Per-candidate values to keep in the extras (e.g. a classifier's logit of the result)."""
+        return [{} for _ in range(latents.shape[0])]
+
+    # --------------------------------------------------------------- shared machinery
+
+    def expand_params(self, params: BestOfNParams) -> list[BestOfNParams]:
+        params = self.prepare_params(params)
+        if not params.keep_all_candidates:
+            return [params]
+        # One row per candidate. Nothing is selected among one candidate, so the selector is 'none'
+        # and does not enter the row's identity; expanding twice changes nothing.
+        base = params.model_dump()
+        return [
+            self.params_class.model_validate(
+                {**base, **{field: [candidate[key]] for key, field in params.sweep_fields.items()}, "selector": "none"}
+            )
+            for candidate in params.candidates()
+        ]
+
+    def check_candidates(self, batch: ProbeBatch, candidates: list[dict[str, float]]) -> None:
+        params: BestOfNParams = batch.params
+        if params.keep_all_candidates and len(candidates) != 1:
+            raise ValueError("keep_all_candidates rows hold one candidate each; expand the params first")
+        if not params.keep_all_candidates and batch.context.selector_scores is None:
+            raise UserError(f"selector {params.selector!r} is not available in this run (no scoring context)")
+
+    def generators(self, params: BestOfNParams, rows: list, candidates: list[dict[str, float]]):
+        """(x_T generators, step-noise generators), one of each per candidate of the chunk."""
+        own = [row_generator(row.seed, *self.noise_key(c)) for row, c in zip(rows, candidates)]
+        if params.initial_noise == "per_candidate":
+            return own, own  # one stream per candidate: x_T first, then the step noise
+        return [row_generator(row.seed) for row in rows], own
+
+    def denoise_candidates(self, batch: ProbeBatch, rows: list, candidates: list[dict[str, float]], schedule):
+        """Images and per-candidate extras of one chunk of (row, candidate) pairs."""
+        params: BestOfNParams = batch.params
+        pipe = batch.pipeline
+        embeddings = sampling.encode_prompts(pipe, [row.prompt for row in rows], params.negative_prompt,
+                                             params.guidance_scale)
+        starts, steps = self.generators(params, rows, candidates)
+        latents = sampling.initial_latents(pipe, starts, params.height, params.width)
+        noise = [self.step_noise(params, c) for c in candidates]
+        guidance = self.guidance(batch, rows, candidates, latents, schedule)
+        latents = sampling.denoise(
+            pipe,
+            latents,
+            embeddings,
+            schedule,
+            params.guidance_scale,
+            eta=torch.tensor([eta for eta, _ in noise]),
+            variance_scale=torch.tensor([v for _, v in noise]),
+            generators=steps,
+            guidance=guidance,
+        )
+        return sampling.decode(pipe, latents), self.candidate_extras(guidance, latents)
+
+    @torch.no_grad()
+    def run(self, batch: ProbeBatch) -> ProbeOutput:
+        params: BestOfNParams = batch.params
+        candidates = params.candidates()
+        self.check_candidates(batch, candidates)
+        # 1. Every (row, candidate) pair in sweep order, rows one after another, denoised in chunks;
+        #    only uint8 images stay in memory.
+        work = [(row, candidate) for row in batch.rows for candidate in candidates]
+        schedule = sampling.DDIMSchedule.from_pipeline(batch.pipeline, params.num_inference_steps)
+        images: list[np.ndarray] = []
+        extras: list[dict[str, Any]] = []
+        for start in range(0, len(work), params.candidate_batch_size):
+            chunk = work[start : start + params.candidate_batch_size]
+            chunk_images, chunk_extras = self.denoise_candidates(
+                batch, [row for row, _ in chunk], [c for _, c in chunk], schedule
+            )
+            images.extend(chunk_images)
+            extras.extend(chunk_extras)
+        # 2. A keep-all row is its single candidate; otherwise the selector's pick per row.
+        if params.keep_all_candidates:
+            return ProbeOutput(images=images, extras=[{**candidates[0], **e} for e in extras])
+        return select(batch, candidates, images, extras)
+
+
+def select(batch: ProbeBatch, candidates: list[dict[str, float]], images: list[np.ndarray],
+           extras: list[dict[str, Any]]) -> ProbeOutput:
+    """The selector's argmax among each row's candidates; every candidate goes along for the
+    all-candidates mean. Extras: the kept candidate's settings and values, every candidate's score,
+    and every candidate's value of each per-candidate extra (`candidate_<key>s`)."""
+    selector = batch.params.selector
+    per_row = len(candidates)
+    out_images, out_extras, row_candidates = [], [], []
     for index, row in enumerate(batch.rows):
         row_images = images[index * per_row : (index + 1) * per_row]
+        row_extras = extras[index * per_row : (index + 1) * per_row]
         scores = [float(s) for s in batch.context.selector_scores(selector, row_images, row.target_concept,
                                                                     [None] * per_row)]
         if len(scores) != per_row:
             raise RuntimeError(f"selector {selector!r} returned {len(scores)} scores for {per_row} images")
-        yield index, row_images, int(np.argmax(scores)), scores
+        chosen = int(np.argmax(scores))
+        out_images.append(row_images[chosen])
+        row_candidates.append(row_images)
+        out_extras.append({
+            "selected_candidate": chosen,
+            **candidates[chosen],
+            "selector": selector,
+            "selector_score": scores[chosen],
+            "candidate_scores": scores,
+            **row_extras[chosen],
+            **{f"candidate_{key}s": [e[key] for e in row_extras] for key in row_extras[chosen]},
+        })
+    return ProbeOutput(images=out_images, extras=out_extras, candidates=row_candidates)

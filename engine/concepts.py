@@ -237,6 +237,9 @@ class Sources:
 # --------------------------------------------------------------------------- concepts
 
 
+DEFAULT_CONCEPT_SET = "default"
+
+
 class PythonRandomSeeds(Frozen):
     """The original's seed list: random.seed(seed), then `count` x randint(low, high)."""
 
@@ -264,6 +267,11 @@ class ConceptSpec(Frozen):
     )
     sample_random_state: int = Field(
         42, description="Prompt i of n is row permutation(random_state)[i]: pandas sample(n, random_state)."
+    )
+    concept_set: str = Field(
+        DEFAULT_CONCEPT_SET,
+        description="The set the concept belongs to: interference draws the other concepts of the same set "
+        "(the original's 13 share the default set; the toy world's 8 are `toy`). Sets never mix.",
     )
 
     @field_validator("judge_classes")
@@ -312,3 +320,14 @@ def load_concept(name: str) -> ConceptSpec:
     if name not in files:
         raise unknown_choice("concept", name, files)
     return _load_concept_file(files[name])
+
+
+def concept_set_members(concept: ConceptSpec) -> dict[str, ConceptSpec]:
+    """Every configured concept of `concept`'s set (itself included), by name in sorted order: the
+    world an erased model's interference rows are drawn from, whatever a run lists."""
+    members = {}
+    for name, path in sorted(available_concepts().items()):
+        other = concept if name == concept.name else _load_concept_file(path)
+        if other.concept_set == concept.concept_set:
+            members[name] = other
+    return members

@@ -121,7 +121,7 @@ class ProbeOutput:
     """One image per row (uint8, HxWx3), per-row extras, and optionally the region that counts
     for scoring, as (left, top, right, bottom) pixels.
 
-    Best-of-N probes (design.md §4) also fill `candidates`:
+    Best-of-N probes (engine.best_of_n) also fill `candidates`:
     - `candidates[i]` is every candidate image generated for row i (uint8 HxWx3, the kept one
       included, in candidate order), or None/[] for a row without candidates. The engine judges
       each candidate with the run's judges, cropped to the row's scoring region, and stores per

@@ -4,7 +4,7 @@ Probes that reshape the trajectory (noise, completion, classifier guidance) run 
 instead of the pipeline's __call__, so every change to the sampler is explicit here:
 
 - `ddim_step` is DDIM (Song et al. 2021, eq. 12) with two changes from the original's "noisy
-  DDIM" (original-system.md §2.4): the direction term takes |1 - abar_prev - sigma^2| so eta > 1
+  DDIM" (docs/deviations.md): the direction term takes |1 - abar_prev - sigma^2| so eta > 1
   gives no NaN, and the stochastic term is multiplied by `variance_scale` (v), which the
   original's pipeline silently dropped.
 - eta and v are per-row tensors, so candidates of a sweep run as one batch.

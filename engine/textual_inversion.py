@@ -1,8 +1,9 @@
 """Textual inversion (Gal et al. 2022), in-process: learn one new token embedding on a pipeline.
 
 The recipe is diffusers' examples/textual_inversion/textual_inversion.py as the original ran it
-(original-system.md §3.7): DDPM noise from the model's scheduler config, epsilon MSE, templates
-"a photo of a {}" (object) or "a painting in the style of {}" (style), horizontal flips with p=0.5,
+(`--learnable_property=object` for every concept, artists included): DDPM noise from the model's
+scheduler config, epsilon MSE, templates "a photo of a {}" (object) or "a painting in the style of
+{}" (style), horizontal flips with p=0.5,
 AdamW (0.9, 0.999, weight decay 1e-2), learning rate scaled by accumulation x batch (5e-4 x 4 =
 2e-3), constant schedule, one vector initialised from the initializer token.
 
@@ -70,6 +71,11 @@ STYLE_TEMPLATES = [  # diffusers' imagenet_style_templates_small
     "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
     "a small painting in the style of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
 ]
+
+
+def training_templates(learnable_property: str) -> list[str]:
+    """The caption templates of training: diffusers' object set, or its style set."""
+    return STYLE_TEMPLATES if learnable_property == "style" else OBJECT_TEMPLATES
 
 
 class TextualInversionSettings(BaseModel):
@@ -218,7 +224,7 @@ def train_textual_inversion(
     scaling = pipe.vae.config.scaling_factor
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    templates = STYLE_TEMPLATES if settings.learnable_property == "style" else OBJECT_TEMPLATES
+    templates = training_templates(settings.learnable_property)
     optimizer = torch.optim.AdamW(
         [vector], lr=settings.effective_learning_rate, betas=(settings.adam_beta1, settings.adam_beta2),
         weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon,

@@ -1,61 +1,50 @@
 """Classifier-guidance probe: steer DDIM toward the concept with a time-conditioned latent classifier.
 
-Original §3.3 / §6.4 (Dhariwal & Nichol 2021, eq. 14, for an epsilon model): at every step
+At every step (Dhariwal & Nichol 2021, eq. 14, for an epsilon model)
 
     eps_tilde = eps_cfg - sqrt(1 - abar_t) * s * grad_{x_t} log sigmoid(f(x_t, t))
 
-where f is the concept's latent classifier (classifier_training). Gradients flow through the
-classifier only: the UNet runs under no_grad, and grad is enabled inside the guidance hook alone.
-The classifier runs in fp32, whatever the pipeline's dtype. The scale s is swept (default 25, 32,
-..., 193: the original's 25 values) and every scale is one candidate; candidates of all rows run
-as one batch with a per-row scale tensor, `candidate_batch_size` at a time.
+where f is the concept's latent classifier (`engine train-classifier`, or the authors' published
+ones through `engine import-classifier`). Gradients flow through the classifier only: the UNet runs
+under no_grad, and grad is enabled inside the guidance hook alone. The classifier runs in fp32,
+whatever the pipeline's dtype. The scale s is swept (default 25, 32, ..., 193: the original's 25
+values) and every scale is one candidate; candidates of all rows run as one batch with a per-row
+scale tensor, `candidate_batch_size` at a time.
 
-Fixes against the original (§9.11, §9.12): the engine's DDIM loop (engine.sampling) for every
-model instead of the pipeline's own scheduler (PNDM repeated a timestep); x_T is drawn from the
-row's seed on the CPU exactly as standard_prompt draws it, so s = 0 is the plain DDIM image of the
-same start; the classifier loads once per actor, not once per prompt; classifiers are looked up
-as `<classifier_dir>/<concept>.safetensors`, the name `engine train-classifier` writes.
+Deliberate differences from the original code (docs/deviations.md): the engine's DDIM loop for every
+model instead of the pipeline's own scheduler (PNDM repeated a timestep); noise drawn on the CPU
+from per-candidate generators (`initial_noise: per_candidate`, the default, gives each scale its own
+starting latents as the original's sweep had; `shared` starts every scale from the row seed's x_T,
+so s = 0 is then the plain DDIM image of the seed); the classifier loads once per actor, not once
+per prompt; classifiers are looked up as `<classifier_dir>/<concept>.safetensors`, the name
+`engine train-classifier` writes.
 
-Candidates, selection and extras follow noise_based: one row per prompt picked by `selector`
-(never the judge by default, design §4), or every candidate as its own row (keep_all_candidates).
+Candidates, selection and extras are the best-of-N base's (engine.best_of_n): one row per prompt
+picked by `selector` (CLIP by default, never the judge), or every candidate as its own row
+(keep_all_candidates). The extras add the classifier's logit of each candidate's final latent.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from engine import sampling
-from engine.best_of_n import BestOfNParams, select_per_row, unique_values
+from engine.best_of_n import BestOfNParams, BestOfNProbe, unique_values
 from engine.errors import UserError
 from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_paths, load_classifier
-from engine.probe import Probe, ProbeBatch, ProbeOutput, row_generator
+from engine.probe import ProbeBatch
 
 DEFAULT_SCALES = [float(s) for s in range(25, 200, 7)]  # 25, 32, ..., 193: 25 values
-
-# For tests/test_probe_conformance.py: a fast sweep on the tiny model at 32 px, with untrained
-# classifiers of that latent size provided through the context option `classifier_dir`.
-CONFORMANCE_PARAMS = {"classifier_scales": [0.0, 60.0], "selector": "clip", "height": 32, "width": 32}
-
-
-def conformance_context(tmp_path) -> dict:
-    """ProbeContext fields that provide the `latent_classifier` requirement: untrained classifiers
-    for every configured concept, sized for the tiny model's latents at 32 px."""
-    from engine.builtin_models import build_tiny
-    from engine.concepts import available_concepts
-    from engine.guidance.latent_classifier_io import write_untrained_classifiers
-
-    folder = Path(tmp_path) / "latent-classifiers-32px"
-    write_untrained_classifiers(folder, build_tiny(), sorted(available_concepts()), height=32, width=32)
-    return {"options": {"classifier_dir": str(folder)}}
 
 
 class ClassifierGuidanceParams(BestOfNParams):
     """Shared generation parameters, the classifier-scale sweep and how one candidate is chosen."""
+
+    sweep_fields: ClassVar[dict[str, str]] = {"classifier_scale": "classifier_scales"}
 
     classifier_scales: list[float] = Field(
         DEFAULT_SCALES,
@@ -72,6 +61,12 @@ class ClassifierGuidanceParams(BestOfNParams):
     @classmethod
     def _scales(cls, values: list[float]) -> list[float]:
         return unique_values(values, minimum=0.0)
+
+    initial_noise: Literal["per_candidate", "shared"] = Field(
+        "shared",
+        description="shared (the original: every scale starts from its seed's noise, so s = 0 is the plain DDIM "
+        "image): x_T from the row seed; per_candidate: each scale draws its own x_T from (seed, scale).",
+    )
 
     def candidates(self) -> list[dict[str, float]]:
         return [{"classifier_scale": s} for s in self.classifier_scales]
@@ -154,38 +149,7 @@ def load_classifiers(cache: dict, classifier_dir: str, concepts, device, latent_
     return loaded
 
 
-def check_candidate_request(batch: ProbeBatch, params, candidates: list[dict]) -> None:
-    if params.keep_all_candidates and len(candidates) != 1:
-        raise ValueError("keep_all_candidates rows hold one candidate each; expand the params first")
-    if not params.keep_all_candidates and batch.context.selector_scores is None:
-        raise UserError(f"selector {params.selector!r} is not available in this run (no scoring context)")
-
-
-def select_candidates(batch: ProbeBatch, params, candidates: list[dict], images, logits) -> ProbeOutput:
-    """Keep-all rows are their single candidate; otherwise the selector's argmax per row, with every
-    candidate handed over for the "mean over all candidates" report (design §4), as noise_based."""
-    if params.keep_all_candidates:
-        extras = [{**candidates[0], "classifier_logit": logit} for logit in logits]
-        return ProbeOutput(images=images, extras=extras)
-    per_row = len(candidates)
-    out_images, extras, row_candidates = [], [], []
-    for index, row_images, chosen, scores in select_per_row(batch, params.selector, images, per_row):
-        row_logits = logits[index * per_row : (index + 1) * per_row]
-        out_images.append(row_images[chosen])
-        row_candidates.append(row_images)
-        extras.append({
-            "selected_candidate": chosen,
-            **candidates[chosen],
-            "selector": params.selector,
-            "selector_score": scores[chosen],
-            "candidate_scores": scores,
-            "classifier_logit": row_logits[chosen],  # f(x_0, t=0) of the kept image
-            "candidate_classifier_logits": row_logits,
-        })
-    return ProbeOutput(images=out_images, extras=extras, candidates=row_candidates)
-
-
-class ClassifierGuidanceProbe(Probe):
+class ClassifierGuidanceProbe(BestOfNProbe):
     name = "classifier_guidance"
     params_class = ClassifierGuidanceParams
     requires = frozenset({"latent_classifier"})
@@ -196,47 +160,17 @@ class ClassifierGuidanceProbe(Probe):
     def check_request(self, params, concepts, options) -> None:
         check_classifiers(self.name, classifier_folder(params, options), concepts)
 
-    def expand_params(self, params: ClassifierGuidanceParams) -> list[ClassifierGuidanceParams]:
-        params = params.model_copy(update={"classifier_dir": resolved_classifier_dir(params.classifier_dir)})
-        if not params.keep_all_candidates:
-            return [params]
-        # One row per candidate. Nothing is selected among one candidate, so the selector is 'none'
-        # and does not enter the row's identity; expanding twice changes nothing.
-        base = params.model_dump()
-        return [self.params_class.model_validate({**base, "classifier_scales": [s], "selector": "none"})
-                for s in params.classifier_scales]
+    def prepare_params(self, params):
+        return params.model_copy(update={"classifier_dir": resolved_classifier_dir(params.classifier_dir)})
 
-    @torch.no_grad()
-    def run(self, batch: ProbeBatch) -> ProbeOutput:
-        params: ClassifierGuidanceParams = batch.params
-        pipe = batch.pipeline
-        candidates = params.candidates()
-        check_candidate_request(batch, params, candidates)
-        folder = classifier_folder(params, batch.context.options)
+    def guidance(self, batch: ProbeBatch, rows, candidates, latents, schedule) -> LatentClassifierGuidance:
+        """The classifier's gradient, at each candidate's scale, added at every step."""
+        concepts = [row.concept for row in rows]
+        folder = classifier_folder(batch.params, batch.context.options)
+        classifiers = load_classifiers(self._classifiers, folder, concepts, latents.device, latents.shape[1:])
+        scales = torch.tensor([c["classifier_scale"] for c in candidates])
+        return LatentClassifierGuidance(classifiers, concepts, scales, schedule)
 
-        # 1. Every (row, scale) pair, rows one after another; the classifiers of the batch's concepts.
-        work = [(row, c["classifier_scale"]) for row in batch.rows for c in candidates]
-        schedule = sampling.DDIMSchedule.from_pipeline(pipe, params.num_inference_steps)
-        images: list[np.ndarray] = []
-        logits: list[float] = []
-        for start in range(0, len(work), params.candidate_batch_size):
-            chunk = work[start : start + params.candidate_batch_size]
-            # 2. x_T from the row's seed, exactly as standard_prompt draws it.
-            embeddings = sampling.encode_prompts(
-                pipe, [row.prompt for row, _ in chunk], params.negative_prompt, params.guidance_scale
-            )
-            latents = sampling.initial_latents(pipe, [row_generator(row.seed) for row, _ in chunk],
-                                               params.height, params.width)
-            classifiers = load_classifiers(self._classifiers, folder,
-                                           [row.concept for row, _ in chunk], latents.device, latents.shape[1:])
-            # 3. Deterministic DDIM; the hook adds the classifier's gradient at every step.
-            guidance = LatentClassifierGuidance(
-                classifiers, [row.concept for row, _ in chunk], torch.tensor([s for _, s in chunk]), schedule
-            )
-            latents = sampling.denoise(pipe, latents, embeddings, schedule, params.guidance_scale, guidance=guidance)
-            # 4. Decode; keep the classifier's logit of the final latent for the extras.
-            logits.extend(guidance.final_logits(latents))
-            images.extend(sampling.decode(pipe, latents))
-
-        # 5. One row per prompt (selector) or the single candidate.
-        return select_candidates(batch, params, candidates, images, logits)
+    def candidate_extras(self, guidance: LatentClassifierGuidance, latents) -> list[dict]:
+        # f(x_0, t=0): how much of the concept the classifier sees in each candidate's result.
+        return [{"classifier_logit": logit} for logit in guidance.final_logits(latents)]

@@ -1,7 +1,7 @@
 """Diffusion completion probe: the base model starts the trajectory, the erased model finishes it.
 
-Original §3.6 (the notebook's intent; its src code restarted a full schedule from the hand-over
-latent instead, §9.2). With deterministic DDIM (eta = 0) on one schedule of N steps:
+The original notebook's algorithm (the original's src code restarted a full schedule from the
+hand-over latent instead: docs/deviations.md). With deterministic DDIM (eta = 0) on one schedule of N steps:
 1. x_T from the row's seed, on the CPU, as the standard probe draws it;
 2. the base model runs steps 0..k (k+1 steps) and stops at timestep timesteps[k+1];
 3. the erased model continues from that latent at timesteps[k+1] and runs the remaining N-k-1 steps;

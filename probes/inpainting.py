@@ -1,13 +1,13 @@
 """Inpainting probe: the erased model repaints the centre of the base model's image of the concept.
 
-Original §3.5: the base model's image for the same prompt and seed is the visual context; a centre
+As the original: the base model's image for the same prompt and seed is the visual context; a centre
 square (256 of 512 px by default, scaled by side/512 for other sizes) is masked and repainted by
 diffusers' StableDiffusionInpaintPipeline built from the erased pipeline's components. With SD's
 4-channel UNet this is the standard latent-blending path: strength 1 (the masked area starts from
 noise), the model's own scheduler, and after every step the unmasked latents are replaced by the
 reference's latents noised to the next timestep. The scoring region is the mask.
 
-Fixes against the original (§9.3, §9.6, §9.13): the mask size is a real parameter, the mask is
+Deliberate differences from the original code (docs/deviations.md): the mask size is a real parameter, the mask is
 exactly `mask_size` px (PIL drew 257) and aligned to the VAE's latent grid; references are made by
 the engine (once per base model, concept, prompt and seed, cached by content hash and shared by
 every erased model of a grid) or read from `reference_dir`. The erased pipeline's own text

@@ -1,13 +1,13 @@
 """Interference probe: the erased model generates the OTHER concepts' prompts (side effects of erasure).
 
-Original §3.8: for every other concept, its first n prompts (`df.head(n)` in file order, not the
+As the original: for every other concept, its first n prompts (`df.head(n)` in file order, not the
 sampled rows the other probes use), each with its own seed, through the model's own pipeline
 (scheduler, CFG, steps as the standard probe). Every row carries `target_concept` = the other
 concept, so judges score it against that concept; `concept` stays the erased one.
 
 The other concepts are those of the run. A run with a single concept has none, which is an error
 before any work (the original also scored its own concept's prompts as a fake concept
-"debug original", §9.10; the standard_prompt probe covers those here).
+"debug original"; the standard_prompt probe covers those here: docs/deviations.md).
 """
 
 from __future__ import annotations

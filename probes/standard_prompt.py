@@ -1,6 +1,6 @@
 """Standard prompt probe: plain text-to-image generation of the concept's prompt.
 
-The baseline every other probe is compared with (original §3.1): the model's own scheduler, CFG
+The baseline every other probe is compared with, as the original's: the model's own scheduler, CFG
 7.5 and 50 steps by default, one generator per row seeded by the row's seed on the CPU, so a
 seed gives the same initial noise as the original's `torch.manual_seed(seed)`.
 """

@@ -1,20 +1,22 @@
 """Textual-inversion probe: learn a new token for the concept on the erased model, then prompt with it.
 
-Original §3.7: one token embedding is learned on the *erased* model from the base model's images of
-the concept (diffusers' textual_inversion recipe: 3000 steps, lr 5e-4 scaled by accumulation 4 to
-2e-3, batch 1, AdamW, DDPM noise, object or style templates), then the concept's prompt is
-generated with the token in place of the concept's name. If the model still "knows" the concept
-through another path, the token finds it.
+One token embedding is learned on the *erased* model from the base model's images of the concept
+(diffusers' textual_inversion recipe as the original ran it: 3000 steps, lr 5e-4 scaled by
+accumulation 4 to 2e-3, batch 1, AdamW, DDPM noise, object templates for every concept), then the
+concept's prompt is generated with the token in place of the concept's name. If the model still
+"knows" the concept through another path, the token finds it.
 
-Fixes against the original (§9.4-9.7): training runs in-process (engine.textual_inversion, no
-`accelerate launch` subprocess) and is cached by content hash (model weights, concept, settings,
-reference images) under the run's cache folder, so each (model, concept) trains once; the
-reference images are the engine's base-model images (engine.sampling.base_reference_images, shared
-with inpainting) or a folder; the token replaces the concept's display name or slug wherever it
-appears, case-insensitively, so multi-word and capitalised concepts ("english springer spaniel",
-"Van Gogh") get it too (the original's replace missed 8 of 13); the shared pipeline's tokenizer
-and text encoder are never changed. Generation is the standard probe's (the model's own scheduler,
-one CPU generator per row), only the prompt embedding differs.
+Deliberate differences from the original code (docs/deviations.md): training runs in-process
+(engine.textual_inversion, no `accelerate launch` subprocess) and is cached by content hash (model
+weights, concept, settings, reference images) under the run's cache folder, so each (model,
+concept) trains once; the reference images are the engine's base-model images
+(engine.sampling.base_reference_images, shared with inpainting) or a folder; the token replaces the
+concept's display name or slug wherever it appears, case-insensitively, so multi-word and
+capitalised concepts ("english springer spaniel", "Van Gogh") get it too (the original's replace
+missed 8 of 13); the shared pipeline's tokenizer and text encoder are never changed. Generation is
+the standard probe's (the model's own scheduler, one CPU generator per row), only the prompt
+embedding differs. `learnable_property: style` or `auto` (style templates for the artists) are
+options, not the default.
 """
 
 from __future__ import annotations
@@ -36,8 +38,6 @@ from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, WorkRow, r
 from engine.textual_inversion import TextualInversionSettings, encode_with_token, ensure_embedding
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# For tests/test_probe_conformance.py: a few training steps on two reference images.
-CONFORMANCE_PARAMS = {"max_train_steps": 2, "gradient_accumulation_steps": 1, "num_reference_images": 2}
 
 
 class TextualInversionParams(ProbeParams):
@@ -49,8 +49,10 @@ class TextualInversionParams(ProbeParams):
     initializer_token: str = Field(
         "object", description="Word whose embedding starts the token (the original's effective default: object)."
     )
-    learnable_property: Literal["auto", "object", "style"] = Field(
-        "auto", description="Training templates: object, style, or auto = the concept's kind."
+    learnable_property: Literal["object", "style", "auto"] = Field(
+        "object",
+        description="Training templates: object (the original, for every concept, artists included), style, "
+        "or auto = the concept's kind (style templates for the artists).",
     )
     num_reference_images: int = Field(
         30, ge=1, description="Base-model images of the concept to learn from (the original's demo made 30)."
@@ -136,11 +138,15 @@ class TextualInversionProbe(Probe):
             paths = reference_files(params.reference_dir, concept.name)
             images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
             return images, [hashlib.sha256(p.read_bytes()).hexdigest()[:32] for p in paths]
-        rows = [
+        return sampling.base_reference_images(batch.context, self.reference_rows(params, concept), params)
+
+    @staticmethod
+    def reference_rows(params: TextualInversionParams, concept: ConceptSpec) -> list[WorkRow]:
+        """The rows whose base-model images the token learns from: the concept's first sampled rows."""
+        return [
             WorkRow("", "", "", concept.name, concept.name, "reference", "", prompt, index, seed)
             for index, prompt, seed in concept.sample_prompts(params.num_reference_images)
         ]
-        return sampling.base_reference_images(batch.context, rows, params)
 
     @torch.no_grad()
     def run(self, batch: ProbeBatch) -> ProbeOutput:

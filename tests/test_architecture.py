@@ -21,7 +21,6 @@ PROBE_ALLOWED = (
     "engine.config",
     "engine.errors",
     "engine.textual_inversion",
-    "engine.builtin_models",  # test-only helpers build a tiny model for self-checks
     "probes",
 )
 # The two lowest layers: each imports only its own layer and the ones below it.

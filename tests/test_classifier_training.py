@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from classifier_training import io as classifier_io
-from classifier_training.data import resolve_label
+from classifier_training.data import evaluation_seeds, resolve_label, training_seeds
 from classifier_training.jobs import TrainRequest, plan_jobs
 from classifier_training.metrics import pr_auc, roc_auc, roc_curve, tpr_at_fpr
 from classifier_training.train import LatentSet, TrainSettings, sample_timesteps, split_train_val, train_classifier
@@ -200,7 +200,7 @@ def test_folder_requests_are_checked_before_any_work(tmp_path):
         plan_jobs(TrainRequest(["church", "church, church building"], model="tiny"))
     with pytest.raises(UserError, match="unknown concept"):
         plan_jobs(TrainRequest(["church"], model="tiny", negative_concepts=["no_such_concept"]))
-    # Generated negatives default to every other configured concept.
+    # Generated negatives default to every other concept of the same concept set.
     _, jobs = plan_jobs(TrainRequest(["church"], model="tiny"))
     assert "church" not in jobs[0].negative_concepts and "airliner" in jobs[0].negative_concepts
 
@@ -225,6 +225,15 @@ def test_train_classifier_cli_writes_classifiers_that_guidance_finds(ray_session
         assert config["data"]["train_negative"] + config["data"]["val_negative"] == 2  # picasso's images
         assert len(list(csv.DictReader((output / f"{concept}_metrics.csv").open()))) == 2
         assert concept in result.output
+        # The generated images' rows are recorded: the concept's training stream, never an evaluated seed.
+        rows = config["data"]["training_rows"]
+        assert config["data"]["seed_stream"]["name"] == "latent-classifier-training"
+        assert rows["positives"]["concept"] == concept and rows["positives"]["prompt"] == load_concept(concept).prompt
+        assert rows["positives"]["seeds"] == training_seeds(concept, 2, evaluation_seeds())
+        assert rows["negatives"]["picasso"]["seeds"] == training_seeds("picasso", 2, evaluation_seeds())
+        assert not set(rows["positives"]["seeds"]) & set(load_concept(concept).seed_list())
+        images = sorted(p.name for p in (output / "work" / "images" / "tiny" / concept).glob("*.png"))
+        assert images == [f"{i:03d}_seed{seed}.png" for i, seed in enumerate(rows["positives"]["seeds"])]
     assert not (output / "church_church_building.safetensors").exists()
     # Latents were encoded once per image group and cached: church, airliner, picasso.
     assert len(list((output / "work" / "latents").glob("*.safetensors"))) == 3

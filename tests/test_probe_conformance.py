@@ -8,17 +8,15 @@
 
 Rows come from engine.pipeline.grid.expand_rows (so expand_params and work_prompts are exercised) on the
 tiny built-in models: `tiny-erased` is the model under test, `tiny` the base. A probe runs with
-the shared fast settings below plus its entry in FAST_PARAMS, or else its module's
-`CONFORMANCE_PARAMS` dict. Requirements other than base_model / reference_images (made from the
-base model) can't be provided generically: such a probe's module exposes
-`conformance_context(tmp_path) -> dict` of ProbeContext fields, or the suite skips that probe's
-run checks with the reason.
+the shared fast settings below plus its entry in FAST_PARAMS. Requirements other than base_model /
+reference_images (made from the base model) are provided by REQUIREMENT_CONTEXTS below (each
+returns ProbeContext fields); a probe with a requirement not listed there fails the run checks,
+so a new requirement needs its provider here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from itertools import groupby
 from pathlib import Path
@@ -27,9 +25,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.concepts import load_concept
+from engine.builtin_models import build_tiny
+from engine.concepts import available_concepts, load_concept
 from engine.config import RunSpec
 from engine.errors import UserError
+from engine.guidance.latent_classifier_io import write_untrained_classifiers
 from engine.models import resolve_model
 from engine.pipeline.grid import ProbeChoice, expand_rows, plan_run
 from engine.probe import (
@@ -50,15 +50,28 @@ FAST_PARAMS: dict[str, dict] = {
     "diffusion_completion": {"handover_steps": [1]},
     "inpainting": {},
     "interference": {},
+    "classifier_guidance": {"classifier_scales": [0.0, 60.0], "selector": "clip"},
+    "noise_classifier_guidance": {"classifier_scales": [0.0, 60.0], "eta_values": [0.0, 1.5], "selector": "clip"},
+    "textual_inversion": {"max_train_steps": 2, "gradient_accumulation_steps": 1, "num_reference_images": 2},
 }
 PROVIDED = {"base_model", "reference_images"}
 CONCEPTS = ["church", "golf_ball"]
 TOLERANCE = 2  # uint8 levels: batched and single-row float math may round differently
 
 
+def untrained_classifiers(cache_dir: Path) -> dict:
+    """The `latent_classifier` requirement: untrained classifiers for every configured concept,
+    sized for the tiny model's latents at 32 px, through the context option `classifier_dir`."""
+    folder = Path(cache_dir) / "latent-classifiers-32px"
+    write_untrained_classifiers(folder, build_tiny(), sorted(available_concepts()), height=32, width=32)
+    return {"options": {"classifier_dir": str(folder)}}
+
+
+REQUIREMENT_CONTEXTS = {"latent_classifier": untrained_classifiers}
+
+
 def fast_params(name: str) -> dict:
-    module = importlib.import_module(PROBE_REGISTRY[name].split(":")[0])
-    return {**FAST, **FAST_PARAMS.get(name, getattr(module, "CONFORMANCE_PARAMS", {}))}
+    return {**FAST, **FAST_PARAMS.get(name, {})}
 
 
 def brightness_selector(selector, images, concept_name, regions):
@@ -101,16 +114,10 @@ class Runs:
         if name in cls.done:
             return cls.done[name]
         probe_class, rows = work_rows(name)
-        module = importlib.import_module(probe_class.__module__)
-        missing = set(probe_class.requires) - PROVIDED
         extra_context = {}
-        if missing:
-            if not hasattr(module, "conformance_context"):
-                pytest.skip(
-                    f"{name} requires {', '.join(sorted(missing))}, which this suite cannot provide generically, "
-                    "and its module exposes no conformance_context(tmp_path)"
-                )
-            extra_context = module.conformance_context(cache_dir)
+        for requirement in sorted(set(probe_class.requires) - PROVIDED):
+            assert requirement in REQUIREMENT_CONTEXTS, f"{name} requires {requirement}: add its provider here"
+            extra_context.update(REQUIREMENT_CONTEXTS[requirement](cache_dir))
         context = ProbeContext(
             device=torch.device("cpu"),
             base_pipeline=lambda: base_pipe,

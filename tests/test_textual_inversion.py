@@ -64,6 +64,40 @@ def test_loss_on_fixed_draws_falls_over_steps(tiny_erased_pipe):
     assert all(p.grad is None for p in tiny_erased_pipe.text_encoder.parameters())
 
 
+@pytest.mark.parametrize("name", sorted(available_concepts()))
+def test_default_template_set_is_the_object_set_for_every_concept(name):
+    """As the original (--learnable_property=object for all 13, artists included); style and auto
+    (style templates for style concepts) are options."""
+    concept = load_concept(name)
+    probe = TextualInversionProbe()
+    settings = probe.settings(TextualInversionParams(), concept)
+    assert settings.learnable_property == "object"
+    assert ti.training_templates(settings.learnable_property) is ti.OBJECT_TEMPLATES
+    assert ti.OBJECT_TEMPLATES[0] == "a photo of a {}" and not any("style" in t for t in ti.OBJECT_TEMPLATES)
+    assert probe.settings(TextualInversionParams(learnable_property="style"), concept).learnable_property == "style"
+    auto = probe.settings(TextualInversionParams(learnable_property="auto"), concept).learnable_property
+    assert auto == concept.kind
+
+
+def test_training_draws_its_captions_from_the_settings_template_set(tiny_erased_pipe, monkeypatch):
+    pipe = SimpleNamespace(
+        unet=TextScaledDenoiser(tiny_erased_pipe.text_encoder.config.hidden_size, tiny_erased_pipe.unet.config),
+        vae=tiny_erased_pipe.vae, text_encoder=tiny_erased_pipe.text_encoder, tokenizer=tiny_erased_pipe.tokenizer,
+        scheduler=tiny_erased_pipe.scheduler, vae_scale_factor=tiny_erased_pipe.vae_scale_factor,
+    )
+    seen = []
+    real_loss = ti._micro_batch_loss
+    monkeypatch.setattr(ti, "_micro_batch_loss", lambda p, tok, templates, *rest: seen.append(templates) or
+                        real_loss(p, tok, templates, *rest))
+    images = [np.zeros((32, 32, 3), dtype=np.uint8)]
+    for prop, expected in (("object", ti.OBJECT_TEMPLATES), ("style", ti.STYLE_TEMPLATES)):
+        seen.clear()
+        settings = ti.TextualInversionSettings(placeholder_token="<x>", learnable_property=prop, max_train_steps=1,
+                                               gradient_accumulation_steps=1, resolution=32)
+        ti.train_textual_inversion(pipe, images, settings, fixed_draws=1)
+        assert seen and all(t is expected for t in seen)
+
+
 def test_scaled_learning_rate_is_the_originals():
     settings = ti.TextualInversionSettings(placeholder_token="<x>")
     assert (settings.max_train_steps, settings.train_batch_size, settings.gradient_accumulation_steps) == (3000, 1, 4)

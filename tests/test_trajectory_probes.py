@@ -85,22 +85,25 @@ def differ(a, b) -> float:
 
 
 def test_noise_eta_zero_v_one_is_plain_deterministic_ddim(tiny_pipe, tmp_path):
-    params = parse_params("noise_based", {**FAST, "eta_values": [0.0], "variance_scales": [1.0], "selector": "clip"})
+    params = parse_params("noise_based", {**FAST, "eta_values": [0.0], "variance_scales": [1.0], "selector": "clip",
+                                          "initial_noise": "shared"})
     output = run(NoiseBasedProbe(), params, tiny_pipe, tiny_pipe, tmp_path)
     for image, reference in zip(output.images, ddim(tiny_pipe, [7, 11])):
         assert_close(image, reference)
 
 
-def test_noise_candidate_alone_equals_its_copy_in_the_sweep(tiny_erased_pipe, tmp_path):
-    sweep = {**FAST, "eta_values": [0.5, 1.5], "variance_scales": [1.0, 1.04], "candidate_batch_size": 3}
+@pytest.mark.parametrize("initial_noise", ["per_candidate", "shared"])
+def test_noise_candidate_alone_equals_its_copy_in_the_sweep(initial_noise, tiny_erased_pipe, tmp_path):
+    sweep = {**FAST, "eta_values": [0.5, 1.5], "variance_scales": [1.0, 1.04], "candidate_batch_size": 3,
+             "initial_noise": initial_noise}
     probe = NoiseBasedProbe()
     full = run(probe, parse_params("noise_based", sweep), tiny_erased_pipe, None, tmp_path)
     singles = probe.expand_params(parse_params("noise_based", {**sweep, "keep_all_candidates": True}))
-    assert [(p.eta_values, p.variance_scales, p.selector) for p in singles] == [
-        ([0.5], [1.0], "none"),
-        ([0.5], [1.04], "none"),
-        ([1.5], [1.0], "none"),
-        ([1.5], [1.04], "none"),
+    assert [(p.eta_values, p.variance_scales, p.selector, p.initial_noise) for p in singles] == [
+        ([0.5], [1.0], "none", initial_noise),
+        ([0.5], [1.04], "none", initial_noise),
+        ([1.5], [1.0], "none", initial_noise),
+        ([1.5], [1.04], "none", initial_noise),
     ]
     for index, single_params in enumerate(singles):
         alone = run(probe, single_params, tiny_erased_pipe, None, tmp_path, seeds=(11,))
@@ -114,6 +117,35 @@ def test_noise_candidate_alone_equals_its_copy_in_the_sweep(tiny_erased_pipe, tm
     assert min(differ(a, b) for i, a in enumerate(candidates) for b in candidates[i + 1 :]) > 0.5
 
 
+def test_noise_candidates_of_one_prompt_start_from_different_latents(tiny_erased_pipe, tmp_path):
+    """per_candidate (the default, as the original's sweep): each candidate's x_T is its own draw
+    from (seed, eta, v); shared: all are the row seed's x_T, the standard probe's."""
+    probe = NoiseBasedProbe()
+    sweep = {**FAST, "eta_values": [0.0, 1.5], "variance_scales": [1.0, 1.04]}
+    per_candidate = parse_params("noise_based", sweep)
+    assert per_candidate.initial_noise == "per_candidate"
+    row = rows([11])[0]
+    candidates = per_candidate.candidates()
+
+    def starts(params):
+        generators, _ = probe.generators(params, [row] * len(candidates), candidates)
+        return sampling.initial_latents(tiny_erased_pipe, generators, 32, 32)
+
+    latents = starts(per_candidate)
+    assert all(not torch.equal(latents[i], latents[j]) for i in range(4) for j in range(i + 1, 4))
+    seed_start = sampling.initial_latents(tiny_erased_pipe, [row_generator(11)], 32, 32)[0]
+    assert all(not torch.equal(x, seed_start) for x in latents)
+    shared = starts(per_candidate.model_copy(update={"initial_noise": "shared"}))
+    assert all(torch.equal(x, seed_start) for x in shared)
+    # Seen in the images: at eta = 0 (no step noise) v changes nothing, so the two eta-0 candidates
+    # differ only through their start: different per candidate, identical when shared.
+    images = run(probe, per_candidate, tiny_erased_pipe, None, tmp_path, seeds=(11,)).candidates[0]
+    assert differ(images[0], images[1]) > 0.5
+    images = run(probe, per_candidate.model_copy(update={"initial_noise": "shared"}), tiny_erased_pipe, None,
+                 tmp_path, seeds=(11,)).candidates[0]
+    np.testing.assert_array_equal(images[0], images[1])
+
+
 def test_noise_selector_keeps_the_argmax_and_records_every_score(tiny_erased_pipe, tmp_path):
     params = parse_params("noise_based", {**FAST, "eta_values": [0.5, 1.5], "variance_scales": [1.0, 1.04]})
     output = run(NoiseBasedProbe(), params, tiny_erased_pipe, None, tmp_path)
@@ -122,13 +154,14 @@ def test_noise_selector_keeps_the_argmax_and_records_every_score(tiny_erased_pip
         assert extras["candidate_scores"] == pytest.approx(scores)
         chosen = int(np.argmax(scores))
         assert extras["selected_candidate"] == chosen and extras["selector"] == "clip"
-        assert (extras["eta"], extras["variance_scale"]) == params.candidates()[chosen]
+        assert {"eta": extras["eta"], "variance_scale": extras["variance_scale"]} == params.candidates()[chosen]
         np.testing.assert_array_equal(image, candidates[chosen])
 
 
 def test_noise_variance_scale_is_really_applied(tiny_erased_pipe, tmp_path):
     """Same candidate generator, v = 1.3 vs 1.0: only the probe's v can make the difference."""
-    params = parse_params("noise_based", {**FAST, "eta_values": [1.5], "variance_scales": [1.3], "selector": "clip"})
+    params = parse_params("noise_based", {**FAST, "eta_values": [1.5], "variance_scales": [1.3], "selector": "clip",
+                                          "initial_noise": "shared"})
     image = run(NoiseBasedProbe(), params, tiny_erased_pipe, None, tmp_path, seeds=(7,)).images[0]
 
     def direct(v: float):

@@ -8,6 +8,8 @@ import typer
 
 from engine.cli.app import app, probes_app, user_errors
 
+DEVIATIONS = "docs/deviations.md"  # in the project's repository: every deliberate difference, why, which way
+
 
 @probes_app.command("list")
 @user_errors
@@ -30,6 +32,7 @@ def probes_describe(name: str = typer.Argument(..., help="Probe name.")):
 
     probe_class = get_probe_class(name)
     typer.echo(f"{name}: {(sys.modules[probe_class.__module__].__doc__ or '').strip()}\n")
+    typer.echo(f"Where and why it differs from the original code: {DEVIATIONS}#{name}\n")
     typer.echo(f"requires: {', '.join(sorted(probe_class.requires)) or 'nothing'}\n")
     for field, annotation, default, description in describe_params(probe_class.params_class):
         typer.echo(f"  {field:24s} {annotation:18s} default {default:24s} {description}")

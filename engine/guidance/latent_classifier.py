@@ -1,4 +1,4 @@
-"""The time-conditioned latent classifier f(x_t, t) -> one logit (original-system.md §6.1).
+"""The time-conditioned latent classifier f(x_t, t) -> one logit (the original's LatentClassifierT).
 
 Input: a noised latent x_t in the UNet's latent scale (VAE latent x scaling_factor, then noised)
 and an integer timestep t in [0, num_train_timesteps). Time enters as the 2-d encoding

@@ -1,6 +1,6 @@
 """The `clip` judge: 100 x cosine(image embedding, concept text embedding) with open_clip.
 
-Default ViT-B-32 with OpenAI weights, the original's CLIP (original-system.md §5.2: its
+Default ViT-B-32 with OpenAI weights, the original's CLIP (its
 `logits_per_image` is 100 x cosine with CLIP's own preprocessing). The text is the concept's
 `clip_text` ("a photo of a X", or "a painting in the style of X" for styles). Preset `tiny` is a
 3 M-parameter random model (config tiny-clip.json shipped next to this file) for offline tests.

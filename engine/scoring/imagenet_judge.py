@@ -1,6 +1,6 @@
 """The `imagenet` judge: an ImageNet-1k classifier, by default torchvision ResNet-50 IMAGENET1K_V2.
 
-That is the original's judge (original-system.md §5.3), but concepts match by their exact class
+That is the original's judge, but concepts match by their exact class
 indices (`judge_classes.imagenet`), never by label substrings, which scored chainsaw and English
 springer spaniel 0% and counted planetariums as airliners. Preset `tiny` is a small random
 classifier with 1000 outputs for offline tests.

@@ -1,4 +1,4 @@
-"""Best-of-N selectors: the model that picks which candidate a probe keeps (design.md §4).
+"""Best-of-N selectors: the model that picks which candidate a probe keeps (docs/deviations.md).
 
 The original picked with the same ResNet-50 that later judged, which inflates recovery. Here a
 probe's `selector` parameter names one of:
