@@ -407,3 +407,15 @@ def test_terminal_summary_of_a_paired_run_is_the_recovery_table(tmp_path):
     assert "100.0 [51.0, 100.0]" in standard and "25.0 [4.6, 69.9]" in standard
     assert any(line.startswith("Preservation") for line in lines)
     assert paper_summary(_write_run(tmp_path / "plain", _records("A"))) is None  # nothing erased declared
+
+
+def test_a_clip_column_chosen_by_a_clip_selector_is_marked_inflated(hand_run, tmp_path):
+    content = build_report([hand_run], tmp_path / "inflated")
+    markdown = (content.output / "report.md").read_text()
+    noise_line = next(line for line in markdown.splitlines() if "| noise_based |" in line and "| esdx |" in line)
+    assert "26.00 [13.29, 38.71] *" in noise_line  # CLIP picked the candidate and CLIP judges it
+    assert "100.0 [34.2, 100.0] *" not in noise_line  # the ImageNet judge did not pick: an honest sample
+    assert "19.50" in noise_line  # the all-candidates CLIP mean beside it
+    assert "selection-inflated" in markdown
+    standard_line = next(line for line in markdown.splitlines() if "| standard_prompt |" in line and "| esdx |" in line)
+    assert "*" not in standard_line

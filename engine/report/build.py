@@ -34,6 +34,7 @@ from engine.report.figures import write_contact_sheets, write_recovery_plots
 from engine.report.paired import write_paired_sheets
 from engine.report.paper import has_roles, mean_over_concepts_table, preservation_table, recovery_table
 from engine.report.render import write_html, write_markdown
+from engine.report.selection import selection_inflated
 from engine.report.tables import (
     BASE,
     RECOVERY,
@@ -80,6 +81,17 @@ def recovery_wide(recovery: pd.DataFrame) -> pd.DataFrame:
         records.append(record)
     columns = ["probe", "metric", *[m + s for m in methods for s in ("", " low", " high")]]
     return pd.DataFrame.from_records(records, columns=columns)
+
+
+def inflated_cells(cells: pd.DataFrame) -> dict[int, set[str]]:
+    """Per cell position, the score columns its best-of-N selector picked with the judging model."""
+    marks = {}
+    for position, (_, cell) in enumerate(cells.iterrows()):
+        values = [None if pd.isna(cell[c]) else str(cell[c]) for c in ("selector", "judge_model", "clip_model")]
+        columns = selection_inflated(*values)
+        if columns:
+            marks[position] = columns
+    return marks
 
 
 def build_report(run_dirs: list[RunDir], output: RunDir | None = None, max_images_per_cell: int = 12) -> ReportContent:
@@ -138,6 +150,7 @@ def _build(run_dirs: list[RunDir], report_dir: Path, max_images_per_cell: int) -
         content.plots = write_recovery_plots(pooled_stats(plotted), report_dir / "plots", "erased concepts")
     else:
         content.plots = write_recovery_plots(pooled_stats(frame), report_dir / "plots", "pooled over concepts")
+    content.inflated = inflated_cells(cells)
     content.sheets = write_contact_sheets(run_dirs, frame, cells, report_dir / "sheets", max_images_per_cell)
     content.paired_sheets = write_paired_sheets(run_dirs, frame, report_dir / "sheets", max_images_per_cell)
     write_markdown(content, report_dir / "report.md")

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from engine.metrics import Metric
+from engine.report.selection import selection_inflated
 from engine.report.tables import (
     BASE,
     BASE_METHOD,
@@ -62,9 +63,20 @@ def recovery_table(frame: pd.DataFrame, by_concept: bool = False) -> pd.DataFram
             if not present_values(group[metric.column]):
                 continue
             records.append({**dict(zip(keys, key)), "metric": metric.label, "metric_column": metric.column,
-                            **_interval_record(metric, group)})
+                            **_interval_record(metric, group), "inflated": _inflated(group, metric.column)})
     return _ordered(pd.DataFrame.from_records(records, columns=[*keys, "metric", "metric_column", "n", "value",
-                                                                 "ci_low", "ci_high"]), by_concept)
+                                                                 "ci_low", "ci_high", "inflated"]), by_concept)
+
+
+def _inflated(group: pd.DataFrame, column: str) -> bool:
+    """Whether any row's value of `column` was picked by the model that judges it (a best-of-N
+    selector that is also the judge): such a pooled rate is a maximum, not a sample."""
+    for selector, judge_model, clip_model in group[["selector", "judge_model", "clip_model"]].itertuples(index=False):
+        values = [None if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)
+                  for v in (selector, judge_model, clip_model)]
+        if column in selection_inflated(*values):
+            return True
+    return False
 
 
 def preservation_table(frame: pd.DataFrame, by_concept: bool = False) -> pd.DataFrame:
@@ -126,6 +138,8 @@ def wide(table: pd.DataFrame, index: list[str], scale_of: dict[str, float]) -> p
         for _, line in group.iterrows():
             record[line["method"]] = tuple(None if pd.isna(v) else v * scale
                                            for v in (line["value"], line["ci_low"], line["ci_high"]))
+            if line.get("inflated", False):
+                record[line["method"]] += ("inflated",)
         records.append(record)
     return pd.DataFrame.from_records(records, columns=[*index, *methods])
 

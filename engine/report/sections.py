@@ -77,9 +77,11 @@ def fmt_interval(value: Any, low: Any, high: Any, scale: float = 1.0, digits: in
 
 
 def _fmt_triple(triple: Any, digits: int) -> str:
+    """(value, low, high[, "inflated"]) -> "v [low, high]", marked * when selection-inflated."""
     if not isinstance(triple, tuple):
         return "–"
-    return fmt_interval(*triple, digits=digits)
+    text = fmt_interval(*triple[:3], digits=digits)
+    return text + " *" if len(triple) > 3 and text != "–" else text
 
 
 def _scales() -> dict[str, float]:
@@ -94,7 +96,9 @@ def recovery_section(recovery: pd.DataFrame, title: str, index: list[str]) -> Se
     for _, line in table.iterrows():
         digits = METRIC_BY_COLUMN[_column_of(recovery, line["metric"])].digits
         rows.append([str(line[c]) for c in index] + [_fmt_triple(line[m], digits) for m in methods])
-    return Section(title, note=RECOVERY_NOTE, table=Table(headers, rows))
+    inflated = "inflated" in recovery and bool(recovery["inflated"].fillna(False).astype(bool).any())
+    note = RECOVERY_NOTE + (" " + SELECTION_NOTE if inflated else "")
+    return Section(title, note=note, table=Table(headers, rows))
 
 
 def _column_of(table: pd.DataFrame, label: str) -> str:
