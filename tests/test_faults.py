@@ -346,14 +346,16 @@ def test_dashboard_url_is_printed_when_the_cluster_has_one(monkeypatch, capsys):
 
     import ray
 
+    import engine.pipeline.run
     from engine.pipeline.run import ray_session
 
     calls = []
+    monkeypatch.setattr(engine.pipeline.run, "report_node_engines", lambda ray, shipped: [])
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs) or SimpleNamespace(dashboard_url=url))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     url = "10.0.0.1:8265"
-    with ray_session("auto"):
+    with ray_session("auto", ship_code=False):
         pass
     url = None  # a local Ray without a dashboard: nothing printed
     with ray_session(None):
