@@ -188,9 +188,19 @@ def probe_names() -> list[str]:
 
 
 def get_probe_class(name: str) -> type[Probe]:
+    return load_probe_class(probe_entry(name))
+
+
+def probe_entry(name: str) -> str:
+    """The registry's "module:Class" of a probe. The driver hands these to the actors, so an actor
+    runs exactly the class the driver validated (also one a test registered)."""
     if name not in PROBE_REGISTRY:
         raise unknown_choice("probe", name, PROBE_REGISTRY)
-    module_name, class_name = PROBE_REGISTRY[name].split(":")
+    return PROBE_REGISTRY[name]
+
+
+def load_probe_class(entry: str) -> type[Probe]:
+    module_name, class_name = entry.split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
 
@@ -236,7 +246,9 @@ def row_generator(seed: int, *variant: Any) -> torch.Generator:
 
 def to_uint8(images: np.ndarray) -> list[np.ndarray]:
     """Float images in [0, 1] (NHWC) -> uint8 arrays, rounded as diffusers' numpy_to_pil does."""
-    array = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+    # NaN (diverged latents) becomes black, never an arbitrary cast: the engine records an all-black
+    # image as a failed row instead of keeping it.
+    array = np.clip(np.nan_to_num(np.asarray(images, dtype=np.float32), nan=0.0), 0.0, 1.0)
     return [np.ascontiguousarray((image * 255).round().astype(np.uint8)) for image in array]
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+TESTS = Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -23,9 +25,12 @@ def ray_session():
 
     from engine.pipeline.run import worker_env
 
-    # address="local": a Ray of our own even when another one (`ray start`) runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": worker_env()})
+    # Test modules are importable in the workers too: a probe a test registers (PROBE_REGISTRY
+    # entry "test_x:Probe") runs in the stream's actors.
+    python_path = os.pathsep.join(p for p in [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH")] if p)
+    env = {**worker_env(), "PYTHONPATH": python_path}
+    # address="local": a Ray of our own even when a `ray start` cluster runs on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

@@ -18,7 +18,7 @@ from engine.concepts import load_concept
 from engine.config import run_spec_from_dict
 from engine.errors import UserError
 from engine.pipeline.grid import plan_run
-from engine.pipeline.stages import ProbeRunner, ScoreActor, actor_payload, score_payload
+from engine.pipeline.stages import ProbeRunner, ProbeStageConfig, ScoreActor, ScoreStageConfig
 from engine.probe import PROBE_REGISTRY, Probe, ProbeBatch, ProbeOutput, ProbeParams
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, decode_png, read_rows, rows_table
 from engine.scoring.registry import build_judge, parse_judge_ref
@@ -160,8 +160,10 @@ def _plan(tmp_path, selector: str, judges: list[str] = ("clip:tiny", "imagenet:t
 
 
 def _generate(plan, tmp_path) -> list[dict]:
-    probe_runner = ProbeRunner(actor_payload(plan, "cpu", "sdpa", 1, str(tmp_path / "cache")))
-    return probe_runner.run_unit(plan.rows)
+    probe_runner = ProbeRunner(ProbeStageConfig.from_plan(plan, "cpu", "sdpa", 1, str(tmp_path / "cache")))
+    outcome = probe_runner.generate(plan.rows)
+    assert not outcome.failures, outcome.failures
+    return outcome.records
 
 
 def test_best_of_n_rows_record_selector_and_candidate_means(best_of_three, tmp_path):
@@ -169,7 +171,7 @@ def test_best_of_n_rows_record_selector_and_candidate_means(best_of_three, tmp_p
     records = _generate(plan, tmp_path)
     assert [r["selector"] for r in records] == ["clip=clip:tiny-clip/random-seed0"] * 2
     assert [r["candidate_count"] for r in records] == [3, 3]
-    scored = ScoreActor(score_payload(plan, "cpu", 1))(rows_table(records, STREAM_SCHEMA))
+    scored = ScoreActor(ScoreStageConfig.from_plan(plan, "cpu", 1))(rows_table(records, STREAM_SCHEMA))
     assert scored.schema == ROW_SCHEMA and CANDIDATE_IMAGES not in scored.column_names
 
     church = load_concept("church")

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import engine.tune.execute
 from engine.cli import app
 from engine.results import read_rows
+from engine.tune.progress import TrialBoard
 
 runner = CliRunner()
 # Two prompts, two denoising steps: a trial takes well under a second once the pipeline is loaded.
@@ -33,9 +34,11 @@ def _trials(output):
 def tpe_search(tmp_path_factory, ray_session):
     """4 TPE trials of the noise-based probe on one actor (max_concurrent_trials=1)."""
     output = tmp_path_factory.mktemp("tune") / "noise"
-    result = _tune("--probe", "noise_based", "--model", "tiny", "--concept", "church", "--num-samples", "4",
-                   "--objective", "judge_target_prob", "--output", str(output), *FAST,
-                   "--set", "max_concurrent_trials=1", "--set", "seed=3")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ENGINE_PROGRESS_SECONDS", "0.2")  # progress lines (the output is not a terminal)
+        result = _tune("--probe", "noise_based", "--model", "tiny", "--concept", "church", "--num-samples", "4",
+                       "--objective", "judge_target_prob", "--output", str(output), *FAST,
+                       "--set", "max_concurrent_trials=1", "--set", "seed=3")
     return output, result
 
 
@@ -56,6 +59,24 @@ def test_search_writes_one_row_per_trial(tpe_search):
         assert row.target_prob_mean == pytest.approx(row.objective)
     best = trials.loc[trials.objective.idxmax()]
     assert f"best judge_target_prob {best.objective:.4g}" in result.output
+
+
+def test_progress_shows_trials_done_and_best_so_far(tpe_search):
+    output, result = tpe_search
+    lines = [line for line in result.output.splitlines() if line.startswith("tune: ")]
+    best = _trials(output).objective.max()
+    assert lines and lines[-1].startswith("tune: 4/4 trials (100%)")
+    assert lines[-1].endswith(f"best tiny x church {best:.4g}")
+
+
+def test_trial_board_counts_trials_and_keeps_the_best():
+    board = TrialBoard()
+    assert board.status() == (0, "")
+    board.trial_finished("a x c", 0.25)
+    board.trial_finished("a x c", None)  # stopped early or failed: counted, never the best
+    board.trial_finished("a x c", 0.5)
+    board.trial_finished("b x c", float("nan"))
+    assert board.status() == (4, "best a x c 0.5")
 
 
 def test_pipeline_loads_once_across_trials(tpe_search):

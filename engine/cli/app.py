@@ -23,6 +23,23 @@ toyworld_app = typer.Typer(no_args_is_help=True, help="The toy world: a tiny tra
 app.add_typer(toyworld_app, name="toyworld")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from engine import __version__
+
+        typer.echo(f"engine {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the engine's version and exit."
+    ),
+) -> None:
+    """Probe whether concepts are really erased."""
+
+
 def user_errors(command):
     """Print a UserError as one line on stderr and exit 2; never a traceback for user input."""
 

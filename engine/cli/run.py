@@ -150,15 +150,23 @@ def _with_classifier_dir(probes: Any, classifier_dir: str, sources) -> Any:
 
 
 def execute_and_print(plan, cluster: Optional[str], ship_code: Optional[bool] = None) -> None:
+    """Run the plan and print what happened; exit 3 when rows failed (they are retried by a rerun)."""
+    from engine.pipeline.failures import failures_path
     from engine.pipeline.run import execute
     from engine.report.summary import print_summary
 
     summary = execute(plan, cluster=cluster, ship_code=ship_code)
+    failed = f", {summary.failed} failed ({failures_path(summary.output)})" if summary.failed else ""
     typer.echo(
-        f"{summary.generated} rows generated, {summary.skipped} already done, "
+        f"{summary.generated} rows generated, {summary.skipped} already done{failed}, "
         f"{summary.total_rows} in {summary.output} ({summary.seconds:.1f} s)"
     )
-    print_summary(summary.output)
+    if summary.total_rows:
+        print_summary(summary.output)
+    if summary.failed:
+        rows = "row" if summary.failed == 1 else "rows"
+        typer.echo(f"{summary.failed} {rows} failed; run the same command again to retry them", err=True)
+        raise typer.Exit(code=3)
 
 
 @app.command()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import groupby, product
 from typing import Any
 
@@ -107,7 +107,7 @@ def pending_rows(rows: list[WorkRow], finished_ids: set[str]) -> list[WorkRow]:
     return [r for r in rows if r.row_id not in finished_ids]
 
 
-def work_units(rows: list[WorkRow], batch_size: int) -> list[dict[str, Any]]:
+def work_units(rows: list[WorkRow], batch_size: int) -> list[list[WorkRow]]:
     """Rows sharing (model, probe, params) cut into units of at most `batch_size`. The units are
     fixed in the driver, so the same command always batches the same rows together and gives
     byte-identical images. Units of one model stay adjacent so an actor loads it once."""
@@ -118,7 +118,5 @@ def work_units(rows: list[WorkRow], batch_size: int) -> list[dict[str, Any]]:
 
     for _, group in groupby(sorted(rows, key=key), key=key):
         group = list(group)
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
-            units.append({"unit": json.dumps([asdict(r) for r in chunk])})
+        units.extend(group[start : start + batch_size] for start in range(0, len(group), batch_size))
     return units

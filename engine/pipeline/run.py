@@ -2,8 +2,10 @@
 
 units (driver) -> ray.data.from_items -> map_batches(ProbeActor, ActorPoolStrategy)
                -> map_batches(ScoreActor, fractional GPU) -> RowsDatasink(<output>/rows/)
-The run holds the output's lock throughout (engine.lock); finished rows are skipped (resume); the
-manifest records config, versions, times, counts and where files were written (engine.storage).
+The run holds the output's lock throughout (engine.lock); finished rows are skipped (resume). Rows
+that fail on their own go to <output>/failures.parquet (reported through the run's log actor, never
+through the stream) and are retried by the same command. The manifest records config, versions,
+provenance, times, counts, faults and where files were written (engine.storage).
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.errors import UserError
 from engine.lock import OutputLock
+from engine.pipeline.failures import merge_failures, read_failures, write_failures
 from engine.pipeline.grid import RunPlan, pending_rows, work_units
+from engine.pipeline.progress import Progress, progress_seconds, watched
+from engine.pipeline.provenance import command_line, model_source
+from engine.pipeline.raynoise import filter_ray_loggers, filtered_stderr
+from engine.pipeline.resources import plan_resources
+from engine.pipeline.runlog import RunEvents, RunLog
 from engine.pipeline.shipping import code_runtime_env, report_node_engines, should_ship, uses_toy_weights
 from engine.pipeline.sink import RowsDatasink
-from engine.pipeline.stages import ProbeActor, ScoreActor, actor_payload, score_payload
+from engine.pipeline.stages import ProbeActor, ProbeStageConfig, ScoreActor, ScoreStageConfig, encode_units
 from engine.results import (
     base_manifest,
     finished_row_ids,
@@ -31,12 +38,11 @@ from engine.results import (
     write_manifest,
 )
 from engine.scoring.preflight import check_run_scoring
-from engine.scoring.registry import judge_requests
 from engine.storage import OutputLocation, Placement, output_location, placement
 
 logger = logging.getLogger(__name__)
 
-# Passed to every Ray worker: offline hub, no usage stats, no auth tokens (environment.md).
+# Passed to every Ray worker: offline hub, no usage stats, no auth tokens.
 WORKER_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 WORKER_ENV_PASSTHROUGH = ["HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "ENGINE_CONFIG_DIR", "RAY_AUTH_MODE"]
 # Object-store endpoints and credentials: write tasks on every node open the output themselves.
@@ -54,8 +60,17 @@ class RunSummary:
     planned: int
     skipped: int
     generated: int
+    failed: int  # planned rows listed in failures.parquet: the same command retries them
     total_rows: int
     seconds: float
+
+
+@dataclass
+class StreamResult:
+    """What the stream's actors reported (engine.pipeline.runlog), and the pools they formed."""
+
+    events: RunEvents = field(default_factory=RunEvents)
+    pool_sizes: dict[str, int] = field(default_factory=dict)
 
 
 def worker_env() -> dict[str, str]:
@@ -81,11 +96,13 @@ def ray_session(cluster: str | None, ship_code: bool | None = None, toy_weights:
     # Ray's own INFO lines drown the CLI's output; --verbose turns the engine's logging back on.
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if cluster:
-        ray.init(address=cluster, runtime_env=runtime_env, **quiet)
+        context = ray.init(address=cluster, runtime_env=runtime_env, **quiet)
     else:
         # address="local": always a fresh local Ray, never a cluster that `ray start` left running
         # on this machine (ray.init() alone would join it).
-        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
+        context = ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
+    if getattr(context, "dashboard_url", None):
+        print(f"Ray dashboard: http://{context.dashboard_url.removeprefix('http://')}", file=sys.stderr)
     try:
         if cluster or ship:
             report_node_engines(ray, shipped=ship)
@@ -96,6 +113,7 @@ def ray_session(cluster: str | None, ship_code: bool | None = None, toy_weights:
 
 def execute(plan: RunPlan, cluster: str | None = None, ship_code: bool | None = None) -> RunSummary:
     check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
+    progress_seconds()  # a bad ENGINE_PROGRESS_SECONDS is a user error: say so before any work
     output = output_location(plan.spec.output)
     # One writer per output: a second run into the same folder stops here (UserError naming the holder).
     with OutputLock(output, "engine run") as lock:
@@ -113,6 +131,7 @@ def _execute_locked(
     todo = pending_rows(plan.rows, finished)
     manifest = {
         **base_manifest(plan.resolved_config()),
+        "command_line": command_line(),
         "started_at": now_iso(),
         "status": "running",
         "history": read_manifest(output).get("history", []),
@@ -120,6 +139,7 @@ def _execute_locked(
     }
     write_manifest(output, manifest)
 
+    stream = StreamResult()
     if todo:
         with ray_session(cluster, ship_code, uses_toy_weights(plan)) as ray:
             where = output_placement(ray, output, cluster, plan.spec.shared_output)
@@ -127,21 +147,40 @@ def _execute_locked(
             (logger.warning if where.driver_writes or where.node_caches else logger.info)(
                 "output %s: %s", output, where.reason)
             manifest["storage"] = {**where.describe(), "driver_node": ray.get_runtime_context().get_node_id()}
-            _stream(ray, plan, todo, output, RowsDatasink(output, lock.token, where.driver_writes), where.cache_dir)
+            sink = RowsDatasink(output, lock.token, where.driver_writes)
+            stream = _stream(ray, plan, todo, output, sink, where.cache_dir)
 
     done = finished_row_ids(output)
-    missing = [r.row_id for r in plan.rows if r.row_id not in done]
+    attempted = {r.row_id for r in todo}
+    failures = merge_failures(read_failures(output), stream.events.failed_rows(), attempted, done)
+    write_failures(output, failures)
+    failed_ids = {f.row.row_id for f in failures}
+    missing = [r.row_id for r in plan.rows if r.row_id not in done and r.row_id not in failed_ids]
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(plan.rows)} planned rows are missing from {output}")
+    failed = sum(1 for r in plan.rows if r.row_id in failed_ids)
+    generated = len(attempted & done)
     seconds = time.perf_counter() - started
     manifest.update(
-        status="complete",
+        status="complete" if not failed else "incomplete",
         finished_at=now_iso(),
-        counts={**manifest["counts"], "generated": len(todo), "rows_in_dataset": len(done)},
+        counts={**manifest["counts"], "generated": generated, "failed": failed, "rows_in_dataset": len(done)},
+        faults=stream.events.fault_counts(stream.pool_sizes),
+        provenance=_provenance(plan, stream.events),
     )
-    manifest["history"].append({"finished_at": manifest["finished_at"], "generated": len(todo)})
+    manifest["history"].append({"finished_at": manifest["finished_at"], "generated": generated, "failed": failed})
     write_manifest(output, manifest)
-    return RunSummary(output, len(plan.rows), len(plan.rows) - len(todo), len(todo), len(done), seconds)
+    return RunSummary(output, len(plan.rows), len(plan.rows) - len(todo), generated, failed, len(done), seconds)
+
+
+def _provenance(plan: RunPlan, events: RunEvents) -> dict:
+    """Resolved after the stream: by then the actors have put hub models into this machine's cache."""
+    return {
+        "models": {m.name: model_source(m) for m in plan.models},
+        "base_model": model_source(plan.base) if plan.base else None,
+        "gpus": events.gpus(),
+        "actors": [vars(a) for a in events.actors],
+    }
 
 
 def output_placement(ray, output: OutputLocation, cluster: str | None, shared: bool) -> Placement:
@@ -151,55 +190,65 @@ def output_placement(ray, output: OutputLocation, cluster: str | None, shared: b
     return placement(output, multi_node=cluster is not None or len(alive) > 1, shared=shared)
 
 
-def _stream(ray, plan: RunPlan, todo, output: OutputLocation, sink: RowsDatasink, cache_dir: str) -> None:
+def _stream(
+    ray, plan: RunPlan, todo, output: OutputLocation, sink: RowsDatasink, cache_dir: str
+) -> StreamResult:
     from ray.data import ActorPoolStrategy, DataContext
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     spec = plan.spec
-    DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    live = sys.stderr.isatty()  # before filtered_stderr turns stderr into a pipe
+    DataContext.get_current().enable_progress_bars = False  # the engine shows its own (below)
+    filter_ray_loggers()
     if not logger.isEnabledFor(logging.INFO):
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-    judges = judge_requests(spec.judges)
-    # Scoring shares the GPUs: by default a probe actor takes 0.9 of one and a score actor 0.1.
-    score_gpus = ((0.1 if cluster_gpus else 0.0) if spec.score_gpus == "auto" else spec.score_gpus) if judges else 0.0
-    gpus_per_actor = spec.gpus_per_actor
-    if gpus_per_actor == "auto":
-        gpus_per_actor = 1.0 - score_gpus if cluster_gpus else 0.0
-    actors = (max(1, cluster_gpus) if spec.actors == "auto" else spec.actors)
-    device = spec.device if spec.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
     units = work_units(todo, spec.batch_size)
-    actors = min(actors, len(units))
-    wanted_gpus = actors * gpus_per_actor + (spec.score_actors * score_gpus if judges else 0.0)
-    if cluster_gpus and wanted_gpus > cluster_gpus + 1e-6:
-        raise UserError(
-            f"{actors} probe actor(s) x {gpus_per_actor} GPU + {spec.score_actors} score actor(s) x {score_gpus} GPU "
-            f"need {wanted_gpus:g} GPUs; the cluster has {cluster_gpus}. Lower gpus_per_actor, actors or score_gpus"
-        )
-    logger.info("%d rows in %d units on %d actor(s), %s GPU each", len(todo), len(units), actors, gpus_per_actor)
-    payload = actor_payload(plan, device, spec.attention, spec.torch_threads, cache_dir)
-    dataset = ray.data.from_items(units, override_num_blocks=len(units))
+    resources = plan_resources(float(ray.cluster_resources().get("GPU", 0)), spec, len(units))
+    logger.info("%d rows in %d units on %d actor(s), %s GPU each", len(todo), len(units), resources.probe_actors,
+                resources.gpus_per_probe_actor)
+    # The run's log lives on this node: it dies with the driver, never with a worker node.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    log = ray.remote(num_cpus=0, max_restarts=0)(RunLog).options(scheduling_strategy=here).remote()
+    probe_config = ProbeStageConfig.from_plan(plan, resources.probe_device, spec.attention, spec.torch_threads,
+                                              cache_dir)
+    dataset = ray.data.from_items(encode_units(units), override_num_blocks=len(units))
     dataset = dataset.map_batches(
         ProbeActor,
-        fn_constructor_kwargs={"payload": payload},
-        compute=ActorPoolStrategy(size=actors),
-        num_gpus=gpus_per_actor,
+        fn_constructor_kwargs={"config": probe_config, "log": log},
+        compute=ActorPoolStrategy(size=resources.probe_actors),
+        num_gpus=resources.gpus_per_probe_actor,
         num_cpus=1,
         batch_size=1,  # one unit: the driver already fixed which rows run together
         batch_format="numpy",
     )
-    if judges:
-        score_device = "cuda" if score_gpus > 0 else "cpu"
+    if resources.score_actors:
         dataset = dataset.map_batches(
             ScoreActor,
-            fn_constructor_kwargs={"payload": score_payload(plan, score_device, spec.torch_threads)},
-            compute=ActorPoolStrategy(size=spec.score_actors),
-            num_gpus=score_gpus,
+            fn_constructor_kwargs={
+                "config": ScoreStageConfig.from_plan(plan, resources.score_device, spec.torch_threads),
+                "log": log,
+            },
+            compute=ActorPoolStrategy(size=resources.score_actors),
+            num_gpus=resources.gpus_per_score_actor,
             # No CPU reservation: judging costs a few ms per image, and a reserved core could leave
             # a probe actor unschedulable on small machines (2 cores: probe + write + scorer).
             num_cpus=0,
             batch_size=spec.score_batch_size,
             batch_format="pyarrow",
         )
-    # Writes pinned to the driver's node reserve no CPU: a head node started with --num-cpus 0 (common)
-    # must still take them, and a write is light next to generation.
-    dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0} if sink.driver_only else None)
+
+    def fetch() -> tuple[int, str]:
+        done, failed = ray.get(log.progress.remote(), timeout=30)
+        return done, f"{failed} failed" if failed else ""
+
+    try:
+        with filtered_stderr() as terminal:
+            # Lines (not a terminal) go to sys.stderr, where a caller may capture them.
+            progress = Progress(len(todo), "rows", "progress", "images/s", live, stream=terminal if live else None)
+            with watched(progress, fetch):
+                # Writes pinned to the driver's node reserve no CPU: a head node started with
+                # --num-cpus 0 (common) must still take them, and a write is light next to generation.
+                dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0} if sink.driver_only else None)
+        return StreamResult(ray.get(log.snapshot.remote()), resources.pool_sizes())
+    finally:
+        ray.kill(log)

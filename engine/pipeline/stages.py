@@ -1,94 +1,233 @@
-"""Ray Data UDF classes. ProbeActor turns work units into result rows with PNG images; ScoreActor
-judges them (engine.scoring) in the same stream.
+"""The stages of a run's stream: typed stage configs, the Ray-free ProbeRunner, and the Ray Data
+UDF classes around it (ProbeActor generates, ScoreActor judges with engine.scoring).
 
-A unit is a list of rows sharing (model, probe, params), fixed by the driver. The actor keeps a
+A unit is a list of rows sharing (model, probe, params), fixed by the driver. Units cross the Ray
+boundary as JSON, encoded and decoded here only (encode_units / decode_unit). The actor keeps a
 ModelCache, so each model's base components load once per actor and erased UNets are swapped in.
+
+Faults inside a unit (ProbeRunner.generate): a CUDA out-of-memory error splits the unit in half
+and retries each half, down to one row; any other error splits it the same way to find the row
+that fails on its own. A row that fails alone, or whose image is all black (NaN latents decode to
+black), becomes a RowFailure instead of a result row. A UserError stops the run as before.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+import socket
 import time
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import torch
+from pydantic import Field
 
 from engine import __version__
-from engine.concepts import ConceptSpec
+from engine.concepts import ConceptSpec, Frozen
 from engine.config import ModelSpec
+from engine.errors import UserError
+from engine.judge_refs import JudgeRequest, judge_requests
 from engine.models import ModelCache, resolve_device
-from engine.probe import ProbeBatch, ProbeContext, WorkRow, get_probe_class
+from engine.pipeline.failures import RowFailure
+from engine.pipeline.runlog import ActorInfo, UnitReport
+from engine.probe import ProbeBatch, ProbeContext, ProbeOutput, WorkRow, load_probe_class, probe_entry
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, encode_png, rows_table
-from engine.scoring.registry import JudgeRequest, judge_requests
 from engine.scoring.scorer import Scorer
 from engine.scoring.selectors import SelectorBank
 from engine.storage import cache_folder
 
+if TYPE_CHECKING:
+    from engine.pipeline.grid import RunPlan
+
 logger = logging.getLogger(__name__)
 
+Device = Literal["auto", "cpu", "cuda"]
 
-def actor_payload(plan, device: str, attention: str, torch_threads: int | None, cache_dir: str) -> dict[str, Any]:
-    """Everything an actor needs, as plain JSON-able data (it crosses process boundaries)."""
-    return {
-        "models": {m.name: m.model_dump(mode="json") for m in plan.models},
-        "base": plan.base.model_dump(mode="json") if plan.base else None,
-        "concepts": {k: v.model_dump(mode="json") for k, v in plan.concepts.items()},
-        "device": device,
-        "attention": attention,
-        "torch_threads": torch_threads,
-        "cache_dir": cache_dir,
-        # The run's judges: the probe actor's selectors reuse them (selector judge / clip).
-        "judges": [r.model_dump(mode="json") for r in judge_requests(plan.spec.judges)],
-    }
+
+# --------------------------------------------------------------------------- stage configs
+
+
+class ProbeStageConfig(Frozen):
+    """Everything a probe actor needs; validated in the driver, pickled to the actors."""
+
+    models: dict[str, ModelSpec] = Field(description="Models by row label (column `model`).")
+    base: ModelSpec | None = Field(None, description="The un-erased base model, when a probe needs it.")
+    concepts: dict[str, ConceptSpec]
+    probes: dict[str, str] = Field(description="Probe name -> registry entry module:Class, as the driver resolved it.")
+    device: Device
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores.")
+    cache_dir: str = Field(description="Folder for probe caches (reference images, embeddings).")
+    # The run's judges: the probe actor's selectors reuse them (selector judge / clip).
+    judges: list[JudgeRequest] = Field(default_factory=list)
+
+    @classmethod
+    def from_plan(
+        cls, plan: RunPlan, device: str, attention: str, torch_threads: int | None, cache_dir: str
+    ) -> ProbeStageConfig:
+        return cls(
+            models={m.name: m for m in plan.models},
+            base=plan.base,
+            concepts=dict(plan.concepts),
+            probes={p.name: probe_entry(p.name) for p in plan.probes},
+            device=device,
+            attention=attention,
+            torch_threads=torch_threads,
+            cache_dir=cache_dir,
+            judges=judge_requests(plan.spec.judges),
+        )
+
+
+class ScoreStageConfig(Frozen):
+    """What a score actor needs."""
+
+    judges: list[JudgeRequest] = Field(min_length=1)
+    concepts: dict[str, ConceptSpec]
+    device: Device
+    batch_size: int = Field(ge=1)
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads; default: 1 (a light stage).")
+
+    @classmethod
+    def from_plan(cls, plan: RunPlan, device: str, torch_threads: int | None) -> ScoreStageConfig:
+        return cls(
+            judges=judge_requests(plan.spec.judges),
+            concepts=dict(plan.concepts),
+            device=device,
+            batch_size=plan.spec.score_batch_size,
+            torch_threads=torch_threads,
+        )
+
+
+# --------------------------------------------------------------------------- the Ray boundary
+
+UNIT_COLUMN = "unit"
+
+
+def encode_units(units: list[list[WorkRow]]) -> list[dict[str, str]]:
+    """Units as Ray Data items: one JSON string each (a plain column, cheap to move)."""
+    return [{UNIT_COLUMN: json.dumps([asdict(r) for r in unit])} for unit in units]
+
+
+def decode_unit(value: Any) -> list[WorkRow]:
+    return [WorkRow(**r) for r in json.loads(str(value))]
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def release_memory() -> None:
+    """Give freed tensors back before a retry (the failed try's frames are gone by now)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def image_problem(image: np.ndarray) -> str | None:
+    """Why a generated image is not a result, or None."""
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        return "NaN or infinity in the generated image"
+    if not image.any():
+        return "all-black image (diverged latents decode to black)"
+    return None
+
+
+@dataclass
+class UnitOutcome:
+    """A unit's result rows, its rows that failed on their own, and how often it was split."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[RowFailure] = field(default_factory=list)
+    oom_splits: int = 0
+    isolation_splits: int = 0
+
+    def report(self, key: str) -> UnitReport:
+        return UnitReport(key, [r["row_id"] for r in self.records], self.failures, self.oom_splits,
+                          self.isolation_splits)
 
 
 class ProbeRunner:
-    """Runs units in-process. Ray-free, so tests and the actor share one code path."""
+    """Generates units in-process. Ray-free: the stream's ProbeActor, tune's trials and tests share it."""
 
-    def __init__(self, payload: dict[str, Any]):
-        threads = payload.get("torch_threads") or os.cpu_count() or 1
-        self.device = resolve_device(payload["device"])
+    def __init__(self, config: ProbeStageConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(threads)
-        self.models = {name: ModelSpec(**spec) for name, spec in payload["models"].items()}
-        self.base = ModelSpec(**payload["base"]) if payload.get("base") else None
-        self.concepts = {name: ConceptSpec(**spec) for name, spec in payload["concepts"].items()}
-        self.cache = ModelCache(self.device, payload.get("attention", "sdpa"))
-        self.cache_dir = cache_folder(payload["cache_dir"])  # OUTPUT/cache, or this node's temp folder
+            torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+        self.cache = ModelCache(self.device, config.attention)
+        self.cache_dir = cache_folder(config.cache_dir)  # OUTPUT/cache, or this node's temp folder
         self.unit_options: dict[str, Any] = {}
         self.probes: dict[str, Any] = {}
-        self.judges = [JudgeRequest(**j) for j in payload.get("judges", [])]
-        self.selectors = SelectorBank(self.judges, self.concepts, self.device, self.context)
+        self.selectors = SelectorBank(config.judges, config.concepts, self.device, self.context)
         # With judges, a score stage follows and judges the candidates; without, none would read them.
-        self.output_schema = STREAM_SCHEMA if self.judges else ROW_SCHEMA
+        self.output_schema = STREAM_SCHEMA if config.judges else ROW_SCHEMA
 
     def context(self) -> ProbeContext:
         return ProbeContext(
             device=self.device,
             base_pipeline=self._base_pipeline,
-            concept=self.concepts.__getitem__,
+            concept=self.config.concepts.__getitem__,
             cache_dir=self.cache_dir,
             options=dict(self.unit_options),
             selector_scores=self.selectors.scores,
         )
 
     def _base_pipeline(self):
-        if self.base is None:
+        if self.config.base is None:
             raise RuntimeError("this probe needs the base model, but the run did not resolve one")
-        return self.cache.pipeline(self.base)
+        return self.cache.pipeline(self.config.base)
 
-    def run_unit(self, rows: list[WorkRow]) -> list[dict[str, Any]]:
+    def generate(self, rows: list[WorkRow]) -> UnitOutcome:
+        """A unit's result records, with OOM splits and failing rows isolated (see the module doc).
+        The probe and the model load first, outside that: failing there is no row's fault."""
         first = rows[0]
         if first.probe not in self.probes:
-            self.probes[first.probe] = get_probe_class(first.probe)()
+            self.probes[first.probe] = load_probe_class(self.config.probes[first.probe])()
+        self.cache.pipeline(self.config.models[first.model])
+        outcome = UnitOutcome()
+        self._generate_into(rows, outcome)
+        return outcome
+
+    def _generate_into(self, rows: list[WorkRow], outcome: UnitOutcome) -> None:
+        try:
+            output, selector, seconds = self._run_probe(rows)
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure of a row is recorded, not fatal
+            out_of_memory = is_out_of_memory(error)
+            failure = (type(error).__name__, str(error) or repr(error))
+            logger.warning("%d row(s) of %s failed (%s: %s)", len(rows), rows[0].probe, *failure)
+        else:
+            self._collect(rows, output, selector, seconds, outcome)
+            return
+        # Retried outside the except block, so the failed try's frames (and tensors) are freed.
+        release_memory()
+        if len(rows) == 1:
+            outcome.failures.append(RowFailure.of(rows[0], *failure))
+            return
+        if out_of_memory:
+            outcome.oom_splits += 1
+        else:
+            outcome.isolation_splits += 1
+        half = (len(rows) + 1) // 2
+        self._generate_into(rows[:half], outcome)
+        self._generate_into(rows[half:], outcome)
+
+    def _run_probe(self, rows: list[WorkRow]) -> tuple[ProbeOutput, str | None, float]:
+        first = rows[0]
         probe = self.probes[first.probe]
         params = probe.params_class.model_validate_json(first.params)
         # The latent-classifier selector looks where the probe's own classifiers live, if it has any.
         self.unit_options = {"classifier_dir": getattr(params, "classifier_dir", None)}
-        pipeline = self.cache.pipeline(self.models[first.model])
+        pipeline = self.cache.pipeline(self.config.models[first.model])
         started = time.perf_counter()
         self.selectors.take_used()  # forget selectors of an earlier unit that failed midway
         output = probe.run(ProbeBatch(rows=rows, params=params, pipeline=pipeline, context=self.context()))
@@ -97,11 +236,18 @@ class ProbeRunner:
         selector = self.selectors.take_used() or getattr(params, "selector", None)
         if len(output.images) != len(rows):
             raise RuntimeError(f"probe {first.probe} returned {len(output.images)} images for {len(rows)} rows")
-        records = []
+        return output, selector, seconds
+
+    def _collect(self, rows, output: ProbeOutput, selector, seconds: float, outcome: UnitOutcome) -> None:
         for row, image, extras, region, candidates in zip(
             rows, output.images, output.extras, output.scoring_regions, output.candidates
         ):
-            records.append(
+            problem = image_problem(image)
+            if problem is not None:
+                logger.warning("row %s (%s, seed %d) failed: %s", row.row_id, row.prompt, row.seed, problem)
+                outcome.failures.append(RowFailure.of(row, "BadImage", problem))
+                continue
+            outcome.records.append(
                 {
                     **row.__dict__,
                     "image": encode_png(image),
@@ -114,50 +260,63 @@ class ProbeRunner:
                     "engine_version": __version__,
                     "selector": selector,
                     "candidate_count": len(candidates) if candidates else None,
-                    CANDIDATE_IMAGES: [encode_png(c) for c in candidates] if candidates and self.judges else None,
+                    CANDIDATE_IMAGES: [encode_png(c) for c in candidates]
+                    if candidates and self.config.judges
+                    else None,
                 }
             )
-        return records
+
+
+def _tell(method, *args) -> None:
+    """Call a method of the run's log actor and wait for it (a few ms), so nothing is still in
+    flight when the driver reads the log at the end."""
+    import ray
+
+    ray.get(method.remote(*args))
+
+
+def actor_info(stage: str, device: torch.device) -> ActorInfo:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return ActorInfo(stage, socket.gethostname(), os.getpid(), str(device), gpu)
 
 
 class ProbeActor:
-    """Ray Data callable class: a batch of work units in, a table of result rows out."""
+    """Ray Data callable class: a batch of work units in, a table of result rows out. Failed rows
+    and counts go to the run's log (an actor handle), never into the stream."""
 
-    def __init__(self, payload: dict[str, Any]):
+    def __init__(self, config: ProbeStageConfig, log=None):
         logging.basicConfig(level=logging.INFO)
-        self.runner = ProbeRunner(payload)
+        self.runner = ProbeRunner(config)
+        self.log = log
+        if log is not None:
+            _tell(log.actor_started, actor_info("probe", self.runner.device))
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         records = []
-        for unit in batch["unit"]:
-            rows = [WorkRow(**r) for r in json.loads(str(unit))]
-            records.extend(self.runner.run_unit(rows))
+        for unit in batch[UNIT_COLUMN]:
+            rows = decode_unit(unit)
+            if self.log is not None:
+                _tell(self.log.unit_started, rows[0].row_id)
+            outcome = self.runner.generate(rows)
+            if self.log is not None:
+                # Before the rows go on: the driver must know of every failure before the run ends.
+                _tell(self.log.unit_finished, outcome.report(rows[0].row_id))
+            records.extend(outcome.records)
         return rows_table(records, self.runner.output_schema)
-
-
-def score_payload(plan, device: str, torch_threads: int | None) -> dict[str, Any]:
-    """What a ScoreActor needs, as plain JSON-able data."""
-    return {
-        "judges": [r.model_dump(mode="json") for r in judge_requests(plan.spec.judges)],
-        "concepts": {k: v.model_dump(mode="json") for k, v in plan.concepts.items()},
-        "device": device,
-        "batch_size": plan.spec.score_batch_size,
-        "torch_threads": torch_threads,
-    }
 
 
 class ScoreActor:
     """Ray Data callable class: generated rows in, the same rows with judge scores out."""
 
-    def __init__(self, payload: dict[str, Any]):
+    def __init__(self, config: ScoreStageConfig, log=None):
         logging.basicConfig(level=logging.INFO)
-        device = resolve_device(payload["device"])
+        device = resolve_device(config.device)
         if device.type == "cpu":
             # A light stage beside the probe actors: few threads, so it never starves generation.
-            torch.set_num_threads(payload.get("torch_threads") or 1)
-        concepts = {name: ConceptSpec(**spec) for name, spec in payload["concepts"].items()}
-        judges = [JudgeRequest(**j) for j in payload["judges"]]
-        self.scorer = Scorer.from_requests(judges, concepts, device, payload["batch_size"])
+            torch.set_num_threads(config.torch_threads or 1)
+        self.scorer = Scorer.from_requests(config.judges, config.concepts, device, config.batch_size)
+        if log is not None:
+            _tell(log.actor_started, actor_info("score", device))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.scorer.score_table(batch)

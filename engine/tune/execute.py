@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +34,12 @@ from engine.config import run_spec_from_dict
 from engine.errors import UserError
 from engine.lock import OutputLock
 from engine.metrics import METRICS
+from engine.pipeline.progress import Progress, progress_seconds, watched
 from engine.results import table_bytes
 from engine.scoring.registry import judge_requests
 from engine.storage import OutputLocation
 from engine.tune.plan import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TunePlan, run_data, slug
+from engine.tune.progress import TrialBoard, trials_per_search
 from engine.tune.search import SearchSettings, search_pair
 from engine.tune.space import TuneSpec
 from engine.tune.trial import TrialSetup
@@ -74,12 +77,12 @@ def execute_tune(plan: TunePlan, cluster: str | None = None, ship_code: bool | N
 def _execute_locked(plan: TunePlan, cluster: str | None, ship_code: bool | None) -> TuneSummary:
     from engine.pipeline.run import output_placement, ray_session
     from engine.pipeline.shipping import uses_toy_weights
-    from engine.pipeline.stages import actor_payload
+    from engine.pipeline.stages import ProbeStageConfig
 
+    progress_seconds()  # a bad ENGINE_PROGRESS_SECONDS is a user error: say so before any work
     started = time.perf_counter()
     spec = plan.spec
     records: list[dict[str, Any]] = []
-    outcomes: list[PairOutcome] = []
     toy_weights = any(uses_toy_weights(job.plan) for job in plan.jobs)
     with ray_session(cluster, ship_code, toy_weights) as ray:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -90,27 +93,22 @@ def _execute_locked(plan: TunePlan, cluster: str | None, ship_code: bool | None)
         # trials themselves go wherever the cluster has room. A search task holds no CPU.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         remote = ray.remote(num_cpus=0, max_retries=0)(search_pair).options(scheduling_strategy=here)
+        board = ray.remote(num_cpus=0)(TrialBoard).options(scheduling_strategy=here).remote()
         futures = {}
+        total = 0
         for job in plan.jobs:
-            payload = actor_payload(job.plan, device, spec.attention, threads, cache_dir)
-            setup = TrialSetup(payload, job.model, job.plan.base, job.concept, spec.probe, spec.num_images,
+            config = ProbeStageConfig.from_plan(job.plan, device, spec.attention, threads, cache_dir)
+            setup = TrialSetup(config, job.model, job.plan.base, job.concept, spec.probe, spec.num_images,
                                spec.batch_size, spec.score_batch_size, plan.space, spec.objective)
             settings = _settings(spec, job, resources, max_concurrent, threads, plan.output)
             logger.info("searching %s x %s: %s", job.model.name, job.concept.name, settings)
-            futures[remote.remote(setup, settings)] = job
-        while futures:
-            done, _ = ray.wait(list(futures), num_returns=1)
-            job = futures.pop(done[0])
-            try:
-                trials = ray.get(done[0])
-            except Exception as error:  # a failed search (not a failed trial: those are recorded)
-                raise RuntimeError(f"search {job.model.name} x {job.concept.name} failed: {error}") from None
-            for trial in trials:
-                trial.update(model=job.model.name, method=job.model.method, concept=job.concept.name,
-                             probe=spec.probe, algorithm=spec.algorithm, objective_name=spec.objective)
-            records.extend(trials)
-            write_trials(plan.output, records)
-            outcomes.append(_finish_pair(plan, job, trials, threads))
+            search = f"{job.model.name} x {job.concept.name}"
+            futures[remote.remote(setup, settings, board=board, search=search)] = job
+            total += trials_per_search(spec.algorithm, spec.num_samples, plan.space, spec.grid_points)
+        progress = Progress(total, "trials", "tune", "trials/s", live=sys.stderr.isatty())
+        with watched(progress, lambda: ray.get(board.status.remote(), timeout=30)):
+            outcomes = _collect(ray, futures, plan, records, threads)
+        ray.kill(board)
     failed = [o for o in outcomes if o.best is None]
     if failed:
         first = next((r["error"] for r in records if r["error"]), "no trial scored every image")
@@ -118,6 +116,26 @@ def _execute_locked(plan: TunePlan, cluster: str | None, ship_code: bool | None)
         raise RuntimeError(f"no complete trial for {names}; first error: {first} "
                            f"(see {plan.output.display(TRIALS_FILE)})")
     return TuneSummary(plan.output, plan.output.display(TRIALS_FILE), outcomes, time.perf_counter() - started)
+
+
+def _collect(ray, futures: dict, plan: TunePlan, records: list[dict[str, Any]], threads: int | None):
+    """Each search's trials as it finishes: into trials.parquet (rewritten each time) and an outcome."""
+    spec = plan.spec
+    outcomes = []
+    while futures:
+        done, _ = ray.wait(list(futures), num_returns=1)
+        job = futures.pop(done[0])
+        try:
+            trials = ray.get(done[0])
+        except Exception as error:  # a failed search (not a failed trial: those are recorded)
+            raise RuntimeError(f"search {job.model.name} x {job.concept.name} failed: {error}") from None
+        for trial in trials:
+            trial.update(model=job.model.name, method=job.model.method, concept=job.concept.name,
+                         probe=spec.probe, algorithm=spec.algorithm, objective_name=spec.objective)
+        records.extend(trials)
+        write_trials(plan.output, records)
+        outcomes.append(_finish_pair(plan, job, trials, threads))
+    return outcomes
 
 
 def _trial_resources(ray, spec: TuneSpec) -> tuple[dict[str, float], str, int | None, int]:

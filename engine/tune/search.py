@@ -76,9 +76,11 @@ def ray_domain(dim):
     return tune.uniform(dim.low, dim.high)
 
 
-def search_pair(setup: TrialSetup, settings: SearchSettings, trainable=None) -> list[dict[str, Any]]:
+def search_pair(setup: TrialSetup, settings: SearchSettings, trainable=None, board=None,
+                search: str = "") -> list[dict[str, Any]]:
     """Run one (model, concept) search with Ray Tune; one record per trial. `trainable` replaces
-    tune_trial (the synthetic-surface benchmark)."""
+    tune_trial (the synthetic-surface benchmark); `board` (a TrialBoard actor) hears of each
+    finished trial under the name `search`."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0, no tables on the terminal
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -98,10 +100,28 @@ def search_pair(setup: TrialSetup, settings: SearchSettings, trainable=None) -> 
             metric=METRIC, mode="max", search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
             max_concurrent_trials=max_concurrent, reuse_actors=settings.reuse_actors,
         ),
-        run_config=tune.RunConfig(storage_path=settings.storage_path, name=settings.experiment, verbose=0),
+        run_config=tune.RunConfig(storage_path=settings.storage_path, name=settings.experiment, verbose=0,
+                                  callbacks=[progress_callback(board, search, settings.max_t)] if board else None),
     )
     results = tuner.fit()
     return [_trial_record(index, result, setup, settings) for index, result in enumerate(results)]
+
+
+def progress_callback(board, search: str, max_t: int):
+    """A Tune callback telling `board` of every finished trial, with its objective when it scored
+    every image (an early-stopped trial's metric is over fewer images: not comparable)."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            complete = result.get("images_scored", 0) >= max_t
+            board.trial_finished.remote(search, result.get(METRIC) if complete else None)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            board.trial_finished.remote(search, None)
+
+    return TrialProgress()
 
 
 def _bound_trial(function, setup: TrialSetup, experiment: str):

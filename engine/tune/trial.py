@@ -12,7 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
 
@@ -25,12 +25,15 @@ from engine.report.stats import mean_interval, rate_interval
 from engine.tune.plan import METRIC
 from engine.tune.space import OBJECTIVES, SearchSpace
 
+if TYPE_CHECKING:
+    from engine.pipeline.stages import ProbeStageConfig
+
 
 @dataclass(frozen=True)
 class TrialSetup:
     """What a trial actor needs, as plain picklable data (bound into the trainable, see _bound_trial)."""
 
-    payload: dict[str, Any]  # engine.pipeline.stages ProbeRunner payload: models, concepts, device, judges
+    config: ProbeStageConfig  # the stream's probe stage config: models, concepts, device, judges
     model: ModelSpec
     base: ModelSpec | None
     concept: ConceptSpec
@@ -42,7 +45,7 @@ class TrialSetup:
     objective: str
 
     def key(self) -> str:
-        return json.dumps([self.payload, self.score_batch_size], sort_keys=True)
+        return json.dumps([self.config.model_dump(mode="json"), self.score_batch_size], sort_keys=True)
 
 
 @dataclass
@@ -81,14 +84,12 @@ class TrialEvaluator:
 
     def __init__(self, setup: TrialSetup):
         from engine.pipeline.stages import ProbeRunner
-        from engine.scoring.registry import JudgeRequest
         from engine.scoring.scorer import Scorer
 
         self.setup = setup
-        self.runner = ProbeRunner(setup.payload)
-        judges = [JudgeRequest(**j) for j in setup.payload.get("judges", [])]
+        self.runner = ProbeRunner(setup.config)
         concepts = {setup.concept.name: setup.concept}
-        self.scorer = Scorer.from_requests(judges, concepts, self.runner.device, setup.score_batch_size)
+        self.scorer = Scorer.from_requests(setup.config.judges, concepts, self.runner.device, setup.score_batch_size)
         self.trials_run = 0
         self.loaded = False
 
@@ -112,19 +113,24 @@ class TrialEvaluator:
         return expand_rows([setup.model], setup.base, concepts, [ProbeChoice(setup.probe, params)], setup.num_images)
 
     def evaluate(self, params: ProbeParams) -> Iterator[dict[str, float]]:
-        """Metrics after each batch of rows (the same batches `engine run` cuts)."""
+        """Metrics after each batch of rows (the same batches `engine run` cuts), generated and
+        scored by the functions the run's stages call (ProbeRunner.generate, Scorer.score_table)."""
         from engine.results import rows_table
 
         self.trials_run += 1
         tally = ObjectiveTally(self.setup.objective)
         generation = scoring = 0.0
         scored = 0
-        for unit in work_units(self.rows(params), self.setup.batch_size):
-            rows = [WorkRow(**r) for r in json.loads(unit["unit"])]
+        for rows in work_units(self.rows(params), self.setup.batch_size):
             started = time.perf_counter()
-            records = self.runner.run_unit(rows)
+            outcome = self.runner.generate(rows)
+            if outcome.failures:
+                # A trial's metric over fewer rows would not compare with the others': it fails.
+                first = outcome.failures[0]
+                raise RuntimeError(f"{len(outcome.failures)} row(s) failed, e.g. seed {first.row.seed}: "
+                                   f"{first.error_type}: {first.message}")
             middle = time.perf_counter()
-            table = self.scorer.score_table(rows_table(records, self.runner.output_schema))
+            table = self.scorer.score_table(rows_table(outcome.records, self.runner.output_schema))
             generation += middle - started
             scoring += time.perf_counter() - middle
             tally.add(table)

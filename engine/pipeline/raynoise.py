@@ -1,0 +1,80 @@
+"""Filters for Ray's own messages that tell an engine user nothing.
+
+- "Progress bars disabled ...": Ray Data's logger, when its bars are off; the engine shows its own.
+- "Actor with class name: 'MapWorker(...)' ... has constructor arguments in the object store and
+  max_restarts > 0 ...": logged by Ray's C++ core worker once per actor pool of every Ray Data run
+  (its constructor arguments are always object refs; ray-project/ray#57733). It is written straight
+  to file descriptor 2, past Python's logging, so `filtered_stderr` filters that descriptor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator, TextIO
+
+RAY_NOISE = (
+    "Progress bars disabled. To enable, set",
+    "has constructor arguments in the object store and max_restarts > 0",
+)
+# Where Ray logs the Python ones (the logger of the module that writes them).
+RAY_NOISY_LOGGERS = ("ray.data._internal.progress",)
+
+
+def is_noise(text: str) -> bool:
+    return any(marker in text for marker in RAY_NOISE)
+
+
+class RayNoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_noise(record.getMessage())
+
+
+def filter_ray_loggers() -> None:
+    for name in RAY_NOISY_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RayNoiseFilter) for f in target.filters):
+            target.addFilter(RayNoiseFilter())
+
+
+@contextmanager
+def filtered_stderr() -> Iterator[TextIO]:
+    """While the body runs, file descriptor 2 goes through a pipe; a thread passes every line on
+    to the real stderr except Ray's noise. Yields a stream onto the real stderr, for a live
+    progress bar (it measures the terminal's width, which a pipe has not)."""
+    sys.stderr.flush()
+    try:
+        real = os.dup(2)
+    except OSError:  # no stderr at all (a daemon): nothing to filter
+        yield sys.stderr
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        # Pieces go on as soon as they arrive (a live progress bar redraws with \r, not \n); each
+        # of Ray's noise lines is written whole by one call, so it arrives in one piece.
+        try:
+            while chunk := os.read(read_end, 65536):
+                for piece in chunk.splitlines(keepends=True):
+                    if not is_noise(piece.decode("utf-8", "replace")):
+                        os.write(real, piece)
+        except OSError:  # the descriptors closed under us at the very end: nothing left to pass on
+            pass
+
+    thread = threading.Thread(target=forward, name="engine-stderr-filter", daemon=True)
+    thread.start()
+    terminal = os.fdopen(os.dup(real), "w", buffering=1)
+    try:
+        yield terminal
+    finally:
+        terminal.close()
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes the pipe's last write end: the thread sees EOF and ends
+        thread.join(timeout=5)
+        os.close(read_end)
+        os.close(real)
