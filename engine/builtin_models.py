@@ -4,22 +4,20 @@
 and smoke runs. `tiny-erased` is `tiny` with its cross-attention key/value projections re-drawn,
 the weights an ESD-x style method changes, so it behaves like an erased variant of `tiny`.
 `sd14-random` has the full SD 1.4 architecture with random weights, for GPU benchmarks (speed does
-not depend on weight values).
+not depend on weight values); `sd14-small` is SD 1.4's layout at small width with 16x16 latents, the
+CPU benchmark's model. Names and descriptions import nothing heavy; a model's libraries are
+imported when it is built.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+if TYPE_CHECKING:  # the builders import torch, diffusers and transformers when called, so that
+    # resolving a model name in the driver stays light (a bad name fails in well under a second)
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,8 @@ def byte_level_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     transformers 5 builds CLIPTokenizer from a vocab dict and merges; with no merges every
     character becomes a token, which is enough for random test models.
     """
+    from transformers import CLIPTokenizer
+
     symbols = list(byte_symbols().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(vocab_list)}
@@ -69,6 +69,8 @@ def _sd_scheduler_config() -> dict:
 
 
 def _pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionPipeline:
+    from diffusers import StableDiffusionPipeline
+
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -83,6 +85,10 @@ def _pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionP
 
 
 def build_tiny(seed: int = 0) -> StableDiffusionPipeline:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     tokenizer = byte_level_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -123,6 +129,8 @@ def build_tiny(seed: int = 0) -> StableDiffusionPipeline:
 
 
 def build_tiny_erased() -> StableDiffusionPipeline:
+    import torch
+
     pipe = build_tiny(seed=0)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -133,7 +141,12 @@ def build_tiny_erased() -> StableDiffusionPipeline:
 
 
 def build_sd14_random() -> StableDiffusionPipeline:
-    """SD 1.4's architecture (860 M UNet, 123 M text encoder, 84 M VAE) with random weights."""
+    """SD 1.4's architecture with random weights: 860 M UNet, 84 M VAE, CLIP ViT-L/14's text tower
+    (85 M here: the 514-symbol test vocabulary instead of 49,408 tokens; the same compute)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     tokenizer = byte_level_tokenizer()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -151,15 +164,63 @@ def build_sd14_random() -> StableDiffusionPipeline:
         sample_size=512,
     )
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
+        CLIPTextConfig(  # CLIP ViT-L/14's text tower, as SD 1.4 uses it
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            projection_dim=768,
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = PNDMScheduler(**{**_sd_scheduler_config(), "skip_prk_steps": True})
+    # PNDM as CompVis SD 1.4 ships it (51 UNet calls for 50 steps); it has no clip_sample option.
+    config = {k: v for k, v in _sd_scheduler_config().items() if k != "clip_sample"}
+    scheduler = PNDMScheduler(**config, skip_prk_steps=True)
     return _pipeline(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def build_sd14_small() -> StableDiffusionPipeline:
+    """SD 1.4's layout at a fraction of its width, for CPU benchmarks: the same blocks (4 UNet
+    levels, cross-attention in 3, 2 layers per block, an 8x VAE), PNDM as SD 1.4 ships it, and
+    16x16 latents (128x128 images). Random weights: speed does not depend on their values."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        cross_attention_dim=128,
+        attention_head_dim=8,
+        block_out_channels=(32, 64, 128, 128),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64, 128, 128],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=128,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_attention_heads=4,
+            num_hidden_layers=12,
+            projection_dim=128,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    config = {k: v for k, v in _sd_scheduler_config().items() if k != "clip_sample"}
+    return _pipeline(unet, vae, text_encoder, tokenizer, PNDMScheduler(**config, skip_prk_steps=True))
 
 
 def _toy_model(method: str | None = None, concept: str | None = None):
@@ -179,6 +240,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         build_tiny_erased, "random-kv", "tiny with re-drawn cross-attention k/v (a stand-in erased model)"
     ),
     "sd14-random": BuiltinModel(build_sd14_random, "none", "full SD 1.4 architecture, random weights"),
+    "sd14-small": BuiltinModel(
+        build_sd14_small, "none", "SD 1.4's layout at small width, 16x16 latents, PNDM (CPU benchmarks)"
+    ),
     "toy-base": BuiltinModel(_toy_model(), "none", "toy world: trained 32x32 shapes model (engine/toyworld)"),
     "toy-esdx-circle": BuiltinModel(_toy_model("esdx", "circle"), "esd-x", "toy-base with circle erased by ESD-x"),
     "toy-esdx-triangle": BuiltinModel(_toy_model("esdx", "triangle"), "esd-x", "toy-base, triangle erased by ESD-x"),

@@ -7,7 +7,7 @@ describes a grid; engine.pipeline.grid expands it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator
@@ -58,7 +58,12 @@ class RunSpec(Frozen):
     concepts: list[str] = Field(min_length=1, description="Concept slugs (configs/concepts stems).")
     probes: list[str | ProbeRequest] = Field(min_length=1, description="Probes, by name or with params.")
     num_images: int = Field(ge=1, description="Prompts per (model, concept, probe).")
-    batch_size: int = Field(4, ge=1, description="Rows per work unit handed to a probe actor.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Rows generated together. auto: 4 on CPU; on a GPU the largest batch its free memory holds, "
+        "measured once per actor and model (recorded in the manifest). An integer fixes the units, and so the bits.",
+    )
+    compile: bool = Field(False, description="torch.compile the UNet (faster after a compile of minutes per shape).")
     actors: int | Literal["auto"] = Field("auto", description="Probe actors: auto = one per GPU, else 1.")
     gpus_per_actor: float | Literal["auto"] = Field(
         "auto", description="auto = 1 when the cluster has GPUs, less the scoring stage's share (score_gpus)."

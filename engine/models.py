@@ -5,7 +5,11 @@ Two halves:
   reference into a ModelSpec and fail early (missing folder, pickle-only weights, hub id absent
   from an offline cache) before Ray or any model starts.
 - `ModelCache` runs in probe actors: base components are loaded once per source and erased UNets
-  are swapped in, sharing the VAE, text encoder and tokenizer.
+  are swapped in, sharing the VAE, text encoder and tokenizer; engine.acceleration's speed
+  settings are applied to every pipeline it hands out.
+
+torch and diffusers are imported by the actor-side functions only, so the driver's checks (and the
+CLI's error messages) never wait for them.
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from engine.acceleration import accelerate_pipeline, compile_pipeline_unet
 from engine.builtin_models import BUILTIN_MODELS
 from engine.concepts import find_config_files, read_yaml, validate
 from engine.config import ModelSpec
 from engine.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +155,8 @@ def _check_offline_cache(repo_id: str, revision: str | None) -> None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -157,11 +167,14 @@ def resolve_device(device: str = "auto") -> torch.device:
 def dtype_for(device: torch.device) -> torch.dtype:
     # fp16 on CUDA (as the original and every published SD benchmark); fp32 on CPU, where fp16
     # kernels are slow or missing.
+    import torch
+
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def load_base_pipeline(source: str, revision: str | None, allow_pickle: bool, dtype: torch.dtype):
     """The full pipeline from a built-in name, a local folder or a hub id."""
+    import torch
     from diffusers import StableDiffusionPipeline
 
     if source in BUILTIN_MODELS:
@@ -182,6 +195,7 @@ def load_base_pipeline(source: str, revision: str | None, allow_pickle: bool, dt
 def load_unet(path: str, like, allow_pickle: bool, dtype: torch.dtype):
     """An erased UNet: a diffusers UNet folder, a pipeline folder (its unet/), or a state-dict file
     for the base UNet's architecture."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     location = Path(path)
@@ -222,17 +236,24 @@ def set_attention(pipe, attention: str, device: torch.device) -> None:
 class ModelCache:
     """Pipelines for the models an actor serves. Base components are loaded once per source; a
     UNet override shares everything else with its base. Least recently used UNets are dropped
-    beyond `max_unets` so a long grid does not fill GPU memory."""
+    beyond `max_unets` so a long grid does not fill GPU memory. Thread-safe: an actor may load its
+    first model in the background while Ray hands it the first unit."""
 
-    def __init__(self, device: torch.device, attention: str = "sdpa", max_unets: int = 3):
+    def __init__(self, device: torch.device, attention: str = "sdpa", max_unets: int = 3, compile: bool = False):
         self.device = device
         self.dtype = dtype_for(device)
         self.attention = attention
         self.max_unets = max_unets
+        self.compile = compile
         self._bases: dict[tuple, object] = {}
         self._pipelines: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.RLock()
 
     def pipeline(self, spec: ModelSpec):
+        with self._lock:
+            return self._pipeline(spec)
+
+    def _pipeline(self, spec: ModelSpec):
         key = spec.model_dump_json()
         if key in self._pipelines:
             self._pipelines.move_to_end(key)
@@ -244,6 +265,9 @@ class ModelCache:
             unet = load_unet(spec.unet, base.unet, spec.allow_pickle, self.dtype).to(self.device)
             pipe = type(base)(**{**base.components, "unet": unet})
             set_attention(pipe, self.attention, self.device)
+            accelerate_pipeline(pipe, self.device)
+            if self.compile:
+                compile_pipeline_unet(pipe)
         pipe.set_progress_bar_config(disable=True)
         self._pipelines[key] = pipe
         while len(self._pipelines) > self.max_unets:
@@ -258,5 +282,6 @@ class ModelCache:
             pipe = pipe.to(self.device)
             pipe.set_progress_bar_config(disable=True)
             set_attention(pipe, self.attention, self.device)
+            accelerate_pipeline(pipe, self.device, compile_unet=self.compile)
             self._bases[key] = pipe
         return self._bases[key]

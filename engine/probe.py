@@ -2,7 +2,8 @@
 
 A probe is one class in one file of `probes/`. It receives a ProbeBatch (rows that share model,
 probe and params) and returns a ProbeOutput with one uint8 image per row. Registration is a
-name -> "module:Class" mapping, so listing probes imports nothing heavy.
+name -> "module:Class" mapping, so listing probes imports nothing heavy; this module itself imports
+torch only when a generator is made, so validating a run config stays light.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import UserError, format_validation_error, unknown_choice
+
+if TYPE_CHECKING:
+    import torch
 
 # Adding a probe: its file in probes/, one line here, its test.
 PROBE_REGISTRY: dict[str, str] = {
@@ -241,6 +244,8 @@ def derived_seed(seed: int, *variant: Any) -> int:
 def row_generator(seed: int, *variant: Any) -> torch.Generator:
     """A CPU generator per row and candidate. Noise is drawn on the CPU (as the original's plain
     probe did with torch.manual_seed), so a seed gives the same start on every device."""
+    import torch
+
     return torch.Generator("cpu").manual_seed(derived_seed(seed, *variant))
 
 

@@ -11,6 +11,8 @@ instead of the pipeline's __call__, so every change to the sampler is explicit h
 - Each row draws its noise from its own CPU generator, so a row never depends on its batch.
 - `guidance` is a hook (x_t, t, eps) -> eps, used by classifier guidance.
 - `start_index` / `stop_index` run a slice of the schedule (diffusion completion hands over).
+- `prompt_embeddings` encodes each distinct prompt once, alone, and keeps it per text encoder, so
+  a unit of identical prompts (and the empty negative prompt of CFG) costs one text-encoder call.
 - `base_reference_images` makes the base model's image of a (prompt, seed) once per grid and
   caches it on disk (inpainting context, textual-inversion data).
 """
@@ -20,14 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from engine.probe import row_generator, to_uint8
@@ -47,6 +50,8 @@ class DDIMSchedule:
 
     @classmethod
     def from_pipeline(cls, pipe, num_inference_steps: int) -> DDIMSchedule:
+        from diffusers import DDIMScheduler
+
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         if scheduler.config.prediction_type != "epsilon":
             raise ValueError(f"only epsilon-prediction models are supported, not {scheduler.config.prediction_type}")
@@ -88,15 +93,53 @@ def ddim_step(
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str, guidance_scale: float) -> torch.Tensor:
     """Text embeddings, [uncond; cond] stacked when classifier-free guidance is on."""
-    do_cfg = guidance_scale > 1.0
-    cond, uncond = pipe.encode_prompt(
-        list(prompts),
-        device=pipe.device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=do_cfg,
-        negative_prompt=[negative_prompt] * len(prompts) if do_cfg else None,
+    cond = prompt_embeddings(pipe, prompts)
+    if guidance_scale <= 1.0:
+        return cond
+    return torch.cat([prompt_embeddings(pipe, [negative_prompt] * len(prompts)), cond])
+
+
+PROMPT_CACHE_SIZE = 256  # distinct prompts kept per text encoder; a grid has a few per concept
+
+
+@torch.no_grad()
+def prompt_embeddings(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """The text encoder's output for each prompt, (len(prompts), tokens, hidden), as the pipeline's
+    encode_prompt makes it. Each distinct prompt is encoded alone and kept (least recently used
+    dropped beyond PROMPT_CACHE_SIZE) per text encoder, so its embedding is the same whatever batch
+    or unit it comes in, and a repeated prompt costs nothing. Changing the encoder's weights in
+    place, moving it or swapping its input embeddings (textual inversion) makes new entries."""
+    encoder = pipe.text_encoder
+    state = (
+        id(pipe.tokenizer),
+        id(encoder.get_input_embeddings()),
+        str(encoder.device),
+        str(encoder.dtype),
+        sum(p._version for p in encoder.parameters()),  # bumped by every in-place update
     )
-    return torch.cat([uncond, cond]) if do_cfg else cond
+    with _PROMPT_LOCK:
+        cache = _PROMPT_EMBEDDINGS.setdefault(encoder, OrderedDict())
+    rows = []
+    for prompt in prompts:
+        key = (state, prompt)
+        with _PROMPT_LOCK:
+            embedding = cache.get(key)
+            if embedding is not None:
+                cache.move_to_end(key)
+        if embedding is None:
+            embedding, _ = pipe.encode_prompt(
+                [prompt], device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            with _PROMPT_LOCK:
+                cache[key] = embedding
+                while len(cache) > PROMPT_CACHE_SIZE:
+                    cache.popitem(last=False)
+        rows.append(embedding)
+    return torch.cat(rows)
+
+
+_PROMPT_EMBEDDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROMPT_LOCK = threading.Lock()
 
 
 def initial_latents(pipe, generators: Sequence[torch.Generator], height: int | None, width: int | None):

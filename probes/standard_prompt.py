@@ -2,13 +2,15 @@
 
 The baseline every other probe is compared with, as the original's: the model's own scheduler, CFG
 7.5 and 50 steps by default, one generator per row seeded by the row's seed on the CPU, so a
-seed gives the same initial noise as the original's `torch.manual_seed(seed)`.
+seed gives the same initial noise as the original's `torch.manual_seed(seed)`. Prompt embeddings
+come from engine.sampling's per-actor cache: a unit of one concept's prompt encodes it once.
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine import sampling
 from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator, to_uint8
 
 
@@ -25,10 +27,16 @@ class StandardPromptProbe(Probe):
         params = batch.params
         # 1. One generator per row: a row's noise never depends on its neighbours in the batch.
         generators = [row_generator(seed) for seed in batch.seeds]
-        # 2. Batched generation through the model's own pipeline and scheduler.
-        result = batch.pipeline(
-            prompt=batch.prompts,
-            negative_prompt=[params.negative_prompt] * len(batch.rows) if params.negative_prompt else None,
+        # 2. Text embeddings: each distinct prompt (and the negative prompt, with CFG) encoded once.
+        pipe = batch.pipeline
+        prompt_embeds = sampling.prompt_embeddings(pipe, batch.prompts)
+        negative_embeds = None
+        if params.guidance_scale > 1.0:
+            negative_embeds = sampling.prompt_embeddings(pipe, [params.negative_prompt] * len(batch.rows))
+        # 3. Batched generation through the model's own pipeline and scheduler.
+        result = pipe(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
             height=params.height,
@@ -36,5 +44,5 @@ class StandardPromptProbe(Probe):
             generator=generators,
             output_type="np",
         )
-        # 3. uint8 images, one per row.
+        # 4. uint8 images, one per row.
         return ProbeOutput(images=to_uint8(result.images))

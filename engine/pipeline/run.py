@@ -5,29 +5,36 @@ units (driver) -> ray.data.from_items -> map_batches(ProbeActor, ActorPoolStrate
 The run holds the output's lock throughout (engine.lock); finished rows are skipped (resume). Rows
 that fail on their own go to <output>/failures.parquet (reported through the run's log actor, never
 through the stream) and are retried by the same command. The manifest records config, versions,
-provenance, times, counts, faults and where files were written (engine.storage).
+provenance, times, counts, faults and where files were written (engine.storage). A local Ray
+starts in the background (engine.pipeline.ray_start) while the driver imports the stages.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from engine.lock import OutputLock
+from engine.pipeline.batching import batching_record, unit_rows
 from engine.pipeline.failures import merge_failures, read_failures, write_failures
 from engine.pipeline.grid import RunPlan, pending_rows, work_units
 from engine.pipeline.progress import Progress, progress_seconds, watched
 from engine.pipeline.provenance import command_line, model_source
+from engine.pipeline.ray_start import (  # noqa: F401  (ray_session, worker_env: imported from here elsewhere)
+    STORAGE_ENV_PASSTHROUGH,
+    WORKER_ENV_DEFAULTS,
+    WORKER_ENV_PASSTHROUGH,
+    ray_session,
+    ray_starting,
+    worker_env,
+)
 from engine.pipeline.raynoise import filter_ray_loggers, filtered_stderr
 from engine.pipeline.resources import plan_resources
 from engine.pipeline.runlog import RunEvents, RunLog
-from engine.pipeline.shipping import code_runtime_env, report_node_engines, should_ship, uses_toy_weights
+from engine.pipeline.shipping import uses_toy_weights
 from engine.pipeline.sink import RowsDatasink
-from engine.pipeline.stages import ProbeActor, ProbeStageConfig, ScoreActor, ScoreStageConfig, encode_units
 from engine.results import (
     base_manifest,
     finished_row_ids,
@@ -41,18 +48,6 @@ from engine.scoring.preflight import check_run_scoring
 from engine.storage import OutputLocation, Placement, output_location, placement
 
 logger = logging.getLogger(__name__)
-
-# Passed to every Ray worker: offline hub, no usage stats, no auth tokens.
-WORKER_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-WORKER_ENV_PASSTHROUGH = ["HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "ENGINE_CONFIG_DIR", "RAY_AUTH_MODE"]
-# Object-store endpoints and credentials: write tasks on every node open the output themselves.
-STORAGE_ENV_PASSTHROUGH = [
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-    "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CA_BUNDLE",
-    "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
-    "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
-]  # fmt: skip
-
 
 @dataclass
 class RunSummary:
@@ -71,44 +66,7 @@ class StreamResult:
 
     events: RunEvents = field(default_factory=RunEvents)
     pool_sizes: dict[str, int] = field(default_factory=dict)
-
-
-def worker_env() -> dict[str, str]:
-    env = dict(WORKER_ENV_DEFAULTS)
-    env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH + STORAGE_ENV_PASSTHROUGH if k in os.environ})
-    return env
-
-
-@contextmanager
-def ray_session(cluster: str | None, ship_code: bool | None = None, toy_weights: bool = False):
-    """Connect to `cluster` ('auto' reads RAY_ADDRESS), reuse a running session (tests), or start a
-    local Ray that is shut down at the end. Shipping the engine's code to the workers (shipping.py)
-    defaults to on for an existing cluster; `toy_weights` says whether the toy-world weights go too."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ship = should_ship(cluster, ship_code)
-    runtime_env = {"env_vars": worker_env(), **(code_runtime_env(toy_weights) if ship else {})}
-    # Ray's own INFO lines drown the CLI's output; --verbose turns the engine's logging back on.
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if cluster:
-        context = ray.init(address=cluster, runtime_env=runtime_env, **quiet)
-    else:
-        # address="local": always a fresh local Ray, never a cluster that `ray start` left running
-        # on this machine (ray.init() alone would join it).
-        context = ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
-    if getattr(context, "dashboard_url", None):
-        print(f"Ray dashboard: http://{context.dashboard_url.removeprefix('http://')}", file=sys.stderr)
-    try:
-        if cluster or ship:
-            report_node_engines(ray, shipped=ship)
-        yield ray
-    finally:
-        ray.shutdown()
+    batching: tuple[int | str, bool] | None = None  # (batch_size asked, units cut for a GPU)
 
 
 def execute(plan: RunPlan, cluster: str | None = None, ship_code: bool | None = None) -> RunSummary:
@@ -141,7 +99,10 @@ def _execute_locked(
 
     stream = StreamResult()
     if todo:
-        with ray_session(cluster, ship_code, uses_toy_weights(plan)) as ray:
+        with ray_starting(cluster, ship_code, uses_toy_weights(plan)) as session:
+            import engine.pipeline.stages  # noqa: F401  (torch, diffusers, judges: imported while Ray starts)
+
+            ray = session.ready()
             where = output_placement(ray, output, cluster, plan.spec.shared_output)
             # Said out loud on a cluster: where the rows and the caches end up is the user's to know.
             (logger.warning if where.driver_writes or where.node_caches else logger.info)(
@@ -168,6 +129,8 @@ def _execute_locked(
         faults=stream.events.fault_counts(stream.pool_sizes),
         provenance=_provenance(plan, stream.events),
     )
+    if stream.batching is not None:
+        manifest["batching"] = batching_record(*stream.batching, stream.events.batch_sizes)
     manifest["history"].append({"finished_at": manifest["finished_at"], "generated": generated, "failed": failed})
     write_manifest(output, manifest)
     return RunSummary(output, len(plan.rows), len(plan.rows) - len(todo), generated, failed, len(done), seconds)
@@ -196,14 +159,19 @@ def _stream(
     from ray.data import ActorPoolStrategy, DataContext
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from engine.pipeline.stages import ProbeActor, ProbeStageConfig, ScoreActor, ScoreStageConfig, encode_units
+
     spec = plan.spec
     live = sys.stderr.isatty()  # before filtered_stderr turns stderr into a pipe
     DataContext.get_current().enable_progress_bars = False  # the engine shows its own (below)
     filter_ray_loggers()
     if not logger.isEnabledFor(logging.INFO):
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    units = work_units(todo, spec.batch_size)
-    resources = plan_resources(float(ray.cluster_resources().get("GPU", 0)), spec, len(units))
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
+    # The device does not depend on the unit count (it only caps the actors); batch_size auto does.
+    on_gpu = plan_resources(cluster_gpus, spec, len(todo)).probe_device == "cuda"
+    units = work_units(todo, unit_rows(spec.batch_size, on_gpu))
+    resources = plan_resources(cluster_gpus, spec, len(units))
     logger.info("%d rows in %d units on %d actor(s), %s GPU each", len(todo), len(units), resources.probe_actors,
                 resources.gpus_per_probe_actor)
     # The run's log lives on this node: it dies with the driver, never with a worker node.
@@ -211,6 +179,8 @@ def _stream(
     log = ray.remote(num_cpus=0, max_restarts=0)(RunLog).options(scheduling_strategy=here).remote()
     probe_config = ProbeStageConfig.from_plan(plan, resources.probe_device, spec.attention, spec.torch_threads,
                                               cache_dir)
+    # The first unit's model loads while Ray Data hands the actor its first unit.
+    probe_config = probe_config.model_copy(update={"prefetch_model": units[0][0].model})
     dataset = ray.data.from_items(encode_units(units), override_num_blocks=len(units))
     dataset = dataset.map_batches(
         ProbeActor,
@@ -249,6 +219,6 @@ def _stream(
                 # Writes pinned to the driver's node reserve no CPU: a head node started with
                 # --num-cpus 0 (common) must still take them, and a write is light next to generation.
                 dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0} if sink.driver_only else None)
-        return StreamResult(ray.get(log.snapshot.remote()), resources.pool_sizes())
+        return StreamResult(ray.get(log.snapshot.remote()), resources.pool_sizes(), (spec.batch_size, on_gpu))
     finally:
         ray.kill(log)

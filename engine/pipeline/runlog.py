@@ -45,6 +45,7 @@ class RunEvents:
     isolation_splits: int = 0
     unit_attempts: Counter = field(default_factory=Counter)
     actors: list[ActorInfo] = field(default_factory=list)
+    batch_sizes: list[dict] = field(default_factory=list)  # batch_size auto: each actor's measurement
 
     def failed_rows(self) -> list[RowFailure]:
         # A row that failed in one attempt and succeeded when Ray ran its unit again is done.
@@ -80,6 +81,9 @@ class RunLog:
 
     def actor_started(self, info: ActorInfo) -> None:
         self.events.actors.append(info)
+
+    def batch_size_measured(self, record: dict) -> None:
+        self.events.batch_sizes.append(record)
 
     def unit_started(self, key: str) -> None:
         self.events.unit_attempts[key] += 1

@@ -9,6 +9,10 @@ Faults inside a unit (ProbeRunner.generate): a CUDA out-of-memory error splits t
 and retries each half, down to one row; any other error splits it the same way to find the row
 that fails on its own. A row that fails alone, or whose image is all black (NaN latents decode to
 black), becomes a RowFailure instead of a result row. A UserError stops the run as before.
+
+Speed (engine.pipeline.batching, engine.pipeline.encoding): with `batch_size: auto` on a GPU a unit
+runs in batches of the size the actor measured; a unit's PNGs encode on a thread pool; an actor
+loads its first model in the background while Ray hands it the first unit.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,10 +38,12 @@ from engine.config import ModelSpec
 from engine.errors import UserError
 from engine.judge_refs import JudgeRequest, judge_requests
 from engine.models import ModelCache, resolve_device
+from engine.pipeline.batching import AutoBatcher
+from engine.pipeline.encoding import encode_pngs
 from engine.pipeline.failures import RowFailure
 from engine.pipeline.runlog import ActorInfo, UnitReport
 from engine.probe import ProbeBatch, ProbeContext, ProbeOutput, WorkRow, load_probe_class, probe_entry
-from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, encode_png, rows_table
+from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, rows_table
 from engine.scoring.scorer import Scorer
 from engine.scoring.selectors import SelectorBank
 from engine.storage import cache_folder
@@ -65,6 +72,9 @@ class ProbeStageConfig(Frozen):
     cache_dir: str = Field(description="Folder for probe caches (reference images, embeddings).")
     # The run's judges: the probe actor's selectors reuse them (selector judge / clip).
     judges: list[JudgeRequest] = Field(default_factory=list)
+    auto_batch_size: bool = Field(False, description="batch_size auto: on a GPU, units run in measured batches.")
+    compile: bool = Field(False, description="torch.compile the UNet.")
+    prefetch_model: str | None = Field(None, description="Model to load in the background as the actor starts.")
 
     @classmethod
     def from_plan(
@@ -80,6 +90,8 @@ class ProbeStageConfig(Frozen):
             torch_threads=torch_threads,
             cache_dir=cache_dir,
             judges=judge_requests(plan.spec.judges),
+            auto_batch_size=plan.spec.batch_size == "auto",
+            compile=plan.spec.compile,
         )
 
 
@@ -162,8 +174,9 @@ class ProbeRunner:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
-        self.cache = ModelCache(self.device, config.attention)
+        self.cache = ModelCache(self.device, config.attention, compile=config.compile)
         self.cache_dir = cache_folder(config.cache_dir)  # OUTPUT/cache, or this node's temp folder
+        self.batcher = AutoBatcher(config.auto_batch_size, self.device)
         self.unit_options: dict[str, Any] = {}
         self.probes: dict[str, Any] = {}
         self.selectors = SelectorBank(config.judges, config.concepts, self.device, self.context)
@@ -191,10 +204,23 @@ class ProbeRunner:
         first = rows[0]
         if first.probe not in self.probes:
             self.probes[first.probe] = load_probe_class(self.config.probes[first.probe])()
-        self.cache.pipeline(self.config.models[first.model])
+        pipeline = self.cache.pipeline(self.config.models[first.model])
         outcome = UnitOutcome()
-        self._generate_into(rows, outcome)
+        for rows_of_one_call in self.batcher.split(rows, first.model, pipeline, json.loads(first.params)):
+            self._generate_into(rows_of_one_call, outcome)
         return outcome
+
+    def prefetch(self, model: str) -> None:
+        """Load `model` in a background thread, so the actor is ready (and handed its first unit)
+        while it loads; the first unit waits on the cache's lock. A failure is left to that unit."""
+
+        def load():
+            try:
+                self.cache.pipeline(self.config.models[model])
+            except Exception:  # noqa: BLE001 - generate() loads again and reports the error
+                logger.exception("background load of %s failed", model)
+
+        threading.Thread(target=load, name=f"load-{model}", daemon=True).start()
 
     def _generate_into(self, rows: list[WorkRow], outcome: UnitOutcome) -> None:
         try:
@@ -239,8 +265,9 @@ class ProbeRunner:
         return output, selector, seconds
 
     def _collect(self, rows, output: ProbeOutput, selector, seconds: float, outcome: UnitOutcome) -> None:
-        for row, image, extras, region, candidates in zip(
-            rows, output.images, output.extras, output.scoring_regions, output.candidates
+        pngs = encode_pngs(output.images)
+        for row, image, png, extras, region, candidates in zip(
+            rows, output.images, pngs, output.extras, output.scoring_regions, output.candidates
         ):
             problem = image_problem(image)
             if problem is not None:
@@ -250,7 +277,7 @@ class ProbeRunner:
             outcome.records.append(
                 {
                     **row.__dict__,
-                    "image": encode_png(image),
+                    "image": png,
                     "image_width": int(image.shape[1]),
                     "image_height": int(image.shape[0]),
                     "scoring_region": list(region) if region is not None else None,
@@ -260,9 +287,7 @@ class ProbeRunner:
                     "engine_version": __version__,
                     "selector": selector,
                     "candidate_count": len(candidates) if candidates else None,
-                    CANDIDATE_IMAGES: [encode_png(c) for c in candidates]
-                    if candidates and self.config.judges
-                    else None,
+                    CANDIDATE_IMAGES: encode_pngs(candidates) if candidates and self.config.judges else None,
                 }
             )
 
@@ -290,6 +315,9 @@ class ProbeActor:
         self.log = log
         if log is not None:
             _tell(log.actor_started, actor_info("probe", self.runner.device))
+            self.runner.batcher.on_measured = lambda record: _tell(log.batch_size_measured, record)
+        if config.prefetch_model in config.models:
+            self.runner.prefetch(config.prefetch_model)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         records = []
