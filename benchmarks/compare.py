@@ -11,8 +11,9 @@ standard_prompt:
 - original: one pipeline call per image (the original's loop), on --original-images of the rows;
 - raw batched: one diffusers call per batch of rows, at the best of --batch-sizes (each tried
   briefly first), one CPU generator per row;
-- engine steady state: `engine run` at that batch size; images / the sum of its rows'
-  generation_seconds (the time inside the probe actor, Ray's stream around it);
+- engine steady state: `engine run` at that batch size, timed inside its probe actor (the rows'
+  generation_seconds: each unit's time, shared by its rows), Ray's stream around it: batch size /
+  the median unit's time (the first unit also pays one-time kernel set-up), and images / all units;
 - engine wall clock: the same `engine run` as a subprocess, from spawn to exit (Python start,
   imports, Ray, actor start, model build, generation, parquet, shut-down).
 noise_based sweep (6 eta x 4 v = 24 candidates per prompt):
@@ -38,7 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from statistics import median
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as in the engine's workers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,7 +59,7 @@ PRESETS = {
     "cpu": {"model": "sd14-small", "images": 48, "batch_sizes": "4,8,16", "original_images": 16,
             "sweep_prompts": 1, "candidate_batch_size": 24},
     "cuda": {"model": "sd14-random", "images": 64, "batch_sizes": "8,16,32", "original_images": 8,
-             "sweep_prompts": 2, "candidate_batch_size": 24},
+             "sweep_prompts": 1, "candidate_batch_size": 24},
 }
 SD14_UNET_GFLOP = 803.3  # one UNet forward, batch 1, 64x64 latent
 SD14_VAE_DECODE_GFLOP = 2514.5
@@ -89,8 +92,8 @@ def engine_command(args, probe: str, images: int, output: Path, batch_size: str,
             "--probe-param", f"{probe}.num_inference_steps={args.steps}", *extra]
 
 
-def run_engine(command: list[str]) -> tuple[float, float, dict]:
-    """(wall seconds, sum of generation_seconds, manifest) of one `engine run` subprocess."""
+def run_engine(command: list[str]) -> tuple[float, list[tuple[int, float]], dict]:
+    """(wall seconds, [(rows, seconds)] per unit, manifest) of one `engine run` subprocess."""
     from engine.results import read_manifest, read_rows
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -100,8 +103,10 @@ def run_engine(command: list[str]) -> tuple[float, float, dict]:
     if done.returncode != 0:
         raise RuntimeError(f"engine run failed ({done.returncode}):\n{done.stderr[-3000:]}")
     output = Path(command[command.index("--output") + 1])
-    generation = float(sum(read_rows(output, columns=["generation_seconds"]).column("generation_seconds").to_pylist()))
-    return wall, generation, read_manifest(output)
+    # A unit's rows share its time equally, so equal generation_seconds values are one unit.
+    shares = Counter(read_rows(output, columns=["generation_seconds"]).column("generation_seconds").to_pylist())
+    units = [(count, share * count) for share, count in shares.items()]
+    return wall, units, read_manifest(output)
 
 
 def bad_concept_seconds() -> float:
@@ -128,6 +133,10 @@ def physical_limit(device: torch.device, pipe, steps: int, model: str) -> tuple[
     unet_calls = len(pipe.scheduler.timesteps)
     tflop = (unet_calls * 2 * SD14_UNET_GFLOP + SD14_VAE_DECODE_GFLOP + 2 * SD14_TEXT_GFLOP) / 1000
     return peak / tflop, f"{name}: {peak:g} TFLOPS / {tflop:.1f} TFLOP per image"
+
+
+def line(label: str, rate: float, unit: str, note: str = "") -> None:
+    print(f"  {label:54s} {rate:8.3f} {unit:12s} {note}".rstrip())
 
 
 def main() -> None:
@@ -204,6 +213,8 @@ def main() -> None:
         for name, way in ways.items():
             best_time[name] = min(best_time[name], timed(device, way))
         if round_ == 0:  # the engine runs once: its start-up is part of what it measures
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the engine's auto batch size sees the GPU's free memory
             with tempfile.TemporaryDirectory() as folder:
                 engine = run_engine(engine_command(args, "standard_prompt", args.images, Path(folder) / "run",
                                                    engine_batch, ["--set", "judges=[]"]))
@@ -218,8 +229,9 @@ def main() -> None:
 
     original_rate = args.original_images / best_time["original"]
     raw_rate = args.images / best_time["raw"]
-    wall, generation, manifest = engine
-    steady = args.images / generation
+    wall, units, manifest = engine
+    steady = median(rows / seconds for rows, seconds in units)
+    all_units = args.images / sum(seconds for _, seconds in units)
     wall_rate = args.images / wall
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, dtype {pipe.unet.dtype}, model {args.model}, {args.steps} steps, CFG 7.5, "
@@ -228,13 +240,14 @@ def main() -> None:
     print("batch sizes tried (images/s at a fifth of the steps): "
           + ", ".join(f"{b}: {r * trial_steps / args.steps:.2f}" for b, r in trial.items()))
     print(f"\nstandard_prompt, {args.images} images")
-    print(f"  original (one call per image, {args.original_images} images) : {original_rate:8.3f} images/s")
-    print(f"  raw batched diffusers (batch {best:3d})          : {raw_rate:8.3f} images/s  "
-          f"{raw_rate / original_rate:5.2f}x original")
-    print(f"  engine steady state (batch {engine_batch})           : {steady:8.3f} images/s  "
-          f"{steady / raw_rate:5.2f}x raw batched  {steady / original_rate:5.2f}x original")
-    print(f"  engine run wall clock ({wall:6.1f} s)          : {wall_rate:8.3f} images/s  "
-          f"{wall_rate / raw_rate:5.2f}x raw batched  {wall_rate / original_rate:5.2f}x original")
+    line(f"original (one call per image, {args.original_images} images)", original_rate, "images/s")
+    line(f"raw batched diffusers (batch {best})", raw_rate, "images/s", f"{raw_rate / original_rate:5.2f}x original")
+    line(f"engine steady state (batch {engine_batch}, median unit)", steady, "images/s",
+         f"{steady / raw_rate:5.2f}x raw batched, {steady / original_rate:5.2f}x original")
+    line(f"engine, all {len(units)} units' generation time", all_units, "images/s",
+         f"{all_units / raw_rate:5.2f}x raw batched")
+    line(f"engine run wall clock ({wall:.1f} s, start-up included)", wall_rate, "images/s",
+         f"{wall_rate / raw_rate:5.2f}x raw batched, {wall_rate / original_rate:5.2f}x original")
     print(f"  engine batching: {json.dumps(manifest.get('batching'))}")
     limit = physical_limit(device, pipe, args.steps, args.model)
     if limit:
@@ -244,14 +257,15 @@ def main() -> None:
     print(f"\nnoise_based sweep, {len(sweep_rows)} prompt(s) x {len(singles)} candidates")
     single_rate = candidates / best_time["sweep_single"]
     batched_rate = candidates / best_time["sweep_batched"]
-    print(f"  one call per candidate (the original's sweep)  : {single_rate:8.3f} candidates/s")
-    print(f"  batched sweep (candidate_batch_size {args.candidate_batch_size:3d})     : {batched_rate:8.3f} "
-          f"candidates/s  {batched_rate / single_rate:5.2f}x one call per candidate")
+    line("one call per candidate (the original's sweep)", single_rate, "candidates/s")
+    line(f"batched sweep (candidate_batch_size {args.candidate_batch_size})", batched_rate, "candidates/s",
+         f"{batched_rate / single_rate:5.2f}x one call per candidate")
     if engine_sweep:
-        sweep_wall, sweep_generation, _ = engine_sweep
-        print(f"  engine run of the sweep, wall clock ({sweep_wall:6.1f} s): {candidates / sweep_wall:8.3f} "
-              f"candidates/s; in the actor {candidates / sweep_generation:8.3f} candidates/s "
-              f"({candidates / sweep_generation / single_rate:5.2f}x one call per candidate)")
+        sweep_wall, sweep_units, _ = engine_sweep
+        in_actor = candidates / sum(seconds for _, seconds in sweep_units)
+        line("engine run of the sweep, in its probe actor", in_actor, "candidates/s",
+             f"{in_actor / single_rate:5.2f}x one call per candidate")
+        line(f"engine run of the sweep, wall clock ({sweep_wall:.1f} s)", candidates / sweep_wall, "candidates/s")
     print(f"\nmisspelled concept rejected by `engine run` in {rejected:.2f} s")
 
 

@@ -346,11 +346,11 @@ def test_dashboard_url_is_printed_when_the_cluster_has_one(monkeypatch, capsys):
 
     import ray
 
-    import engine.pipeline.run
+    import engine.pipeline.ray_start
     from engine.pipeline.run import ray_session
 
     calls = []
-    monkeypatch.setattr(engine.pipeline.run, "report_node_engines", lambda ray, shipped: [])
+    monkeypatch.setattr(engine.pipeline.ray_start, "report_node_engines", lambda ray, shipped: [])
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs) or SimpleNamespace(dashboard_url=url))
     monkeypatch.setattr(ray, "shutdown", lambda: None)

@@ -54,6 +54,8 @@ def test_manifest_records_config_versions_and_counts(first_run):
     assert manifest["config"]["run"]["num_images"] == 3
     assert manifest["config"]["probes"][0]["params"]["num_inference_steps"] == 3
     assert "git_commit" in manifest and manifest["started_at"] <= manifest["finished_at"]
+    # batch_size auto on CPU: the fixed default, nothing measured.
+    assert manifest["batching"] == {"batch_size": "auto", "unit_rows": 4, "measured": []}
 
 
 def test_same_command_into_another_folder_gives_identical_images(first_run, tmp_path):
