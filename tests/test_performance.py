@@ -23,8 +23,10 @@ from engine.pipeline.batching import (
     largest_fitting_batch,
     unit_rows,
 )
+from engine.pipeline.encoding import encode_pngs
 from engine.pipeline.ray_start import RayStart, worker_env
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, row_generator, to_uint8
+from engine.results import encode_png
 from probes.standard_prompt import StandardPromptParams, StandardPromptProbe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +85,13 @@ def test_standard_prompt_images_equal_the_pipelines_own_prompt_path(tiny_pipe, t
                               num_inference_steps=2, guidance_scale=7.5, output_type="np").images
     # Byte-identical on CPU; a different CPU's kernels could differ in the last bit of a float.
     assert np.abs(np.stack(output.images).astype(int) - np.stack(to_uint8(reference))).max() <= 1
+
+
+def test_pooled_png_encoding_gives_the_same_bytes_in_order():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (16 + i, 24, 3), dtype=np.uint8) for i in range(5)]
+    assert encode_pngs(images) == [encode_png(image) for image in images]
+    assert encode_pngs(images[:1]) == [encode_png(images[0])] and encode_pngs([]) == []
 
 
 # --------------------------------------------------------------------------- start-up
