@@ -7,10 +7,11 @@ describes a grid; engine.pipeline.grid expands it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from engine.concepts import Frozen, Sources, read_yaml_with_sources, validate
 from engine.errors import UserError
@@ -58,7 +59,7 @@ class RunSpec(Frozen):
     concepts: list[str] = Field(min_length=1, description="Concept slugs (configs/concepts stems).")
     probes: list[str | ProbeRequest] = Field(min_length=1, description="Probes, by name or with params.")
     num_images: int = Field(ge=1, description="Prompts per (model, concept, probe).")
-    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+    batch_size: int | Literal["auto"] = Field(
         "auto",
         description="Rows generated together. auto: 4 on CPU; on a GPU the largest batch its free memory holds, "
         "measured once per actor and model (recorded in the manifest). An integer fixes the units, and so the bits.",
@@ -82,6 +83,18 @@ class RunSpec(Frozen):
     score_gpus: float | Literal["auto"] = Field(
         "auto", description="GPU fraction per scoring actor: auto = 0.1 when the cluster has GPUs, else 0."
     )
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, value: Any) -> Any:
+        """One error naming both choices, instead of one per branch of the union."""
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PydanticCustomError("int_or_auto", "Input should be a positive integer or 'auto'")
+        if value < 1:
+            raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to {ge}", {"ge": 1})
+        return value
 
     @field_validator("judges")
     @classmethod
