@@ -10,16 +10,15 @@ not depend on weight values).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# diffusers and transformers are imported where a model is built: listing or planning models
+# (engine models, engine plan) then never pays their import time.
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
 
 @dataclass(frozen=True)
@@ -27,6 +26,8 @@ class BuiltinModel:
     build: callable
     method: str
     description: str
+    erased: tuple[str, ...] = ()  # concept slugs the model erased (empty: it declares nothing)
+    scheduler: str = "DDIMScheduler"  # the pipeline's own scheduler class (engine plan counts its steps)
 
 
 def byte_symbols() -> dict[int, str]:
@@ -49,6 +50,8 @@ def byte_level_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     transformers 5 builds CLIPTokenizer from a vocab dict and merges; with no merges every
     character becomes a token, which is enough for random test models.
     """
+    from transformers import CLIPTokenizer
+
     symbols = list(byte_symbols().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(vocab_list)}
@@ -69,6 +72,8 @@ def _sd_scheduler_config() -> dict:
 
 
 def _pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionPipeline:
+    from diffusers import StableDiffusionPipeline
+
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -83,6 +88,9 @@ def _pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionP
 
 
 def build_tiny(seed: int = 0) -> StableDiffusionPipeline:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     tokenizer = byte_level_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -134,6 +142,9 @@ def build_tiny_erased() -> StableDiffusionPipeline:
 
 def build_sd14_random() -> StableDiffusionPipeline:
     """SD 1.4's architecture (860 M UNet, 123 M text encoder, 84 M VAE) with random weights."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     tokenizer = byte_level_tokenizer()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -175,13 +186,19 @@ def _toy_model(method: str | None = None, concept: str | None = None):
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny": BuiltinModel(build_tiny, "none", "random tiny SD pipeline (64x64), seeded, for tests"),
+    # Declares no erased concept: a random stand-in, so it runs the full grid of whatever a run lists.
     "tiny-erased": BuiltinModel(
         build_tiny_erased, "random-kv", "tiny with re-drawn cross-attention k/v (a stand-in erased model)"
     ),
-    "sd14-random": BuiltinModel(build_sd14_random, "none", "full SD 1.4 architecture, random weights"),
+    "sd14-random": BuiltinModel(build_sd14_random, "none", "full SD 1.4 architecture, random weights",
+                                scheduler="PNDMScheduler"),
     "toy-base": BuiltinModel(_toy_model(), "none", "toy world: trained 32x32 shapes model (engine/toyworld)"),
-    "toy-esdx-circle": BuiltinModel(_toy_model("esdx", "circle"), "esd-x", "toy-base with circle erased by ESD-x"),
-    "toy-esdx-triangle": BuiltinModel(_toy_model("esdx", "triangle"), "esd-x", "toy-base, triangle erased by ESD-x"),
-    "toy-uce-circle": BuiltinModel(_toy_model("uce", "circle"), "uce", "toy-base with circle erased by UCE"),
-    "toy-uce-triangle": BuiltinModel(_toy_model("uce", "triangle"), "uce", "toy-base with triangle erased by UCE"),
+    "toy-esdx-circle": BuiltinModel(_toy_model("esdx", "circle"), "esd-x", "toy-base with circle erased by ESD-x",
+                                    ("toy_circle",)),
+    "toy-esdx-triangle": BuiltinModel(_toy_model("esdx", "triangle"), "esd-x", "toy-base, triangle erased by ESD-x",
+                                      ("toy_triangle",)),
+    "toy-uce-circle": BuiltinModel(_toy_model("uce", "circle"), "uce", "toy-base with circle erased by UCE",
+                                   ("toy_circle",)),
+    "toy-uce-triangle": BuiltinModel(_toy_model("uce", "triangle"), "uce", "toy-base with triangle erased by UCE",
+                                     ("toy_triangle",)),
 }

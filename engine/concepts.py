@@ -237,6 +237,9 @@ class Sources:
 # --------------------------------------------------------------------------- concepts
 
 
+DEFAULT_CONCEPT_SET = "default"
+
+
 class PythonRandomSeeds(Frozen):
     """The original's seed list: random.seed(seed), then `count` x randint(low, high)."""
 
@@ -246,8 +249,19 @@ class PythonRandomSeeds(Frozen):
     high: int = 10000
 
     def values(self) -> list[int]:
-        rng = random.Random(self.seed)
-        return [rng.randint(self.low, self.high) for _ in range(self.count)]
+        return list(_python_random_seeds(self.seed, self.count, self.low, self.high))
+
+
+@lru_cache(maxsize=None)
+def _python_random_seeds(seed: int, count: int, low: int, high: int) -> tuple[int, ...]:
+    rng = random.Random(seed)
+    return tuple(rng.randint(low, high) for _ in range(count))
+
+
+@lru_cache(maxsize=None)
+def _permutation(random_state: int, length: int) -> tuple[int, ...]:
+    """numpy RandomState(random_state).permutation(length), as pandas' sample(n, random_state) draws."""
+    return tuple(int(i) for i in np.random.RandomState(random_state).permutation(length))
 
 
 class ConceptSpec(Frozen):
@@ -264,6 +278,11 @@ class ConceptSpec(Frozen):
     )
     sample_random_state: int = Field(
         42, description="Prompt i of n is row permutation(random_state)[i]: pandas sample(n, random_state)."
+    )
+    concept_set: str = Field(
+        DEFAULT_CONCEPT_SET,
+        description="The set the concept belongs to: interference draws the other concepts of the same set "
+        "(the original's 13 share the default set; the toy world's 8 are `toy`). Sets never mix.",
     )
 
     @field_validator("judge_classes")
@@ -283,8 +302,8 @@ class ConceptSpec(Frozen):
         seeds = self.seed_list()
         if n > len(seeds):
             raise UserError(f"concept {self.name!r} has {len(seeds)} prompt/seed rows; asked for {n}")
-        order = np.random.RandomState(self.sample_random_state).permutation(len(seeds))[:n]
-        return [(int(i), self.prompt, seeds[int(i)]) for i in order]
+        order = _permutation(self.sample_random_state, len(seeds))[:n]
+        return [(i, self.prompt, seeds[i]) for i in order]
 
     def first_prompts(self, n: int) -> list[tuple[int, str, int]]:
         """The first n rows in file order (the original's interference probe uses df.head(n))."""
@@ -312,3 +331,14 @@ def load_concept(name: str) -> ConceptSpec:
     if name not in files:
         raise unknown_choice("concept", name, files)
     return _load_concept_file(files[name])
+
+
+def concept_set_members(concept: ConceptSpec) -> dict[str, ConceptSpec]:
+    """Every configured concept of `concept`'s set (itself included), by name in sorted order: the
+    world an erased model's interference rows are drawn from, whatever a run lists."""
+    members = {}
+    for name, path in sorted(available_concepts().items()):
+        other = concept if name == concept.name else _load_concept_file(path)
+        if other.concept_set == concept.concept_set:
+            members[name] = other
+    return members

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from engine.probe import row_generator, to_uint8
@@ -47,6 +46,8 @@ class DDIMSchedule:
 
     @classmethod
     def from_pipeline(cls, pipe, num_inference_steps: int) -> DDIMSchedule:
+        from diffusers import DDIMScheduler  # here, not at import: planning a grid never loads diffusers
+
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         if scheduler.config.prediction_type != "epsilon":
             raise ValueError(f"only epsilon-prediction models are supported, not {scheduler.config.prediction_type}")

@@ -37,7 +37,7 @@ from engine.scoring.registry import judge_requests
 from engine.tune.plan import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TunePlan, run_data, slug
 from engine.tune.search import SearchSettings, search_pair
 from engine.tune.space import TuneSpec
-from engine.tune.trial import TrialSetup
+from engine.tune.trial import TrialSetup, held_out_trial
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def execute_tune(plan: TunePlan, cluster: str | None = None, ship_code: bool | N
         # trials themselves go wherever the cluster has room. A search task holds no CPU.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         remote = ray.remote(num_cpus=0, max_retries=0)(search_pair).options(scheduling_strategy=here)
-        futures = {}
+        futures, setups, searched = {}, {}, []
         for job in plan.jobs:
             payload = actor_payload(job.plan, device, spec.attention, threads, str(plan.output / "cache"))
             setup = TrialSetup(payload, job.model, job.plan.base, job.concept, spec.probe, spec.num_images,
@@ -91,6 +91,7 @@ def execute_tune(plan: TunePlan, cluster: str | None = None, ship_code: bool | N
             settings = _settings(spec, job, resources, max_concurrent, threads, plan.output)
             logger.info("searching %s x %s: %s", job.model.name, job.concept.name, settings)
             futures[remote.remote(setup, settings)] = job
+            setups[id(job)] = setup
         while futures:
             done, _ = ray.wait(list(futures), num_returns=1)
             job = futures.pop(done[0])
@@ -98,12 +99,17 @@ def execute_tune(plan: TunePlan, cluster: str | None = None, ship_code: bool | N
                 trials = ray.get(done[0])
             except Exception as error:  # a failed search (not a failed trial: those are recorded)
                 raise RuntimeError(f"search {job.model.name} x {job.concept.name} failed: {error}") from None
+            role = "recovery" if job.concept.name in job.model.erased else "unpaired"
             for trial in trials:
-                trial.update(model=job.model.name, method=job.model.method, concept=job.concept.name,
-                             probe=spec.probe, algorithm=spec.algorithm, objective_name=spec.objective)
+                trial.update(model=job.model.name, method=job.model.method_label, concept=job.concept.name,
+                             role=role, probe=spec.probe, algorithm=spec.algorithm, objective_name=spec.objective)
             records.extend(trials)
             write_trials(plan.output / TRIALS_FILE, records)
-            outcomes.append(_finish_pair(plan, job, trials, threads))
+            searched.append((job, trials))
+        if spec.held_out:
+            _run_held_out(ray, plan, searched, setups, resources)
+            write_trials(plan.output / TRIALS_FILE, records)
+        outcomes = [_finish_pair(plan, job, trials, threads) for job, trials in searched]
     failed = [o for o in outcomes if o.best is None]
     if failed:
         first = next((r["error"] for r in records if r["error"]), "no trial scored every image")
@@ -144,13 +150,47 @@ def _settings(spec: TuneSpec, job: PairJob, resources, max_concurrent: int, thre
     )
 
 
-def _finish_pair(plan: TunePlan, job: PairJob, trials: list[dict[str, Any]], threads: int | None) -> PairOutcome:
+def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Highest metric; among equals the tighter lower bound, then the earlier trial."""
     complete = [t for t in trials if t["status"] == "complete" and t["objective"] is not None]
-    best = None
+    if not complete:
+        return None
+    return max(complete, key=lambda t: (t["objective"], t["ci_low"] or -math.inf, -t["trial_index"]))
+
+
+def _run_held_out(ray, plan: TunePlan, searched, setups, resources: dict[str, float]) -> None:
+    """Re-run each pair's best setting on its held-out prompts (together, as Ray tasks with a
+    trial's resources) and write the result into the best trial's record."""
+    remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)(held_out_trial)
+    futures = {}
+    for job, trials in searched:
+        best = best_trial(trials)
+        for trial in trials:
+            trial["is_best"] = trial is best
+        if best is not None:
+            config = {dim.key: best[f"param_{dim.key}"] for dim in plan.space.dimensions}
+            futures[remote.remote(config, setups[id(job)])] = (job, best)
+    for future, (job, best) in futures.items():
+        try:
+            result = ray.get(future)
+        except Exception as error:
+            raise RuntimeError(f"held-out re-run of {job.model.name} x {job.concept.name} failed: {error}") from None
+        best.update({
+            "heldout_objective": _finite(result.get("objective")), "heldout_ci_low": _finite(result.get("ci_low")),
+            "heldout_ci_high": _finite(result.get("ci_high")), "heldout_n": result.get("n"),
+            "heldout_hits": _finite(result.get("hits")), "heldout_seconds": result.get("seconds"),
+            "heldout_seeds": json.dumps(result["seeds"]),
+        })
+
+
+def _finite(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _finish_pair(plan: TunePlan, job: PairJob, trials: list[dict[str, Any]], threads: int | None) -> PairOutcome:
+    best = best_trial(trials)
     path = None
-    if complete:
-        # Highest metric; among equals the tighter lower bound, then the earlier trial.
-        best = max(complete, key=lambda t: (t["objective"], t["ci_low"] or -math.inf, -t["trial_index"]))
+    if best is not None:
         path = write_best_config(plan, job, best, threads)
     ran = [t for t in trials if t["process_trial_index"] is not None]
     first = [t["trial_seconds"] for t in ran if t["pipeline_loaded"]]
@@ -183,8 +223,15 @@ def write_best_config(plan: TunePlan, job: PairJob, best: dict[str, Any], thread
         f"probe {plan.spec.probe}\n# {plan.spec.objective} = {_fmt(best['objective'])} {interval} on "
         f"n = {best['n']} images (trial {best['trial_index']}); run it with `engine run {path.name}`\n"
     )
+    if best.get("heldout_n") is not None:
+        header += (f"# held-out re-run (other prompts and seeds, unbiased by the search): {_held_out(best)}\n")
     path.write_text(header + yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def _held_out(best: dict[str, Any]) -> str:
+    interval = f"[{_fmt(best['heldout_ci_low'])}, {_fmt(best['heldout_ci_high'])}]"
+    return f"{best['objective_name']} {_fmt(best['heldout_objective'])} {interval} on n = {best['heldout_n']} images"
 
 
 def _fmt(value) -> str:
@@ -201,6 +248,13 @@ TRIAL_FIELDS = [
     ("setup_seconds", pa.float64()), ("generation_seconds", pa.float64()), ("scoring_seconds", pa.float64()),
     ("pipeline_loaded", pa.bool_()), ("process_trial_index", pa.int32()), ("worker_pid", pa.int64()),
     ("error", pa.string()),
+    # recovery: the concept is one the model erased; unpaired: the model declares nothing.
+    ("role", pa.string()),
+    # The best trial's setting re-run on held-out prompts/seeds (same size, disjoint): the search's
+    # best objective is the maximum of noisy estimates, biased upward; this one is not.
+    ("is_best", pa.bool_()), ("heldout_objective", pa.float64()), ("heldout_ci_low", pa.float64()),
+    ("heldout_ci_high", pa.float64()), ("heldout_n", pa.int32()), ("heldout_hits", pa.int32()),
+    ("heldout_seconds", pa.float64()), ("heldout_seeds", pa.string()),
 ]
 
 
@@ -237,6 +291,8 @@ def summary_lines(summary: TuneSummary) -> list[str]:
             f"{pair.model} x {pair.concept}: best {best['objective_name']} {_fmt(best['objective'])} {interval} "
             f"(n={best['n']}) at {best['searched']} -> {pair.best_config}"
         )
+        if best.get("heldout_n") is not None:
+            lines.append(f"  held-out re-run of that setting: {_held_out(best)} (the search's best is biased upward)")
         lines.append(
             f"  {pair.trials} trials on {pair.worker_processes} worker process(es), {pair.pipeline_loads} pipeline "
             f"load(s); first trial per process {_fmt(pair.first_trial_seconds)} s, later trials "
