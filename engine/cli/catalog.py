@@ -69,7 +69,7 @@ def models():
         typer.echo(line(name, spec.method_label, spec.erased, spec.unet or spec.pretrained, entries[name].source))
     for family in model_families().values():
         members = family.members()
-        typer.echo(f"\nfamily {family.name} ({len(family.methods)} methods x {len(family.concepts)} concepts, "
+        typer.echo(f"family {family.name} ({len(family.methods)} methods x {len(family.concepts)} concepts, "
                    f"{len(members)} models; `models: [{family.name}]` lists them all): {family.description}")
         for name, spec in members.items():
             typer.echo(line(name, spec.method_label, spec.erased, spec.unet or spec.pretrained,
