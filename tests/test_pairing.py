@@ -223,7 +223,7 @@ def tiny_folders(tmp_path_factory, tiny_pipe):
 def planned(monkeypatch):
     """`engine run` up to its plan: the plan it would execute, and nothing generated."""
     plans = []
-    monkeypatch.setattr(engine.cli.run, "execute_and_print", lambda plan, cluster: plans.append(plan))
+    monkeypatch.setattr(engine.cli.run, "execute_and_print", lambda plan, *args: plans.append(plan))
     return plans
 
 
