@@ -25,6 +25,8 @@ class BuiltinModel:
     build: callable
     method: str
     description: str
+    erased: tuple[str, ...] = ()  # concept slugs the model erased (empty: it declares nothing)
+    scheduler: str = "DDIMScheduler"  # the pipeline's own scheduler class (engine plan counts its steps)
 
 
 def byte_symbols() -> dict[int, str]:
@@ -236,16 +238,23 @@ def _toy_model(method: str | None = None, concept: str | None = None):
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny": BuiltinModel(build_tiny, "none", "random tiny SD pipeline (64x64), seeded, for tests"),
+    # Declares no erased concept: a random stand-in, so it runs the full grid of whatever a run lists.
     "tiny-erased": BuiltinModel(
         build_tiny_erased, "random-kv", "tiny with re-drawn cross-attention k/v (a stand-in erased model)"
     ),
-    "sd14-random": BuiltinModel(build_sd14_random, "none", "full SD 1.4 architecture, random weights"),
+    "sd14-random": BuiltinModel(build_sd14_random, "none", "full SD 1.4 architecture, random weights",
+                                scheduler="PNDMScheduler"),
     "sd14-small": BuiltinModel(
-        build_sd14_small, "none", "SD 1.4's layout at small width, 16x16 latents, PNDM (CPU benchmarks)"
+        build_sd14_small, "none", "SD 1.4's layout at small width, 16x16 latents, PNDM (CPU benchmarks)",
+        scheduler="PNDMScheduler",
     ),
     "toy-base": BuiltinModel(_toy_model(), "none", "toy world: trained 32x32 shapes model (engine/toyworld)"),
-    "toy-esdx-circle": BuiltinModel(_toy_model("esdx", "circle"), "esd-x", "toy-base with circle erased by ESD-x"),
-    "toy-esdx-triangle": BuiltinModel(_toy_model("esdx", "triangle"), "esd-x", "toy-base, triangle erased by ESD-x"),
-    "toy-uce-circle": BuiltinModel(_toy_model("uce", "circle"), "uce", "toy-base with circle erased by UCE"),
-    "toy-uce-triangle": BuiltinModel(_toy_model("uce", "triangle"), "uce", "toy-base with triangle erased by UCE"),
+    "toy-esdx-circle": BuiltinModel(_toy_model("esdx", "circle"), "esd-x", "toy-base with circle erased by ESD-x",
+                                    ("toy_circle",)),
+    "toy-esdx-triangle": BuiltinModel(_toy_model("esdx", "triangle"), "esd-x", "toy-base, triangle erased by ESD-x",
+                                      ("toy_triangle",)),
+    "toy-uce-circle": BuiltinModel(_toy_model("uce", "circle"), "uce", "toy-base with circle erased by UCE",
+                                   ("toy_circle",)),
+    "toy-uce-triangle": BuiltinModel(_toy_model("uce", "triangle"), "uce", "toy-base with triangle erased by UCE",
+                                     ("toy_triangle",)),
 }

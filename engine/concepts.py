@@ -249,8 +249,19 @@ class PythonRandomSeeds(Frozen):
     high: int = 10000
 
     def values(self) -> list[int]:
-        rng = random.Random(self.seed)
-        return [rng.randint(self.low, self.high) for _ in range(self.count)]
+        return list(_python_random_seeds(self.seed, self.count, self.low, self.high))
+
+
+@lru_cache(maxsize=None)
+def _python_random_seeds(seed: int, count: int, low: int, high: int) -> tuple[int, ...]:
+    rng = random.Random(seed)
+    return tuple(rng.randint(low, high) for _ in range(count))
+
+
+@lru_cache(maxsize=None)
+def _permutation(random_state: int, length: int) -> tuple[int, ...]:
+    """numpy RandomState(random_state).permutation(length), as pandas' sample(n, random_state) draws."""
+    return tuple(int(i) for i in np.random.RandomState(random_state).permutation(length))
 
 
 class ConceptSpec(Frozen):
@@ -291,8 +302,8 @@ class ConceptSpec(Frozen):
         seeds = self.seed_list()
         if n > len(seeds):
             raise UserError(f"concept {self.name!r} has {len(seeds)} prompt/seed rows; asked for {n}")
-        order = np.random.RandomState(self.sample_random_state).permutation(len(seeds))[:n]
-        return [(int(i), self.prompt, seeds[int(i)]) for i in order]
+        order = _permutation(self.sample_random_state, len(seeds))[:n]
+        return [(i, self.prompt, seeds[i]) for i in order]
 
     def first_prompts(self, n: int) -> list[tuple[int, str, int]]:
         """The first n rows in file order (the original's interference probe uses df.head(n))."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.concepts import Frozen, Sources, read_yaml_with_sources, validate
@@ -18,6 +18,8 @@ from engine.errors import UserError
 from engine.judge_refs import JudgeRequest, default_judge_refs, parse_judge_ref
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
+BASE_METHOD = "none"  # the `method` label of the un-erased base model
+UNKNOWN_METHOD = "unknown"  # the label of a model that does not say how it was erased
 
 
 # --------------------------------------------------------------------------- models
@@ -31,9 +33,45 @@ class ModelSpec(Frozen):
     unet: str | None = Field(
         None, description="UNet-only override: diffusers UNet folder, pipeline folder or .safetensors file."
     )
-    method: str = Field("none", description="Erasure method label (column `method`), e.g. esd-x, uce.")
+    method: str | None = Field(
+        None,
+        description="Erasure method label (column `method`), e.g. esdx, uce; `none` marks the un-erased base "
+        "model. Unset: `unknown` in result rows (the run's base model: `none`).",
+    )
+    erased: list[str] = Field(
+        default_factory=list,
+        description="Concept slugs this model erased. Recovery probes run on these; interference on the "
+        "other concepts of their set. Empty: the model declares nothing and runs the run's full grid.",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     allow_pickle: bool = Field(False, description="Allow pickle (.bin/.ckpt/.pt) weights. Off by default.")
+
+    @field_validator("erased")
+    @classmethod
+    def _erased_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"concepts listed more than once: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _base_erased_nothing(self):
+        if self.method == BASE_METHOD and self.erased:
+            raise ValueError(f"method '{BASE_METHOD}' marks the un-erased base model; it cannot erase {self.erased}")
+        return self
+
+    @property
+    def method_label(self) -> str:
+        """The `method` column: the declared label, or `unknown` (never the base model's `none`)."""
+        return self.method if self.method is not None else UNKNOWN_METHOD
+
+    def identity(self) -> dict[str, Any]:
+        """This model's part of a row's identity (row_id). What it erased decides which rows exist,
+        not what an image looks like, so `erased` is left out; an unset label hashes as `none`, the
+        label's default before models were labelled `unknown`, so runs made then still resume."""
+        data = self.model_dump(mode="json", exclude={"erased"})
+        if data["method"] is None:
+            data["method"] = BASE_METHOD
+        return data
 
 
 class ProbeRequest(Frozen):
@@ -59,6 +97,11 @@ class RunSpec(Frozen):
     concepts: list[str] = Field(min_length=1, description="Concept slugs (configs/concepts stems).")
     probes: list[str | ProbeRequest] = Field(min_length=1, description="Probes, by name or with params.")
     num_images: int = Field(ge=1, description="Prompts per (model, concept, probe).")
+    base_probes: list[str] | None = Field(
+        None,
+        description="In a run with erased models: the probes the base model runs as the reference (it must be "
+        "listed in `models:`). Default: standard_prompt, noise_based, inpainting and interference, when run.",
+    )
     batch_size: int | Literal["auto"] = Field(
         "auto",
         description="Rows generated together. auto: 4 on CPU; on a GPU the largest batch its free memory holds, "

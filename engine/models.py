@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 from engine.acceleration import accelerate_pipeline, compile_pipeline_unet
 from engine.builtin_models import BUILTIN_MODELS
 from engine.concepts import find_config_files, read_yaml, validate
-from engine.config import ModelSpec
+from engine.config import UNKNOWN_METHOD, ModelSpec
 from engine.errors import UserError
+from engine.model_families import family_members, model_families, model_files
 
 if TYPE_CHECKING:
     import torch
@@ -41,21 +42,39 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def available_models() -> list[str]:
-    return sorted(BUILTIN_MODELS) + sorted(find_config_files("models"))
+    """Built-ins, configs/models single-model files, then every family member."""
+    return sorted(BUILTIN_MODELS) + sorted(model_files()[0]) + sorted(family_members())
 
 
-def resolve_model(ref: str | ModelSpec, base_model: str | None = None) -> ModelSpec:
-    """A user's model reference -> ModelSpec. Order: built-in, configs/models/<ref>.yaml, local
-    folder, hub id. Raises UserError for anything else."""
+def expand_model_refs(refs: list[str | ModelSpec]) -> list[str | ModelSpec]:
+    """A run's `models:` with every family stem replaced by its members' names, in order."""
+    families = model_families()
+    expanded: list[str | ModelSpec] = []
+    for ref in refs:
+        is_family = isinstance(ref, str) and ref in families and ref not in BUILTIN_MODELS
+        expanded.extend(families[ref].members() if is_family else [ref])
+    return expanded
+
+
+def resolve_model(ref: str | ModelSpec, check_source: bool = True) -> ModelSpec:
+    """A user's model reference -> ModelSpec. Order: built-in, configs/models/<ref>.yaml, a family
+    member's name, local folder, hub id. Raises UserError for anything else. `check_source=False`
+    skips the checks of where the weights are (engine plan reports those instead of failing)."""
     if isinstance(ref, ModelSpec):
         spec = ref
     elif ref in BUILTIN_MODELS:
-        spec = ModelSpec(name=ref, pretrained=ref, method=BUILTIN_MODELS[ref].method)
-    elif ref in find_config_files("models"):
-        path = find_config_files("models")[ref]
+        builtin = BUILTIN_MODELS[ref]
+        spec = ModelSpec(name=ref, pretrained=ref, method=builtin.method, erased=list(builtin.erased))
+    elif ref in model_files()[0]:
+        path = model_files()[0][ref]
         data = read_yaml(path)
         data.setdefault("name", ref)
         spec = validate(ModelSpec, data, str(path))
+    elif ref in family_members():
+        spec = family_members()[ref]
+    elif ref in model_families():
+        raise UserError(f"{ref!r} is a model family ({len(model_families()[ref].members())} models): list it "
+                        "in a run's `models:`, or name one member (engine models lists them)")
     elif _looks_like_path(ref):
         spec = ModelSpec(name=Path(ref).name, pretrained=str(Path(ref).expanduser().resolve()))
     elif HUB_ID.match(ref):
@@ -63,20 +82,25 @@ def resolve_model(ref: str | ModelSpec, base_model: str | None = None) -> ModelS
     else:
         raise UserError(
             f"unknown model {ref!r}; use a built-in ({', '.join(sorted(BUILTIN_MODELS))}), a configs/models "
-            f"stem ({', '.join(sorted(find_config_files('models'))) or 'none'}), a local folder or a hub id org/name"
+            f"entry ({', '.join(sorted(find_config_files('models'))) or 'none'}), a family member, a local folder "
+            "or a hub id org/name"
         )
-    check_model_source(spec)
+    if check_source:
+        check_model_source(spec)
     return spec
 
 
-def unet_override_spec(unet_path: str, base_model: str, method: str = "unknown") -> ModelSpec:
-    """`--unet PATH`: the erased UNet on the base model's other components."""
+def unet_override_spec(unet_path: str, base_model: str, method: str | None = None,
+                       erased: list[str] = ()) -> ModelSpec:
+    """`--unet PATH`: the erased UNet on the base model's other components. Without a method it is
+    labelled `unknown` explicitly (so its rows hash as they always did)."""
     path = Path(unet_path).expanduser()
     if not path.exists():
         raise UserError(f"UNet path not found: {unet_path}")
     base = resolve_model(base_model)
     spec = ModelSpec(name=path.stem if path.is_file() else path.name, pretrained=base.pretrained,
-                     unet=str(path.resolve()), method=method, revision=base.revision)
+                     unet=str(path.resolve()), method=method or UNKNOWN_METHOD, erased=list(erased),
+                     revision=base.revision)
     check_model_source(spec)
     return spec
 

@@ -74,7 +74,8 @@ class ProbeParams(BaseModel):
 
 @dataclass(frozen=True)
 class WorkRow:
-    """The identity of one output row; `row_id` hashes every other field."""
+    """The identity of one output row; `row_id` hashes the fields from `model` to `seed` (and the
+    model's and base model's specs)."""
 
     row_id: str
     model: str
@@ -86,6 +87,9 @@ class WorkRow:
     prompt: str
     prompt_index: int
     seed: int
+    # Not part of the identity: why the row exists (engine.pipeline.pairing) and what its model erased.
+    role: str = "unpaired"  # recovery | preservation | base | unpaired
+    erased: tuple[str, ...] = ()
 
 
 @dataclass
@@ -181,6 +185,11 @@ class Probe(ABC):
         """(target_concept, prompt_index, prompt, seed) for each row this probe makes for `concept`.
         Default: the concept's own prompts, sampled as the original does."""
         return [(concept.name, i, prompt, seed) for i, prompt, seed in concept.sample_prompts(num_images)]
+
+    def reference_prompts(self, concept, num_images: int, params: ProbeParams):
+        """The rows on which the base model gives this probe's reference number for `concept` (the
+        same prompts and seeds the erased models' rows use). Default: the probe's own rows."""
+        return self.work_prompts(concept, {concept.name: concept}, num_images, params)
 
 
 # --------------------------------------------------------------------------- registry

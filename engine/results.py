@@ -44,6 +44,14 @@ IDENTITY_FIELDS = [
     pa.field("prompt_index", pa.int32(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
 ]
+# Why a row exists; not hashed into row_id. Null in runs written before they existed.
+PAIRING_FIELDS = [
+    # recovery (a probe on a concept the model erased), preservation (interference on another
+    # concept of its set), base (the base model's reference rows), unpaired (a model that declares
+    # nothing): engine.pipeline.pairing.
+    pa.field("role", pa.string()),
+    pa.field("erased", pa.list_(pa.string())),  # the concepts the row's model erased ([] = none declared)
+]
 GENERATION_FIELDS = [
     pa.field("image", pa.binary(), nullable=False),  # PNG bytes
     pa.field("image_width", pa.int32(), nullable=False),
@@ -66,7 +74,7 @@ SCORE_FIELDS = [  # null until scored; the metrics and their judge-model columns
     pa.field("candidate_count", pa.int32()),
     *[pa.field(column, pa.float64()) for column in CANDIDATE_COLUMNS],
 ]
-ROW_SCHEMA = pa.schema(IDENTITY_FIELDS + GENERATION_FIELDS + SCORE_FIELDS)
+ROW_SCHEMA = pa.schema(IDENTITY_FIELDS + PAIRING_FIELDS + GENERATION_FIELDS + SCORE_FIELDS)
 # Between the probe and score stages only: PNG bytes of every best-of-N candidate of a row. The
 # score stage judges them and drops the column; it is never written.
 CANDIDATE_IMAGES = "candidate_images"

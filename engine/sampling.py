@@ -50,7 +50,7 @@ class DDIMSchedule:
 
     @classmethod
     def from_pipeline(cls, pipe, num_inference_steps: int) -> DDIMSchedule:
-        from diffusers import DDIMScheduler
+        from diffusers import DDIMScheduler  # here, not at import: planning a grid never loads diffusers
 
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         if scheduler.config.prediction_type != "epsilon":

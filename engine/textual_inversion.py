@@ -45,7 +45,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
@@ -222,6 +221,8 @@ def train_textual_inversion(
     resolution = settings.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     means, stds = image_posteriors(pipe, images, resolution, flips=settings.flip_p > 0)
     scaling = pipe.vae.config.scaling_factor
+    from diffusers import DDPMScheduler  # here, not at import: planning a grid never loads diffusers
+
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     templates = training_templates(settings.learnable_property)

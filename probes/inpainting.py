@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 from pydantic import Field
 
@@ -123,6 +122,8 @@ class InpaintingProbe(Probe):
         # 3. An inpainting pipeline over the erased pipeline's components. The scheduler is a fresh
         #    copy (the pipeline rewrites outdated scheduler configs in place); the UNet config it may
         #    rewrite for old checkpoints is restored below, so shared components stay untouched.
+        from diffusers import StableDiffusionInpaintPipeline  # here: listing or planning probes stays light
+
         unet_config = pipe.unet._internal_dict
         try:
             inpaint = StableDiffusionInpaintPipeline(

@@ -15,8 +15,12 @@ def test_toy_demo_grid_plans_on_the_shipped_models(tmp_path):
     plan = plan_run(run_spec_from_dict(demo_spec(str(tmp_path), 2), "demo"))
     assert [m.name for m in plan.models] == ["toy-base", "toy-esdx-circle"]
     assert {p.name for p in plan.probes} == {"standard_prompt", "noise_based", "diffusion_completion", "inpainting"}
-    # 2 models x 2 concepts x 2 prompts x (1 + 6 noise candidates + 3 hand-overs + 1 inpainting)
-    assert len(plan.rows) == 2 * 2 * 2 * 11
+    # The erased model runs its own concept: 2 prompts x (1 + 6 noise candidates + 3 hand-overs + 1 inpainting);
+    # the base model both concepts as the reference, under the probes with a base number (not completion).
+    erased = [r for r in plan.rows if r.model == "toy-esdx-circle"]
+    assert {r.concept for r in erased} == {"toy_circle"} and len(erased) == 2 * 11
+    base = [r for r in plan.rows if r.model == "toy-base"]
+    assert {r.role for r in base} == {"base"} and len(base) == 2 * 2 * (1 + 6 + 1)
 
 
 def test_random_demo_runs_and_reports(tmp_path, ray_session):

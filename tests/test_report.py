@@ -341,10 +341,8 @@ def _paired_records() -> list[dict]:
 
 
 def _write_paired_run(folder):
-    import pyarrow as pa
-
     records = _paired_records()
-    table = rows_table(records).append_column("role", pa.array([r["role"] for r in records], pa.string()))
+    table = rows_table(records)  # `role` is a schema column (engine.results.PAIRING_FIELDS)
     (folder / "rows").mkdir(parents=True, exist_ok=True)
     pq.write_table(table, folder / "rows" / "part-0.parquet")
     return folder

@@ -213,3 +213,16 @@ def test_toy_judge_is_registered_and_scores_toy_concepts():
     check_judges([request], {c.name: c for c in concepts})
     with pytest.raises(UserError, match="judge_classes.toy"):
         check_judges([request], {"church": load_concept("church")})
+
+
+def test_toy_judge_scores_a_batch_of_mixed_sizes_as_each_size_alone():
+    # A score batch can hold whole images next to inpainting's cropped mask regions.
+    from engine.toyworld.judge import load_toy_judge
+
+    judge = load_toy_judge()
+    images, _ = render_dataset(1, seed=3)
+    whole = [np.asarray(image) for image in images[:3]]
+    crops = [np.ascontiguousarray(np.asarray(image)[8:24, 8:24]) for image in images[3:5]]
+    mixed = judge.classify(whole + crops)
+    alone = np.concatenate([judge.classify(np.stack(whole)), judge.classify(np.stack(crops))])
+    np.testing.assert_array_equal(mixed, alone)

@@ -344,11 +344,27 @@ def test_interference_rows_cover_every_other_concept():
             assert [(r.prompt_index, r.prompt, r.seed) for r in mine if r.target_concept == other] == expected
 
 
-def test_interference_needs_another_concept(tmp_path):
+def test_interference_of_a_one_concept_run_draws_the_concepts_set(tmp_path):
+    # A one-concept run used to be refused; the original drew every other concept of its set.
     spec = RunSpec(
         output=str(tmp_path), models=["tiny-erased"], concepts=["church"], probes=["interference"], num_images=1
     )
-    with pytest.raises(UserError, match="add at least one more concept"):
+    targets = {r.target_concept for r in plan_run(spec).rows}
+    assert len(targets) == 12 and "church" not in targets and not any(t.startswith("toy_") for t in targets)
+
+
+def test_interference_needs_another_concept_of_its_set(tmp_path, monkeypatch):
+    folder = tmp_path / "concepts"
+    folder.mkdir()
+    (folder / "lonely.yaml").write_text(
+        "kind: object\ndisplay_name: lonely\nprompt: a picture of a lonely\nclip_text: a photo of a lonely\n"
+        "concept_set: mine\nseeds: [1, 2]\n"
+    )
+    monkeypatch.setenv("ENGINE_CONFIG_DIR", str(tmp_path))
+    spec = RunSpec(
+        output=str(tmp_path / "out"), models=["tiny-erased"], concepts=["lonely"], probes=["interference"], num_images=1
+    )
+    with pytest.raises(UserError, match="concept set 'mine' of lonely has no other concept"):
         plan_run(spec)
 
 

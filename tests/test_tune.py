@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 import engine.tune.execute
 from engine.cli import app
+from engine.concepts import load_concept
 from engine.results import read_rows
+from engine.tune.plan import held_out_prompts
 from engine.tune.progress import TrialBoard
 
 runner = CliRunner()
@@ -148,6 +150,37 @@ def test_asha_stops_trials_on_images_scored(tmp_path, ray_session):
     assert best["probes"][0]["params"]["guidance_scale"] == top.param_guidance_scale
 
 
+def test_an_erased_model_is_tuned_on_what_it_erased_with_a_held_out_rate(tmp_path, ray_session):
+    """No --concept: the toy model is searched on the shape it erased (recovery), and the best
+    setting is re-run on as many other prompts, whose seeds no trial used."""
+    output = tmp_path / "toy"
+    result = _tune("--probe", "standard_prompt", "--model", "toy-esdx-circle", "--num-samples", "2",
+                   "--algorithm", "random", "--output", str(output), *FAST, "--set", "judges=[toy]",
+                   "--set", "max_concurrent_trials=1")
+    trials = _trials(output)
+    assert set(trials.concept) == {"toy_circle"} and set(trials.role) == {"recovery"}
+    assert set(trials.method) == {"esd-x"}
+    best = trials[trials.is_best.astype(bool)]
+    assert len(best) == 1 and trials[~trials.is_best.astype(bool)].heldout_n.isna().all()
+    row = best.iloc[0]
+    assert row.objective == trials.objective.max()
+    assert row.heldout_n == row.n == 2 and row.heldout_ci_low <= row.heldout_objective <= row.heldout_ci_high
+    searched = {seed for _, _, seed in load_concept("toy_circle").sample_prompts(2)}
+    held_out = set(json.loads(row.heldout_seeds))
+    assert len(held_out) == 2 and not held_out & searched
+    assert "held-out re-run of that setting: judge_top1" in result.output
+    assert "# held-out re-run" in (output / "best_toy-esdx-circle_toy_circle.yaml").read_text()
+
+
+def test_held_out_prompts_skip_seeds_the_search_used():
+    church = load_concept("church")  # the original's 500 seeds repeat some values
+    searched = church.sample_prompts(100)
+    held_out = held_out_prompts(church, 100)
+    assert len(held_out) == 100 and not {s for _, _, s in held_out} & {s for _, _, s in searched}
+    order = [i for i, _, _ in church.sample_prompts(500)]
+    assert [i for i, _, _ in held_out] == sorted((i for i, _, _ in held_out), key=order.index)  # sampling order
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -192,6 +225,11 @@ def test_bad_search_space_exits_2_with_one_line(tmp_path, no_search, space, expe
         (["--probe", "interference"], "no search space for probe 'interference' in configs/tune/"),
         (["--probe", "noise_based", "--set", "scheduler={name: asha, grace_period: 5}"],
          "grace_period 5 must be below the images per trial (1)"),
+        # An erased model's objective is recovery of what it erased.
+        (["--probe", "standard_prompt", "--model", "toy-esdx-circle", "--concept", "toy_square"],
+         "'toy-esdx-circle' erased toy_circle, none of the concepts to tune (toy_square)"),
+        (["--probe", "standard_prompt", "--model", "toy-esdx-circle", "--concept", "toy_circle", "--num-images", "60",
+          "--set", "judges=[toy]"], "concept 'toy_circle' has 40 prompts beyond the search's 60"),
     ],
 )
 def test_bad_tune_request_exits_2(tmp_path, no_search, args, expected):

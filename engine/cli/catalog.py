@@ -53,18 +53,30 @@ def concepts():
 @app.command()
 @user_errors
 def models():
-    """Built-in models and configs/models entries, with where each came from."""
+    """Built-in models, configs/models entries and model families' members: the method each is
+    labelled with, the concepts it erased, its weights and where its entry came from."""
     from engine.builtin_models import BUILTIN_MODELS
-    from engine.concepts import find_config_entries, read_yaml
-    from engine.models import available_models
+    from engine.concepts import find_config_entries
+    from engine.model_families import model_families, model_files
+    from engine.models import resolve_model
+
+    def line(name: str, method: str, erased: list[str], weights: str, source: str) -> str:
+        return f"{name:30s} {method:10s} {', '.join(erased) or '-':26s} {weights:56s} {source}"
 
     entries = find_config_entries("models")
-    for name in available_models():
-        if name in BUILTIN_MODELS:
-            source, note = "built-in", BUILTIN_MODELS[name].description
-        else:
-            source, note = entries[name].source, str(read_yaml(entries[name].path).get("pretrained", ""))
-        typer.echo(f"{name:28s} {note:68s} {source}")
+    typer.echo(line("model", "method", ["erased"], "what", "source"))
+    for name, builtin in sorted(BUILTIN_MODELS.items()):
+        typer.echo(line(name, builtin.method, list(builtin.erased), builtin.description, "built-in"))
+    for name in sorted(model_files()[0]):
+        spec = resolve_model(name, check_source=False)
+        typer.echo(line(name, spec.method_label, spec.erased, spec.unet or spec.pretrained, entries[name].source))
+    for family in model_families().values():
+        members = family.members()
+        typer.echo(f"family {family.name} ({len(family.methods)} methods x {len(family.concepts)} concepts, "
+                   f"{len(members)} models; `models: [{family.name}]` lists them all): {family.description}")
+        for name, spec in members.items():
+            typer.echo(line(name, spec.method_label, spec.erased, spec.unet or spec.pretrained,
+                            entries[family.name].source))
 
 
 @app.command()

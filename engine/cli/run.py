@@ -28,7 +28,12 @@ def run(
     ),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="The original, un-erased model."),
     unet: Optional[Path] = typer.Option(None, "--unet", help="Erased UNet on the base model's other parts."),
-    method: str = typer.Option("unknown", "--method", help="Erasure method label for --unet models."),
+    method: Optional[str] = typer.Option(
+        None, "--method", help="Erasure method label of the --model/--unet models (default: theirs, else unknown)."
+    ),
+    erased: list[str] = typer.Option(
+        [], "--erased", help="Concept the --model/--unet models erased (repeatable); default --concept: these."
+    ),
     probe_param: list[str] = typer.Option([], "--probe-param", help="PROBE.KEY=VALUE probe parameter."),
     set_: list[str] = typer.Option([], "--set", help="key.sub=value override of the run config."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per work unit."),
@@ -44,8 +49,8 @@ def run(
 ):
     """Generate (and score) every row of a grid into OUTPUT/rows/*.parquet."""
     from engine.concepts import Sources, read_yaml_with_sources
-    from engine.config import apply_overrides, run_spec_from_dict
-    from engine.models import resolve_model, unet_override_spec
+    from engine.config import ModelSpec, apply_overrides, run_spec_from_dict
+    from engine.models import expand_model_refs, unet_override_spec
     from engine.pipeline.grid import plan_run
 
     setup_logging(verbose)
@@ -53,9 +58,16 @@ def run(
     data, sources = read_yaml_with_sources(config) if config else ({}, Sources("run flags"))
     if config and (model or concept or probe):
         raise UserError("give either a run file or --model/--concept/--probe flags, not both")
+    labels = _labels(method, erased)
+    if labels and not (model or unet):
+        raise UserError("--method and --erased label the --model or --unet models; give one (a run file's models "
+                        "say theirs in configs/models)")
     if concept:
         data["concepts"] = list(concept)
         sources.record("concepts", "--concept")
+    elif erased and not config:
+        data["concepts"] = list(erased)
+        sources.record("concepts", "--erased")
     if probe:
         data["probes"] = list(probe)
         sources.record("probes", "--probe")
@@ -65,14 +77,13 @@ def run(
             data[field] = str(value) if isinstance(value, Path) else value
             sources.record(field, "--" + field.replace("_", "-"))
     if model:
-        data["models"] = list(model)
+        data["models"] = [_labelled(m, labels) for m in model] if labels else list(model)
         sources.record("models", "--model")
     if allow_pickle and isinstance(data.get("models"), list):
-        data["models"] = [
-            resolve_model(m).model_copy(update={"allow_pickle": True}).model_dump() if isinstance(m, str)
-            else {**m, "allow_pickle": True} if isinstance(m, dict) else m
-            for m in data["models"]
-        ]
+        # Mappings stay mappings, so the run spec's validation still names the file line of a bad key.
+        data["models"] = [{**m, "allow_pickle": True} if isinstance(m, dict)
+                          else _labelled(m, {"allow_pickle": True}) if isinstance(m, (str, ModelSpec)) else m
+                          for m in expand_model_refs(data["models"])]
     overrides = parse_owner_key_values(probe_param, "--probe-param", "PROBE")
     if overrides:
         data["probes"] = _merge_probe_params(data.get("probes", []), overrides, probe_param, sources)
@@ -90,10 +101,47 @@ def run(
     check_run_names(spec, sources)
     extra = []
     if unet is not None:
-        extra.append(unet_override_spec(str(unet), spec.base_model, method).model_copy(
+        extra.append(unet_override_spec(str(unet), spec.base_model, method, erased).model_copy(
             update={"allow_pickle": allow_pickle}))
     plan = plan_run(spec, extra_models=extra)
+    print_row_counts(plan)
     execute_and_print(plan, cluster, ship_code)
+
+
+def _labels(method: Optional[str], erased: list[str]) -> dict[str, Any]:
+    labels: dict[str, Any] = {}
+    if method is not None:
+        labels["method"] = method
+    if erased:
+        labels["erased"] = list(erased)
+    return labels
+
+
+def _labelled(ref, labels: dict[str, Any]) -> dict[str, Any]:
+    """A model reference (name, spec or spec mapping) with `labels` applied (they replace its own)."""
+    from engine.concepts import validate
+    from engine.config import ModelSpec
+    from engine.model_families import model_families
+    from engine.models import resolve_model
+
+    if isinstance(ref, str) and ref in model_families():
+        raise UserError(f"--method/--erased cannot label {ref!r}: it is a family, whose members label themselves")
+    spec = resolve_model(validate(ModelSpec, ref, "model entry") if isinstance(ref, dict) else ref,
+                         check_source=False)
+    return validate(ModelSpec, {**spec.model_dump(mode="json"), **labels}, "model flags").model_dump(mode="json")
+
+
+def print_row_counts(plan) -> None:
+    """Before any work (once the scoring checks passed): how many rows each model x probe gets."""
+    from engine.pipeline.plan_cost import row_count_lines, summary_header
+    from engine.scoring.preflight import check_run_scoring
+
+    check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
+    typer.echo(summary_header(plan))
+    for line in row_count_lines(plan):
+        typer.echo(line)
+    if plan.skipped_models:
+        typer.echo(f"  no rows (erased no listed concept): {', '.join(plan.skipped_models)}")
 
 
 def _probe_entries(probes: Any) -> list[tuple[int, dict[str, Any]]]:

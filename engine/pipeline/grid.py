@@ -1,21 +1,23 @@
 """Expand a run spec into work rows, hash their identity, drop finished rows, cut work units.
 
 One row = (model, concept, target_concept, probe, params, prompt, seed) plus a content-hash
-`row_id`, so a rerun skips finished rows and nothing is written twice.
+`row_id`, so a rerun skips finished rows and nothing is written twice. Which concepts a model
+runs each probe on (and the rows' `role`) is engine.pipeline.pairing's rule.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby, product
 from typing import Any
 
-from engine.concepts import ConceptSpec, load_concept
-from engine.config import ModelSpec, RunSpec, probe_requests
+from engine.concepts import ConceptSpec, available_concepts, load_concept
+from engine.config import ModelSpec, RunSpec, no_duplicate_names, probe_requests
 from engine.errors import UserError
-from engine.models import resolve_model
+from engine.models import check_model_source, expand_model_refs, resolve_model
+from engine.pipeline.pairing import DEFAULT_BASE_PROBES, label_base, model_cells
 from engine.probe import ProbeParams, WorkRow, get_probe_class, parse_params
 
 
@@ -30,11 +32,13 @@ class RunPlan:
     """A validated run: everything resolved, nothing loaded."""
 
     spec: RunSpec
-    models: list[ModelSpec]
-    base: ModelSpec | None
-    concepts: dict[str, ConceptSpec]
+    models: list[ModelSpec]  # the models with rows (a model whose erased concepts are all unlisted has none)
+    base: ModelSpec | None  # the base model, when a probe needs it
+    concepts: dict[str, ConceptSpec]  # every concept a row names: the listed ones, then interference targets
     probes: list[ProbeChoice]
     rows: list[WorkRow]
+    skipped_models: list[str] = field(default_factory=list)  # erased nothing the run lists: no rows
+    warnings: list[str] = field(default_factory=list)  # failed prerequisite checks (non-strict plans only)
 
     def resolved_config(self) -> dict[str, Any]:
         return {
@@ -46,34 +50,97 @@ class RunPlan:
         }
 
 
-def plan_run(spec: RunSpec, extra_models: list[ModelSpec] = ()) -> RunPlan:
-    """Validate every name in the spec and expand the grid. Raises UserError on bad input."""
-    models = [resolve_model(ref) for ref in spec.models] + list(extra_models)
+def plan_run(spec: RunSpec, extra_models: list[ModelSpec] = (), strict: bool = True) -> RunPlan:
+    """Validate every name in the spec and expand the grid. Raises UserError on bad input.
+
+    `strict=False` (engine plan) never looks for weights and records failed prerequisite checks
+    (a missing classifier folder...) in `warnings` instead of raising."""
+    listed = {name: load_concept(name) for name in spec.concepts}
+    probes = [ProbeChoice(r.name, parse_params(r.name, r.params)) for r in probe_requests(spec)]
+    base_probes = _base_probes(spec, probes)
+    base_ref = resolve_model(spec.base_model, check_source=False)
+    models = [label_base(resolve_model(ref, check_source=False), base_ref) for ref in expand_model_refs(spec.models)]
+    models += list(extra_models)
     if not models:
         raise UserError("no model to probe: give --model, --unet or `models:` in the run file")
-    concepts = {name: load_concept(name) for name in spec.concepts}
-    probes = [ProbeChoice(r.name, parse_params(r.name, r.params)) for r in probe_requests(spec)]
+    try:
+        no_duplicate_names(models)
+    except ValueError as error:
+        raise UserError(f"models: {error} (a family lists its members already)") from None
+    known = available_concepts()
+    for model in models:
+        for name in model.erased:
+            if name not in known:
+                raise UserError(f"model {model.name!r} erased {name!r}, which is not a configured concept "
+                                f"(valid: {', '.join(sorted(known))})")
+    with_rows = [m for m in models if not m.erased or set(m.erased) & set(listed)]
+    if not with_rows:
+        raise UserError(f"no listed concept ({', '.join(listed)}) is one the models erased; add one of "
+                        f"{', '.join(sorted({c for m in models for c in m.erased}))} to `concepts:`")
     needs_base = any("base_model" in get_probe_class(p.name).requires for p in probes)
-    base = resolve_model(spec.base_model) if needs_base else None
+    base = base_ref if needs_base else None
+    if strict:
+        for model in with_rows + ([base] if base else []):
+            check_model_source(model)
+    rows = expand_rows(with_rows, base, listed, probes, spec.num_images, base_probes, all_models=models)
+    warnings = _check_requests(probes, rows, listed, base, strict)
+    concepts = {**listed}
+    for name in sorted({n for r in rows for n in (r.concept, r.target_concept)} - set(listed)):
+        concepts[name] = load_concept(name)
+    skipped = [m.name for m in models if m not in with_rows]
+    return RunPlan(spec, with_rows, base, concepts, probes, rows, skipped, warnings)
+
+
+def _base_probes(spec: RunSpec, probes: list[ProbeChoice]) -> frozenset[str]:
+    names = [p.name for p in probes]
+    if spec.base_probes is None:
+        return frozenset(n for n in names if n in DEFAULT_BASE_PROBES)
+    unknown = [n for n in spec.base_probes if n not in names]
+    if unknown:
+        raise UserError(f"base_probes names {', '.join(unknown)}, not among the run's probes ({', '.join(names)})")
+    return frozenset(spec.base_probes)
+
+
+def _check_requests(probes, rows, listed, base, strict: bool) -> list[str]:
+    """Each probe's own prerequisite checks, on the concepts its rows use."""
+    warnings = []
     for choice in probes:
-        get_probe_class(choice.name)().check_request(choice.params, list(concepts), {"base": base})
-    rows = expand_rows(models, base, concepts, probes, spec.num_images)
-    return RunPlan(spec, models, base, concepts, probes, rows)
+        used = {r.concept for r in rows if r.probe == choice.name}
+        if not used:
+            continue
+        names = [n for n in listed if n in used] + sorted(used - set(listed))
+        try:
+            get_probe_class(choice.name)().check_request(choice.params, names, {"base": base})
+        except UserError as error:
+            if strict:
+                raise
+            warnings.append(f"{choice.name}: {error}")
+    return warnings
 
 
-def expand_rows(models, base, concepts, probes, num_images) -> list[WorkRow]:
+def expand_rows(models, base, concepts, probes, num_images, base_probes=None, all_models=None) -> list[WorkRow]:
+    """The rows of `models` x `probes` over the listed `concepts`, each model paired with what it
+    erased (engine.pipeline.pairing). `all_models`: every model of the run, when some of them
+    have no rows (they still decide whether the run is paired)."""
+    all_models = list(models) if all_models is None else all_models
     rows = []
     for model in models:
+        model_identity = model.identity()
         for probe in probes:
             probe_class = get_probe_class(probe.name)
-            base_identity = base.model_dump(mode="json") if "base_model" in probe_class.requires else None
-            for params, concept in product(probe_class().expand_params(probe.params), concepts.values()):
+            base_identity = base.identity() if "base_model" in probe_class.requires else None
+            cells = model_cells(model, probe.name, concepts, all_models, base_probes)
+            for params, cell in product(probe_class().expand_params(probe.params), cells):
                 params_json = params.canonical_json()
-                for target, index, prompt, seed in probe_class().work_prompts(concept, concepts, num_images, params):
+                if cell.reference:
+                    prompts = probe_class().reference_prompts(cell.concept, num_images, params)
+                else:
+                    prompts = probe_class().work_prompts(cell.concept, cell.universe, num_images, params)
+                for target, index, prompt, seed in prompts:
                     identity = {
-                        "model": model.model_dump(mode="json"),
+                        "model": model_identity,
                         "base": base_identity,
-                        "concept": concept.name,
+                        "concept": cell.concept.name,
                         "target_concept": target,
                         "probe": probe.name,
                         "params": params_json,
@@ -85,14 +152,16 @@ def expand_rows(models, base, concepts, probes, num_images) -> list[WorkRow]:
                         WorkRow(
                             row_id=row_id(identity),
                             model=model.name,
-                            method=model.method,
-                            concept=concept.name,
+                            method=model.method_label,
+                            concept=cell.concept.name,
                             target_concept=target,
                             probe=probe.name,
                             params=params_json,
                             prompt=prompt,
                             prompt_index=index,
                             seed=seed,
+                            role=cell.role,
+                            erased=tuple(model.erased),
                         )
                     )
     return rows

@@ -116,15 +116,21 @@ class ToyJudge:
         self.net = net.eval()
 
     def classify(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
-        images = np.stack(images) if isinstance(images, list) else np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"toy judge expects uint8 N x H x W x 3 images, got {images.dtype} {images.shape}")
-        if images.shape[1:3] != (32, 32):
-            # Probes may ask for other sizes; the judge was trained at 32x32.
-            tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-            tensor = F.interpolate(tensor, size=(32, 32), mode="area")
-            images = tensor.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-        return predict_probs(self.net, images)
+        if isinstance(images, list):
+            # One batch may mix sizes (whole images and inpainting's cropped mask regions).
+            images = np.stack([_judge_size(np.asarray(image)[None])[0] for image in images])
+        return predict_probs(self.net, _judge_size(np.asarray(images)))
+
+
+def _judge_size(images: np.ndarray) -> np.ndarray:
+    """uint8 N x H x W x 3 at 32 x 32: probes may ask for other sizes; the judge was trained at 32."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"toy judge expects uint8 N x H x W x 3 images, got {images.dtype} {images.shape}")
+    if images.shape[1:3] == (32, 32):
+        return images
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    tensor = F.interpolate(tensor, size=(32, 32), mode="area")
+    return tensor.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
 def load_toy_judge(device: str | torch.device = "cpu", path: Path = WEIGHTS_FILE) -> ToyJudge:

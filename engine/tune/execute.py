@@ -42,7 +42,7 @@ from engine.tune.plan import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TunePlan,
 from engine.tune.progress import TrialBoard, trials_per_search
 from engine.tune.search import SearchSettings, search_pair
 from engine.tune.space import TuneSpec
-from engine.tune.trial import TrialSetup
+from engine.tune.trial import TrialSetup, held_out_trial
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _execute_locked(plan: TunePlan, cluster: str | None, ship_code: bool | None)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         remote = ray.remote(num_cpus=0, max_retries=0)(search_pair).options(scheduling_strategy=here)
         board = ray.remote(num_cpus=0)(TrialBoard).options(scheduling_strategy=here).remote()
-        futures = {}
+        futures, setups = {}, {}
         total = 0
         for job in plan.jobs:
             config = ProbeStageConfig.from_plan(job.plan, device, spec.attention, threads, cache_dir)
@@ -104,11 +104,16 @@ def _execute_locked(plan: TunePlan, cluster: str | None, ship_code: bool | None)
             logger.info("searching %s x %s: %s", job.model.name, job.concept.name, settings)
             search = f"{job.model.name} x {job.concept.name}"
             futures[remote.remote(setup, settings, board=board, search=search)] = job
+            setups[id(job)] = setup
             total += trials_per_search(spec.algorithm, spec.num_samples, plan.space, spec.grid_points)
         progress = Progress(total, "trials", "tune", "trials/s", live=sys.stderr.isatty())
         with watched(progress, lambda: ray.get(board.status.remote(), timeout=30)):
-            outcomes = _collect(ray, futures, plan, records, threads)
+            searched = _collect(ray, futures, plan, records)
         ray.kill(board)
+        if spec.held_out:
+            _run_held_out(ray, plan, searched, setups, resources)
+            write_trials(plan.output, records)
+        outcomes = [_finish_pair(plan, job, trials, threads) for job, trials in searched]
     failed = [o for o in outcomes if o.best is None]
     if failed:
         first = next((r["error"] for r in records if r["error"]), "no trial scored every image")
@@ -118,10 +123,10 @@ def _execute_locked(plan: TunePlan, cluster: str | None, ship_code: bool | None)
     return TuneSummary(plan.output, plan.output.display(TRIALS_FILE), outcomes, time.perf_counter() - started)
 
 
-def _collect(ray, futures: dict, plan: TunePlan, records: list[dict[str, Any]], threads: int | None):
-    """Each search's trials as it finishes: into trials.parquet (rewritten each time) and an outcome."""
+def _collect(ray, futures: dict, plan: TunePlan, records: list[dict[str, Any]]) -> list[tuple[PairJob, list]]:
+    """Each search's trials as it finishes, into trials.parquet (rewritten each time)."""
     spec = plan.spec
-    outcomes = []
+    searched = []
     while futures:
         done, _ = ray.wait(list(futures), num_returns=1)
         job = futures.pop(done[0])
@@ -129,13 +134,14 @@ def _collect(ray, futures: dict, plan: TunePlan, records: list[dict[str, Any]], 
             trials = ray.get(done[0])
         except Exception as error:  # a failed search (not a failed trial: those are recorded)
             raise RuntimeError(f"search {job.model.name} x {job.concept.name} failed: {error}") from None
+        role = "recovery" if job.concept.name in job.model.erased else "unpaired"
         for trial in trials:
-            trial.update(model=job.model.name, method=job.model.method, concept=job.concept.name,
-                         probe=spec.probe, algorithm=spec.algorithm, objective_name=spec.objective)
+            trial.update(model=job.model.name, method=job.model.method_label, concept=job.concept.name,
+                         role=role, probe=spec.probe, algorithm=spec.algorithm, objective_name=spec.objective)
         records.extend(trials)
         write_trials(plan.output, records)
-        outcomes.append(_finish_pair(plan, job, trials, threads))
-    return outcomes
+        searched.append((job, trials))
+    return searched
 
 
 def _trial_resources(ray, spec: TuneSpec) -> tuple[dict[str, float], str, int | None, int]:
@@ -170,13 +176,47 @@ def _settings(spec: TuneSpec, job: PairJob, resources, max_concurrent: int, thre
     )
 
 
-def _finish_pair(plan: TunePlan, job: PairJob, trials: list[dict[str, Any]], threads: int | None) -> PairOutcome:
+def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Highest metric; among equals the tighter lower bound, then the earlier trial."""
     complete = [t for t in trials if t["status"] == "complete" and t["objective"] is not None]
-    best = None
+    if not complete:
+        return None
+    return max(complete, key=lambda t: (t["objective"], t["ci_low"] or -math.inf, -t["trial_index"]))
+
+
+def _run_held_out(ray, plan: TunePlan, searched, setups, resources: dict[str, float]) -> None:
+    """Re-run each pair's best setting on its held-out prompts (together, as Ray tasks with a
+    trial's resources) and write the result into the best trial's record."""
+    remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)(held_out_trial)
+    futures = {}
+    for job, trials in searched:
+        best = best_trial(trials)
+        for trial in trials:
+            trial["is_best"] = trial is best
+        if best is not None:
+            config = {dim.key: best[f"param_{dim.key}"] for dim in plan.space.dimensions}
+            futures[remote.remote(config, setups[id(job)])] = (job, best)
+    for future, (job, best) in futures.items():
+        try:
+            result = ray.get(future)
+        except Exception as error:
+            raise RuntimeError(f"held-out re-run of {job.model.name} x {job.concept.name} failed: {error}") from None
+        best.update({
+            "heldout_objective": _finite(result.get("objective")), "heldout_ci_low": _finite(result.get("ci_low")),
+            "heldout_ci_high": _finite(result.get("ci_high")), "heldout_n": result.get("n"),
+            "heldout_hits": _finite(result.get("hits")), "heldout_seconds": result.get("seconds"),
+            "heldout_seeds": json.dumps(result["seeds"]),
+        })
+
+
+def _finite(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _finish_pair(plan: TunePlan, job: PairJob, trials: list[dict[str, Any]], threads: int | None) -> PairOutcome:
+    best = best_trial(trials)
     path = None
-    if complete:
-        # Highest metric; among equals the tighter lower bound, then the earlier trial.
-        best = max(complete, key=lambda t: (t["objective"], t["ci_low"] or -math.inf, -t["trial_index"]))
+    if best is not None:
         path = write_best_config(plan, job, best, threads)
     ran = [t for t in trials if t["process_trial_index"] is not None]
     first = [t["trial_seconds"] for t in ran if t["pipeline_loaded"]]
@@ -209,8 +249,15 @@ def write_best_config(plan: TunePlan, job: PairJob, best: dict[str, Any], thread
         f"probe {plan.spec.probe}\n# {plan.spec.objective} = {_fmt(best['objective'])} {interval} on "
         f"n = {best['n']} images (trial {best['trial_index']}); run it with `engine run {name}`\n"
     )
+    if best.get("heldout_n") is not None:
+        header += f"# held-out re-run (other prompts and seeds, unbiased by the search): {_held_out(best)}\n"
     plan.output.atomic_write((header + yaml.safe_dump(data, sort_keys=False)).encode(), name)
     return plan.output.display(name)
+
+
+def _held_out(best: dict[str, Any]) -> str:
+    interval = f"[{_fmt(best['heldout_ci_low'])}, {_fmt(best['heldout_ci_high'])}]"
+    return f"{best['objective_name']} {_fmt(best['heldout_objective'])} {interval} on n = {best['heldout_n']} images"
 
 
 def _fmt(value) -> str:
@@ -227,6 +274,13 @@ TRIAL_FIELDS = [
     ("setup_seconds", pa.float64()), ("generation_seconds", pa.float64()), ("scoring_seconds", pa.float64()),
     ("pipeline_loaded", pa.bool_()), ("process_trial_index", pa.int32()), ("worker_pid", pa.int64()),
     ("error", pa.string()),
+    # recovery: the concept is one the model erased; unpaired: the model declares nothing.
+    ("role", pa.string()),
+    # The best trial's setting re-run on held-out prompts/seeds (same size, disjoint): the search's
+    # best objective is the maximum of noisy estimates, biased upward; this one is not.
+    ("is_best", pa.bool_()), ("heldout_objective", pa.float64()), ("heldout_ci_low", pa.float64()),
+    ("heldout_ci_high", pa.float64()), ("heldout_n", pa.int32()), ("heldout_hits", pa.int32()),
+    ("heldout_seconds", pa.float64()), ("heldout_seeds", pa.string()),
 ]
 
 
@@ -261,6 +315,8 @@ def summary_lines(summary: TuneSummary) -> list[str]:
             f"{pair.model} x {pair.concept}: best {best['objective_name']} {_fmt(best['objective'])} {interval} "
             f"(n={best['n']}) at {best['searched']} -> {pair.best_config}"
         )
+        if best.get("heldout_n") is not None:
+            lines.append(f"  held-out re-run of that setting: {_held_out(best)} (the search's best is biased upward)")
         lines.append(
             f"  {pair.trials} trials on {pair.worker_processes} worker process(es), {pair.pipeline_loads} pipeline "
             f"load(s); first trial per process {_fmt(pair.first_trial_seconds)} s, later trials "

@@ -12,6 +12,7 @@ from typing import Any
 from engine.concepts import ConceptSpec, Sources
 from engine.config import ModelSpec, run_spec_from_dict
 from engine.errors import UserError
+from engine.models import expand_model_refs, resolve_model
 from engine.pipeline.grid import plan_run
 from engine.scoring.preflight import check_run_scoring
 from engine.scoring.registry import get_judge_class, judge_requests
@@ -21,8 +22,6 @@ from engine.tune.space import OBJECTIVES, SearchSpace, TuneSpec, parse_space
 TRIALS_FILE = "trials.parquet"
 METRIC = "objective"  # the key every trial reports its objective under (TuneConfig metric)
 TPE_MAX_CONCURRENT = 4  # TPE learns from finished trials; many pending ones make it a random search
-
-
 
 
 @dataclass
@@ -45,11 +44,12 @@ class TunePlan:
 
 
 def plan_tune(spec: TuneSpec, where: str | Sources = "tune config") -> TunePlan:
-    """Check everything a search needs before Ray or any model starts. Raises UserError."""
+    """Check everything a search needs before Ray or any model starts. Raises UserError.
+
+    A model that declares erased concepts is searched on those (recovery is the objective): on
+    all of them when the config lists no concept, else on the listed ones it erased."""
     if not spec.models:
         raise UserError(f"{where}: no model to tune: give --model or `models:`")
-    if not spec.concepts:
-        raise UserError(f"{where}: no concept to tune: give --concept or `concepts:`")
     space = parse_space(spec, where)
     output = output_location(spec.output)
     if output.exists(TRIALS_FILE):
@@ -58,13 +58,16 @@ def plan_tune(spec: TuneSpec, where: str | Sources = "tune config") -> TunePlan:
         )
     corner = {dim.key: dim.bounds()[0] for dim in space.dimensions}
     jobs = []
-    for model_ref in spec.models:
-        for concept in spec.concepts:
-            ref = model_ref if isinstance(model_ref, str) else model_ref.model_dump(mode="json")
+    for model_ref in expand_model_refs(list(spec.models)):
+        model = resolve_model(model_ref, check_source=False)
+        ref = model_ref if isinstance(model_ref, str) else model_ref.model_dump(mode="json")
+        for concept in tuned_concepts(spec, model, where):
             data = run_data(spec, ref, concept, space.raw_params(corner), output)
             plan = plan_run(run_spec_from_dict(data, str(where)))  # its keys are the run's, not the tune file's
             check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
             _check_objective(spec, plan, where)
+            if spec.held_out:
+                held_out_prompts(plan.concepts[concept], spec.num_images)  # enough fresh prompts?
             jobs.append(PairJob(ref, plan.models[0], plan.concepts[concept], plan, len(plan.rows)))
     if spec.scheduler is not None and spec.scheduler.grace_period >= min(j.rows_per_trial for j in jobs):
         raise UserError(
@@ -72,6 +75,34 @@ def plan_tune(spec: TuneSpec, where: str | Sources = "tune config") -> TunePlan:
             f"({min(j.rows_per_trial for j in jobs)}), or no trial can be stopped early"
         )
     return TunePlan(spec, space, jobs, output)
+
+
+def tuned_concepts(spec: TuneSpec, model: ModelSpec, where: str | Sources) -> list[str]:
+    """The concepts `model` is searched on: its erased ones (filtered by the listed), else the listed."""
+    if not model.erased:
+        if not spec.concepts:
+            raise UserError(f"{where}: no concept to tune for {model.name!r}, which declares no erased concept: "
+                            "give --concept or `concepts:`")
+        return list(spec.concepts)
+    concepts = [c for c in spec.concepts if c in model.erased] if spec.concepts else list(model.erased)
+    if not concepts:
+        raise UserError(f"{where}: {model.name!r} erased {', '.join(model.erased)}, none of the concepts to tune "
+                        f"({', '.join(spec.concepts)}); its objective is recovery of what it erased")
+    return concepts
+
+
+def held_out_prompts(concept: ConceptSpec, num_images: int) -> list[tuple[int, str, int]]:
+    """The held-out set of a search on `concept`: the next `num_images` prompts in the concept's
+    sampling order whose seeds the search's `num_images` prompts do not use (same size, disjoint)."""
+    order = concept.sample_prompts(len(concept.seed_list()))
+    searched = {seed for _, _, seed in order[:num_images]}
+    fresh = [(i, prompt, seed) for i, prompt, seed in order[num_images:] if seed not in searched][:num_images]
+    if len(fresh) < num_images:
+        raise UserError(
+            f"concept {concept.name!r} has {len(fresh)} prompts beyond the search's {num_images} (with unused seeds); "
+            f"a held-out re-run needs {num_images}: lower num_images or set held_out: false"
+        )
+    return fresh
 
 
 def run_data(spec: TuneSpec, model_ref, concept: str, params: dict[str, Any], output: OutputLocation) -> dict[str, Any]:

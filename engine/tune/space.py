@@ -90,7 +90,11 @@ class TuneSpec(Frozen):
         False, description="A local output every cluster node sees (NFS...): actors cache in OUTPUT/cache."
     )
     models: list[str | ModelSpec] = Field(default_factory=list, description="Models; one search per (model, concept).")
-    concepts: list[str] = Field(default_factory=list, description="Concept slugs; one search per (model, concept).")
+    concepts: list[str] = Field(
+        default_factory=list,
+        description="Concept slugs; one search per (model, concept). A model that erased concepts is searched on "
+        "those (the listed ones among them; all of them when none is listed).",
+    )
     probe: str = Field(description="The probe whose params are searched.")
     params: dict[str, Any] = Field(default_factory=dict, description="Probe params shared by every trial.")
     space: dict[str, Dimension] = Field(min_length=1, description="Searched params: key -> dimension.")
@@ -110,6 +114,11 @@ class TuneSpec(Frozen):
     )
     seed: int = Field(0, description="Seed of the search algorithm (prompts and seeds are the concept's).")
     num_images: int = Field(ge=1, description="Prompts per trial: the concept's first num_images sampled prompts.")
+    held_out: bool = Field(
+        True,
+        description="Re-run the best setting on a held-out set: the next num_images prompts, with seeds the search "
+        "did not use. A search's best rate is biased upward (it is a maximum); the held-out rate is not.",
+    )
     batch_size: int = Field(4, ge=1, description="Rows generated together; a trial reports after each batch.")
     scheduler: SchedulerSpec | None = Field(
         None, description="Early stopping (asha); null = every trial runs to the end."

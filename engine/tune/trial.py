@@ -112,18 +112,32 @@ class TrialEvaluator:
         concepts = {setup.concept.name: setup.concept}
         return expand_rows([setup.model], setup.base, concepts, [ProbeChoice(setup.probe, params)], setup.num_images)
 
-    def evaluate(self, params: ProbeParams) -> Iterator[dict[str, float]]:
+    def held_out_rows(self, params: ProbeParams) -> list[WorkRow]:
+        """The same probe and params on the held-out prompts (engine.tune.plan.held_out_prompts):
+        as many as a trial's, none of whose seeds a trial used."""
+        from engine.tune.plan import held_out_prompts
+
+        setup = self.setup
+        chosen = {index for index, _, _ in held_out_prompts(setup.concept, setup.num_images)}
+        order = [index for index, _, _ in setup.concept.sample_prompts(len(setup.concept.seed_list()))]
+        deepest = max(order.index(index) for index in chosen) + 1  # sample this many to reach them all
+        concepts = {setup.concept.name: setup.concept}
+        rows = expand_rows([setup.model], setup.base, concepts, [ProbeChoice(setup.probe, params)], deepest)
+        return [r for r in rows if r.prompt_index in chosen]
+
+    def evaluate(self, params: ProbeParams, rows: list[WorkRow] | None = None) -> Iterator[dict[str, float]]:
         """Metrics after each batch of rows (the same batches `engine run` cuts), generated and
-        scored by the functions the run's stages call (ProbeRunner.generate, Scorer.score_table)."""
+        scored by the functions the run's stages call (ProbeRunner.generate, Scorer.score_table);
+        `rows`: other rows than the trial's (the held-out re-run)."""
         from engine.results import rows_table
 
         self.trials_run += 1
         tally = ObjectiveTally(self.setup.objective)
         generation = scoring = 0.0
         scored = 0
-        for rows in work_units(self.rows(params), self.setup.batch_size):
+        for unit in work_units(self.rows(params) if rows is None else rows, self.setup.batch_size):
             started = time.perf_counter()
-            outcome = self.runner.generate(rows)
+            outcome = self.runner.generate(unit)
             if outcome.failures:
                 # A trial's metric over fewer rows would not compare with the others': it fails.
                 first = outcome.failures[0]
@@ -134,7 +148,7 @@ class TrialEvaluator:
             generation += middle - started
             scoring += time.perf_counter() - middle
             tally.add(table)
-            scored += len(rows)
+            scored += len(unit)
             yield {**tally.metrics(), "images_scored": scored, "generation_seconds": generation,
                    "scoring_seconds": scoring}
 
@@ -171,3 +185,17 @@ def tune_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             "process_trial_index": evaluator.trials_run,
             "worker_pid": os.getpid(),
         })
+
+
+def held_out_trial(config: dict[str, Any], setup: TrialSetup) -> dict[str, Any]:
+    """The best setting of a search re-run on the held-out prompts: its final metrics, and the
+    held-out rows' prompt indices and seeds (a Ray task, with a trial's resources)."""
+    started = time.perf_counter()
+    evaluator, _, _ = worker_evaluator(setup)
+    params = setup.space.params_for(config)
+    rows = evaluator.held_out_rows(params)
+    metrics: dict[str, Any] = {}
+    for metrics in evaluator.evaluate(params, rows):
+        pass
+    return {**metrics, "seconds": time.perf_counter() - started,
+            "prompt_indices": sorted({r.prompt_index for r in rows}), "seeds": sorted({r.seed for r in rows})}

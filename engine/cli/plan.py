@@ -1,0 +1,33 @@
+"""`engine plan CONFIG`: what a run would do and cost, without loading a model or using the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from engine.cli.app import app, setup_logging, user_errors
+
+
+@app.command()
+@user_errors
+def plan(
+    config: Path = typer.Argument(..., help="Run file (YAML grid), as `engine run` takes it."),
+    gpu: str = typer.Option("h100", "--gpu", help="GPU of the estimate: h100, a100 or a6000."),
+    set_: list[str] = typer.Option([], "--set", help="key.sub=value override of the run config."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Rows per model x probe, images (best-of-N candidates included), UNet evaluations, model loads,
+    hub ids (and whether each is cached) and estimated GPU-hours, for this engine and the original's
+    one-image-per-call way. Loads nothing; missing weights or classifiers are listed, not errors."""
+    from engine.config import load_run_file
+    from engine.errors import UserError
+    from engine.pipeline.grid import plan_run
+    from engine.pipeline.plan_cost import GPUS, estimate, plan_lines
+
+    setup_logging(verbose)
+    if gpu.lower() not in GPUS:
+        raise UserError(f"unknown --gpu {gpu!r}; valid choices: {', '.join(GPUS)}")
+    cost = estimate(plan_run(load_run_file(config, set_), strict=False))
+    for line in plan_lines(cost, gpu.lower()):
+        typer.echo(line)

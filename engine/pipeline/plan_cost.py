@@ -1,0 +1,414 @@
+"""What a run costs, from its plan alone (`engine plan`): rows, images, UNet evaluations, model
+loads, hub ids, and estimated GPU-hours. Nothing is loaded, nothing goes to the network.
+
+Counts follow what the probes do:
+- one denoised image per row, times the best-of-N candidates a row chooses among (`candidates()`
+  of its params); every image is decoded by the VAE;
+- UNet evaluations are per latent: a step with classifier-free guidance (guidance_scale > 1)
+  evaluates two (the conditional and unconditional halves of the batch);
+- the probes that call the model's own pipeline (standard prompt, interference, inpainting,
+  textual inversion's generation) step its own scheduler: PNDM (Stable Diffusion 1.x's) makes
+  n + 1 UNet calls for n steps; the probes with their own DDIM loop make n;
+- base-model reference images (inpainting context, textual-inversion training data) are made once
+  per (concept, prompt, seed, sampler settings) and shared by every erased model;
+- textual inversion trains once per (model, concept, settings): max_train_steps x
+  gradient_accumulation_steps x train_batch_size UNet passes, each forward and backward.
+
+GPU-hours use the cost model below, for Stable Diffusion 1.x weights only (built-in toy and tiny
+models are far smaller, so they are not costed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.builtin_models import BUILTIN_MODELS
+from engine.config import ModelSpec
+from engine.models import HUB_ID
+from engine.pipeline.grid import RunPlan
+from engine.probe import get_probe_class
+
+# ------------------------------------------------------------------------- the cost model
+# FLOP counts of the SD 1.x components at 512 x 512 (64 x 64 latents), counted for this project
+# with torch's FlopCounterMode on the diffusers / transformers modules (2 FLOP per multiply-add;
+# they agree within 5 % with NVIDIA's and onnx-tool's published counts).
+UNET_TFLOP = 0.8033  # one UNet forward pass on one latent
+VAE_DECODE_TFLOP = 2.5145  # one latent decoded to a 512 x 512 image
+TEXT_ENCODER_TFLOP = 0.0133  # CLIP ViT-L/14 text tower on 77 tokens
+NATIVE_PIXELS = 512 * 512
+# Backward to the learned input embedding only (the UNet's weights get no gradient): about one more
+# forward's worth of work, so a textual-inversion training pass costs about two forward passes.
+TRAINING_PASS_FORWARDS = 2.0
+
+# TFLOP/s a GPU actually delivers on that work, from published SD 1.5 fp16 512 px measurements
+# converted with the counts above (one UNet step with guidance = 2 x 0.8033 TFLOP).
+ENGINE_TFLOPS = {
+    # No published batched number: the A100's 25 % of peak (below) applied to the H100's 989 TFLOP/s.
+    "h100": 247.0,
+    # diffusers' torch 2.0 benchmark table, batch 16, SDPA, no torch.compile: 3.04 steps/s
+    # x 16 images x 1.607 TFLOP = 78 TFLOP/s, 25 % of the A100's 312 TFLOP/s peak.
+    "a100": 78.1,
+    # No published batched number: the A6000's batch-1 rate (below) times the A100's gain from
+    # batching (78.1 / 50.1 = 1.56).
+    "a6000": 65.9,
+}
+ORIGINAL_TFLOPS = {
+    # One image per pipeline call (the original's way), diffusers with SDPA, no compile.
+    # stable-fast's README, vanilla diffusers at batch 1 on an H100: 54.5 steps/s = 87.6 TFLOP/s.
+    "h100": 87.6,
+    # fal-ai's benchmark, 31.19 steps/s on an A100 = 50.1 TFLOP/s.
+    "a100": 50.1,
+    # The original's README: about 2 s per 50-step PNDM image on an A6000 (51 guided steps and a
+    # decode, 84.5 TFLOP) = 42.3 TFLOP/s.
+    "a6000": 42.3,
+}
+GPUS = tuple(ENGINE_TFLOPS)
+
+# Probes that run their own DDIM loop (n UNet calls for n steps); the others call the pipeline.
+DDIM_LOOP_PROBES = frozenset({"noise_based", "classifier_guidance", "noise_classifier_guidance",
+                              "diffusion_completion"})
+PNDM = "PNDMScheduler"
+REFERENCE_PROBES = frozenset({"inpainting", "textual_inversion"})  # need base-model images of the concept
+SD1_BUILTINS = frozenset({"sd14-random"})  # built-ins with the full SD 1.x architecture
+
+
+@dataclass
+class Work:
+    """Generation work of some rows. `tflop` is None when a model in it is not costed."""
+
+    rows: int = 0
+    images: int = 0  # denoised images, every best-of-N candidate included
+    unet_evals: int = 0  # UNet forward passes per latent (a guided step counts 2)
+    ti_trainings: int = 0  # textual-inversion embeddings trained
+    ti_passes: int = 0  # UNet forward + backward passes of that training
+    tflop: float | None = 0.0
+
+    def times(self, n: int) -> Work:
+        return Work(self.rows * n, self.images * n, self.unet_evals * n, self.ti_trainings * n, self.ti_passes * n,
+                    None if self.tflop is None else self.tflop * n)
+
+    def add(self, other: Work) -> None:
+        self.rows += other.rows
+        self.images += other.images
+        self.unet_evals += other.unet_evals
+        self.ti_trainings += other.ti_trainings
+        self.ti_passes += other.ti_passes
+        self.tflop = None if self.tflop is None or other.tflop is None else self.tflop + other.tflop
+
+
+@dataclass
+class HubModel:
+    repo_id: str
+    revision: str | None
+    cached: bool
+
+
+@dataclass
+class PlanCost:
+    plan: RunPlan
+    row_counts: dict[str, dict[str, int]]  # model -> probe -> rows
+    by_probe: dict[str, Work]
+    references: Work  # base-model reference images
+    total: Work
+    model_loads: int
+    hub_models: list[HubModel]
+    schedulers: dict[str, tuple[str, bool]]  # model name -> (scheduler class, known rather than assumed)
+    notes: list[str] = field(default_factory=list)
+
+    def gpu_hours(self, gpu: str, original: bool = False) -> float | None:
+        if self.total.tflop is None:
+            return None
+        return self.total.tflop / (ORIGINAL_TFLOPS if original else ENGINE_TFLOPS)[gpu] / 3600.0
+
+
+# ------------------------------------------------------------------------- counting
+
+
+def estimate(plan: RunPlan) -> PlanCost:
+    models = {m.name: m for m in plan.models}
+    base = plan.base
+    schedulers = {name: scheduler_of(m) for name, m in models.items()}
+    if base is not None:
+        schedulers.setdefault(base.name, scheduler_of(base))
+    row_counts: dict[str, dict[str, int]] = {name: {p.name: 0 for p in plan.probes} for name in models}
+    by_probe = {p.name: Work() for p in plan.probes}
+    groups: dict[tuple[str, str, str], int] = defaultdict(int)
+    trained: dict[tuple[str, str, str], set[str]] = defaultdict(set)  # one embedding per (model, concept, settings)
+    for row in plan.rows:
+        groups[(row.model, row.probe, row.params)] += 1
+        if row.probe == "textual_inversion":
+            trained[(row.model, row.probe, row.params)].add(row.concept)
+    parsed: dict[tuple[str, str], Any] = {}
+    for (name, probe, params_json), count in groups.items():
+        if (probe, params_json) not in parsed:
+            parsed[(probe, params_json)] = get_probe_class(probe).params_class.model_validate_json(params_json)
+        params = parsed[(probe, params_json)]
+        row_counts[name][probe] += count
+        work = row_work(probe, params, schedulers[name][0], costed(models[name])).times(count)
+        if (name, probe, params_json) in trained:
+            work.add(training_work(params, costed(models[name])).times(len(trained[(name, probe, params_json)])))
+        by_probe[probe].add(work)
+    references: dict[str, tuple[dict[str, Any], str]] = {}  # reference key -> (settings, concept)
+    seen: set[tuple[str, str, str]] = set()  # textual inversion: one set of references per (concept, params)
+    for row in plan.rows:
+        if row.probe in REFERENCE_PROBES and (row.probe, row.concept, row.params) not in seen:
+            references.update(reference_images(row, parsed[(row.probe, row.params)], plan))
+            if row.probe == "textual_inversion":
+                seen.add((row.probe, row.concept, row.params))
+    reference_work = Work()
+    for settings, _ in references.values():
+        reference_work.add(generation_work(settings, 1, _own_steps(settings["num_inference_steps"], base, schedulers),
+                                           base is not None and costed(base)))
+    total = Work()
+    for work in [*by_probe.values(), reference_work]:
+        total.add(work)
+    loads = len(models) + (1 if base is not None and base.name not in models else 0)
+    hub = hub_models(list(models.values()) + ([base] if base is not None and base.name not in models else []))
+    notes = []
+    assumed = sorted(name for name, (_, known) in schedulers.items() if not known)
+    if assumed:
+        notes.append(f"scheduler assumed PNDM (Stable Diffusion 1.x's) for {len(assumed)} model(s) whose config "
+                     "is not on this machine")
+    uncosted = sorted(name for name, m in models.items() if not costed(m))
+    if uncosted:
+        notes.append(f"not costed in GPU-hours (not Stable Diffusion 1.x sized): {', '.join(uncosted)}")
+    notes.extend(plan.warnings)
+    return PlanCost(plan, row_counts, by_probe, reference_work, total, loads, hub, schedulers, notes)
+
+
+def row_work(probe: str, params, scheduler: str, is_costed: bool) -> Work:
+    """One row's generation: its candidates, each a full trajectory of the probe's sampler."""
+    candidates = len(params.candidates()) if hasattr(params, "candidates") else 1
+    steps = params.num_inference_steps
+    if probe not in DDIM_LOOP_PROBES:
+        steps = pndm_calls(steps) if scheduler == PNDM else steps
+    work = generation_work(params.model_dump(), candidates, steps, is_costed)
+    work.rows = 1
+    return work
+
+
+def generation_work(settings: dict[str, Any], images: int, unet_calls: int, is_costed: bool) -> Work:
+    guided = settings["guidance_scale"] > 1.0  # diffusers' rule for classifier-free guidance
+    latents = images * unet_calls * (2 if guided else 1)
+    scale = _pixel_scale(settings)
+    tflop = (latents * UNET_TFLOP + images * VAE_DECODE_TFLOP) * scale + images * (2 if guided else 1) * \
+        TEXT_ENCODER_TFLOP
+    return Work(images=images, unet_evals=latents, tflop=tflop if is_costed else None)
+
+
+def training_work(params, is_costed: bool) -> Work:
+    passes = params.max_train_steps * params.gradient_accumulation_steps * params.train_batch_size
+    tflop = passes * TRAINING_PASS_FORWARDS * UNET_TFLOP * _pixel_scale(params.model_dump())
+    return Work(ti_trainings=1, ti_passes=passes, tflop=tflop if is_costed else None)
+
+
+def reference_images(row, params, plan: RunPlan) -> dict[str, tuple[dict[str, Any], str]]:
+    """The base-model reference images a row needs, by a key that is equal when they are shared."""
+    if row.probe not in REFERENCE_PROBES or getattr(params, "reference_dir", None) is not None:
+        return {}
+    settings = {k: getattr(params, k) for k in ("num_inference_steps", "guidance_scale", "negative_prompt",
+                                                 "height", "width")}
+    if row.probe == "inpainting":
+        prompts = [(row.prompt, row.seed)]
+    else:
+        concept = plan.concepts[row.concept]
+        prompts = [(p, s) for _, p, s in concept.sample_prompts(params.num_reference_images)]
+    return {json.dumps([row.concept, p, s, settings], sort_keys=True): (settings, row.concept) for p, s in prompts}
+
+
+def pndm_calls(steps: int) -> int:
+    """diffusers' PNDM with skip_prk_steps (SD 1.x's config) repeats one timestep: n + 1 calls."""
+    return steps + 1
+
+
+def _own_steps(steps: int, base: ModelSpec | None, schedulers) -> int:
+    if base is None:
+        return steps
+    return pndm_calls(steps) if schedulers[base.name][0] == PNDM else steps
+
+
+def _pixel_scale(settings: dict[str, Any]) -> float:
+    """Convolution and linear work grow with the pixel count (attention somewhat faster)."""
+    height, width = settings.get("height"), settings.get("width")
+    return (height or 512) * (width or 512) / NATIVE_PIXELS
+
+
+def costed(model: ModelSpec) -> bool:
+    return model.pretrained not in BUILTIN_MODELS or model.pretrained in SD1_BUILTINS
+
+
+# ------------------------------------------------------------------------- schedulers and the hub cache
+
+
+def scheduler_of(model: ModelSpec) -> tuple[str, bool]:
+    """(scheduler class of the model's pipeline, whether it was read rather than assumed)."""
+    source = model.pretrained
+    if source in BUILTIN_MODELS:
+        return BUILTIN_MODELS[source].scheduler, True
+    path = Path(source).expanduser()
+    if path.is_dir():
+        config = path / "scheduler" / "scheduler_config.json"
+        return (_class_name(config), True) if config.is_file() else (PNDM, False)
+    if HUB_ID.match(source):
+        cached = _cached_file(source, "scheduler/scheduler_config.json", model.revision)
+        return (_class_name(Path(cached)), True) if cached else (PNDM, False)
+    return PNDM, False
+
+
+def _class_name(config: Path) -> str:
+    try:
+        return json.loads(config.read_text()).get("_class_name", PNDM)
+    except (OSError, ValueError):
+        return PNDM
+
+
+def _cached_file(repo_id: str, filename: str, revision: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    return found if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def hub_models(models: list[ModelSpec]) -> list[HubModel]:
+    """Every hub id the models load, and whether its pipeline index is in the local cache."""
+    seen: dict[tuple[str, str | None], HubModel] = {}
+    for model in models:
+        source = model.pretrained
+        if source in BUILTIN_MODELS or Path(source).expanduser().exists() or not HUB_ID.match(source):
+            continue
+        key = (source, model.revision)
+        if key not in seen:
+            seen[key] = HubModel(source, model.revision, _cached_file(source, "model_index.json", model.revision)
+                                 is not None)
+    return list(seen.values())
+
+
+# ------------------------------------------------------------------------- printing
+
+
+def row_count_lines(plan: RunPlan, counts: dict[str, dict[str, int]] | None = None) -> list[str]:
+    """Rows per model x probe, one line per model; consecutive models of one method with the same
+    counts (a family's members) share a line."""
+    if counts is None:
+        counts = {m.name: {p.name: 0 for p in plan.probes} for m in plan.models}
+        for row in plan.rows:
+            counts[row.model][row.probe] += 1
+    probes = [p.name for p in plan.probes]
+    groups: list[list[ModelSpec]] = []
+    for model in plan.models:
+        previous = groups[-1][-1] if groups else None
+        if (previous is not None and previous.method_label == model.method_label and len(model.erased) == 1
+                and len(previous.erased) == 1 and counts[previous.name] == counts[model.name]):
+            groups[-1].append(model)
+        else:
+            groups.append([model])
+    labels = []
+    for group in groups:
+        if len(group) == 1:
+            labels.append((group[0].name, ", ".join(group[0].erased) or "-"))
+        else:
+            labels.append((f"{group[0].name} .. {group[-1].name} ({len(group)})", "one each"))
+    name_width = max([len("model")] + [len(label) for label, _ in labels])
+    erased_width = max([len("erased")] + [len(erased) for _, erased in labels])
+    method_width = max([len("method")] + [len(m.method_label) for m in plan.models])
+    widths = [max(len(p), 7) for p in probes]
+    header = (f"  {'model':{name_width}s}  {'method':{method_width}s}  {'erased':{erased_width}s}  "
+              + "  ".join(f"{p:>{w}s}" for p, w in zip(probes, widths)) + f"  {'total':>8s}")
+    lines = [header]
+    for group, (label, erased) in zip(groups, labels):
+        values = [counts[group[0].name][p] for p in probes]
+        each = " each" if len(group) > 1 else ""
+        lines.append(f"  {label:{name_width}s}  {group[0].method_label:{method_width}s}  {erased:{erased_width}s}  "
+                     + "  ".join(f"{v:>{w},d}" for v, w in zip(values, widths)) + f"  {sum(values):>8,d}{each}")
+    return lines
+
+
+def summary_header(plan: RunPlan) -> str:
+    roles = defaultdict(int)
+    for row in plan.rows:
+        roles[row.role] += 1
+    parts = ", ".join(f"{role} {roles[role]:,d}" for role in ("recovery", "preservation", "base", "unpaired")
+                      if roles[role])
+    return f"{len(plan.rows):,d} rows ({parts}) for {len(plan.models)} model(s) x {len(plan.probes)} probe(s):"
+
+
+def plan_lines(cost: PlanCost, gpu: str) -> list[str]:
+    plan = cost.plan
+    lines = [summary_header(plan), *row_count_lines(plan, cost.row_counts)]
+    if plan.skipped_models:
+        lines.append(f"  no rows (erased no listed concept): {len(plan.skipped_models)} model(s), "
+                     f"{_shorten(plan.skipped_models)}")
+    lines += ["", "work per probe:",
+              f"  {'probe':26s} {'rows':>9s} {'images':>11s} {'UNet evals':>14s}  {'GPU-h ' + gpu:>11s}"]
+    for name, work in [*cost.by_probe.items(), ("(base references)", cost.references)]:
+        if name == "(base references)" and not work.images:
+            continue
+        lines.append(f"  {name:26s} {work.rows:>9,d} {work.images:>11,d} {work.unet_evals:>14,d}  "
+                     f"{_hours(work.tflop, ENGINE_TFLOPS[gpu]):>11s}")
+    total = cost.total
+    lines.append(f"  {'total':26s} {total.rows:>9,d} {total.images:>11,d} {total.unet_evals:>14,d}  "
+                 f"{_hours(total.tflop, ENGINE_TFLOPS[gpu]):>11s}")
+    lines.append("  images count every best-of-N candidate; UNet evals count each guided step twice")
+    if total.ti_trainings:
+        lines.append(f"  textual inversion: {total.ti_trainings:,d} embedding(s) trained, {total.ti_passes:,d} UNet "
+                     "forward+backward passes (included above, as 2 forward passes each)")
+    lines += ["", f"model loads: {cost.model_loads} pipeline(s) (each once per actor that serves it)"]
+    cached = sum(h.cached for h in cost.hub_models)
+    if cost.hub_models:
+        lines.append(f"hub ids: {len(cost.hub_models)} needed, {cached} in the local Hugging Face cache")
+        lines.extend(_hub_lines(cost.hub_models))
+    else:
+        lines.append("hub ids: none (built-in or local models only)")
+    lines += ["", f"estimated GPU-hours on one {gpu.upper()} (SD 1.x at 512 px: {UNET_TFLOP * 1000:.1f} GFLOP per "
+              f"UNet evaluation, {VAE_DECODE_TFLOP:.2f} TFLOP per decode):"]
+    engine_hours, original_hours = cost.gpu_hours(gpu), cost.gpu_hours(gpu, original=True)
+    lines.append(f"  this engine (batched fp16, SDPA; {ENGINE_TFLOPS[gpu]:g} TFLOP/s delivered): "
+                 f"{_fmt_hours(engine_hours)}")
+    lines.append(f"  the original's one image per call ({ORIGINAL_TFLOPS[gpu]:g} TFLOP/s delivered): "
+                 f"{_fmt_hours(original_hours)}")
+    if cost.notes:
+        lines += ["", "notes:", *[f"  {note}" for note in cost.notes]]
+    return lines
+
+
+def _hub_lines(hub: list[HubModel], one_per_line: int = 12) -> list[str]:
+    """One line per id for a few; many are grouped by status and organisation, names wrapped."""
+    def label(h: HubModel) -> str:
+        return f"{h.repo_id}@{h.revision}" if h.revision else h.repo_id
+
+    if len(hub) <= one_per_line:
+        return [f"  {'cached ' if h.cached else 'MISSING'}  {label(h)}" for h in hub]
+    groups: dict[tuple[bool, str], list[str]] = defaultdict(list)
+    for h in hub:
+        org, _, name = label(h).partition("/")
+        groups[(h.cached, org)].append(name)
+    lines = []
+    for (is_cached, org), names in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1])):
+        lines.append(f"  {'cached ' if is_cached else 'MISSING'}  {org}/ ({len(names)}):")
+        line = "    "
+        for name in names:
+            if len(line) + len(name) > 110:
+                lines.append(line.rstrip())
+                line = "    "
+            line += name + " "
+        lines.append(line.rstrip())
+    return lines
+
+
+def _hours(tflop: float | None, tflops: float) -> str:
+    return "n/a" if tflop is None else f"{tflop / tflops / 3600:,.1f}"
+
+
+def _fmt_hours(hours: float | None) -> str:
+    if hours is None:
+        return "n/a (models not costed, see notes)"
+    return f"{hours:,.1f} GPU-hours ({hours / 24:,.1f} GPU-days)"
+
+
+def _shorten(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
