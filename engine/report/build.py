@@ -146,7 +146,8 @@ def _build(run_dirs: list[RunDir], report_dir: Path, max_images_per_cell: int) -
     paper.to_csv(report_dir / "paper_table.csv", index=False)
     if paired:  # plots show recovery: erased concepts, and the base model on the same concepts
         erased = set(frame.loc[frame["role"] == RECOVERY, "concept"])
-        plotted = frame[(frame["role"] == RECOVERY) | ((frame["role"] == BASE) & frame["concept"].isin(erased))]
+        plotted = frame[((frame["role"] == RECOVERY) | ((frame["role"] == BASE) & frame["concept"].isin(erased)))
+                        & (frame["probe"] != "interference")]
         content.plots = write_recovery_plots(pooled_stats(plotted), report_dir / "plots", "erased concepts")
     else:
         content.plots = write_recovery_plots(pooled_stats(frame), report_dir / "plots", "pooled over concepts")

@@ -56,6 +56,7 @@ def recovery_table(frame: pd.DataFrame, by_concept: bool = False) -> pd.DataFram
     The base model's line pools its reference rows on the concepts some model erased."""
     erased = erased_concepts(frame)
     rows = frame[(frame["role"] == RECOVERY) | ((frame["role"] == BASE) & frame["concept"].isin(erased))]
+    rows = rows[rows["probe"] != "interference"]  # what erasure broke, not what came back: preservation
     keys = ["probe_label", "method", *(["concept"] if by_concept else [])]
     records = []
     for metric in present_metrics(rows):
