@@ -143,7 +143,8 @@ def test_nan_images_become_black_and_so_fail():
 
 
 def _row(n: int) -> WorkRow:
-    return WorkRow(f"id{n}", "tiny", "none", "church", "church", "faulty", "{}", "a church", n, 100 + n)
+    pairing = {"role": "recovery", "erased": ("church",)} if n == 1 else {}
+    return WorkRow(f"id{n}", "tiny", "none", "church", "church", "faulty", "{}", "a church", n, 100 + n, **pairing)
 
 
 def _failure(n: int, second: int = 0) -> RowFailure:

@@ -7,7 +7,7 @@ result row, and a retry that succeeds removes it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -15,12 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.probe import WorkRow
-from engine.results import IDENTITY_FIELDS, Output, table_bytes
+from engine.results import IDENTITY_FIELDS, PAIRING_FIELDS, Output, table_bytes
 from engine.storage import output_location
 
 FAILURES_FILE = "failures.parquet"
 FAILURE_SCHEMA = pa.schema(
     IDENTITY_FIELDS
+    + PAIRING_FIELDS
     + [
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
@@ -44,12 +45,14 @@ class RowFailure:
         return cls(row, error_type, message[:MESSAGE_LIMIT], datetime.now(timezone.utc).replace(microsecond=0))
 
     def to_record(self) -> dict[str, Any]:
-        return {**asdict(self.row), "error_type": self.error_type, "message": self.message, "failed_at": self.failed_at}
+        row = {**asdict(self.row), "erased": list(self.row.erased)}
+        return {**row, "error_type": self.error_type, "message": self.message, "failed_at": self.failed_at}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RowFailure:
-        row = WorkRow(**{f.name: record[f.name] for f in fields(WorkRow)})
-        return cls(row, record["error_type"], record["message"], record["failed_at"])
+        identity = {f.name: record[f.name] for f in IDENTITY_FIELDS}
+        pairing = {"role": record.get("role") or "unpaired", "erased": tuple(record.get("erased") or ())}
+        return cls(WorkRow(**identity, **pairing), record["error_type"], record["message"], record["failed_at"])
 
 
 def failures_path(output: Output) -> str:

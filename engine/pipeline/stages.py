@@ -126,7 +126,8 @@ def encode_units(units: list[list[WorkRow]]) -> list[dict[str, str]]:
 
 
 def decode_unit(value: Any) -> list[WorkRow]:
-    return [WorkRow(**r) for r in json.loads(str(value))]
+    # JSON has no tuples: `erased` comes back a list and becomes the tuple WorkRow holds again.
+    return [WorkRow(**{**r, "erased": tuple(r.get("erased", ()))}) for r in json.loads(str(value))]
 
 
 # --------------------------------------------------------------------------- generation
