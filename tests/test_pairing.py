@@ -223,7 +223,13 @@ def tiny_folders(tmp_path_factory, tiny_pipe):
 def planned(monkeypatch):
     """`engine run` up to its plan: the plan it would execute, and nothing generated."""
     plans = []
-    monkeypatch.setattr(engine.cli.run, "execute_and_print", lambda plan, *args: plans.append(plan))
+
+    def planned_only(plan, *args, on_locked=None, **kwargs):
+        if on_locked is not None:  # what a run prints once it holds the output's lock
+            on_locked()
+        plans.append(plan)
+
+    monkeypatch.setattr(engine.cli.run, "execute_and_print", planned_only)
     return plans
 
 

@@ -104,8 +104,7 @@ def run(
         extra.append(unet_override_spec(str(unet), spec.base_model, method, erased).model_copy(
             update={"allow_pickle": allow_pickle}))
     plan = plan_run(spec, extra_models=extra)
-    print_row_counts(plan)
-    execute_and_print(plan, cluster, ship_code)
+    execute_and_print(plan, cluster, ship_code, on_locked=lambda: print_row_counts(plan))
 
 
 def _labels(method: Optional[str], erased: list[str]) -> dict[str, Any]:
@@ -132,11 +131,10 @@ def _labelled(ref, labels: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_row_counts(plan) -> None:
-    """Before any work (once the scoring checks passed): how many rows each model x probe gets."""
+    """Before any work (the scoring checks passed, the output's lock is held): how many rows each
+    model x probe gets."""
     from engine.pipeline.plan_cost import row_count_lines, summary_header
-    from engine.scoring.preflight import check_run_scoring
 
-    check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
     typer.echo(summary_header(plan))
     for line in row_count_lines(plan):
         typer.echo(line)
@@ -197,13 +195,13 @@ def _with_classifier_dir(probes: Any, classifier_dir: str, sources) -> Any:
     return updated
 
 
-def execute_and_print(plan, cluster: Optional[str], ship_code: Optional[bool] = None) -> None:
+def execute_and_print(plan, cluster: Optional[str], ship_code: Optional[bool] = None, on_locked=None) -> None:
     """Run the plan and print what happened; exit 3 when rows failed (they are retried by a rerun)."""
     from engine.pipeline.failures import failures_path
     from engine.pipeline.run import execute
     from engine.report.summary import print_summary
 
-    summary = execute(plan, cluster=cluster, ship_code=ship_code)
+    summary = execute(plan, cluster=cluster, ship_code=ship_code, on_locked=on_locked)
     failed = f", {summary.failed} failed ({failures_path(summary.output)})" if summary.failed else ""
     typer.echo(
         f"{summary.generated} rows generated, {summary.skipped} already done{failed}, "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.lock import OutputLock
@@ -69,12 +70,21 @@ class StreamResult:
     batching: tuple[int | str, bool] | None = None  # (batch_size asked, units cut for a GPU)
 
 
-def execute(plan: RunPlan, cluster: str | None = None, ship_code: bool | None = None) -> RunSummary:
+def execute(
+    plan: RunPlan,
+    cluster: str | None = None,
+    ship_code: bool | None = None,
+    on_locked: Callable[[], None] | None = None,
+) -> RunSummary:
+    """Run the plan. `on_locked` is called once the output's lock is held, before any work (the CLI
+    prints the rows per model x probe there, so a refused second writer prints only its error)."""
     check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
     progress_seconds()  # a bad ENGINE_PROGRESS_SECONDS is a user error: say so before any work
     output = output_location(plan.spec.output)
     # One writer per output: a second run into the same folder stops here (UserError naming the holder).
     with OutputLock(output, "engine run") as lock:
+        if on_locked is not None:
+            on_locked()
         return _execute_locked(plan, cluster, ship_code, output, lock)
 
 
