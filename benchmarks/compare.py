@@ -26,8 +26,9 @@ On CUDA it prints the fraction of the physical limit: the full SD 1.4 architectu
 2.51 TFLOP, text 0.03 TFLOP); an H100/H200 does 989 dense fp16 TFLOPS, so about 11.7 images/s.
 
 Both ways in this process use the OpenMP wait policy the engine gives its Ray workers
-(engine.pipeline.ray_start). Ways alternate when --repeats > 1 and each keeps its best time (load
-from other processes only ever slows a measurement down). Never a test.
+(engine.pipeline.ray_start). Each `engine run` sits between two runs of the in-process way it is
+compared with; every way keeps its best time (load from other processes only ever slows a
+measurement down); --repeats adds rounds of the in-process ways. Never a test.
 """
 
 from __future__ import annotations
@@ -207,24 +208,39 @@ def main() -> None:
         "sweep_batched": lambda: probe.run(ProbeBatch(sweep_rows, sweep, pipe, context)),
     }
     best_time = {name: float("inf") for name in ways}
-    engine_batch = args.engine_batch_size or str(best)
-    engine = None
-    for round_ in range(args.repeats):
-        for name, way in ways.items():
-            best_time[name] = min(best_time[name], timed(device, way))
-        if round_ == 0:  # the engine runs once: its start-up is part of what it measures
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # the engine's auto batch size sees the GPU's free memory
-            with tempfile.TemporaryDirectory() as folder:
-                engine = run_engine(engine_command(args, "standard_prompt", args.images, Path(folder) / "run",
-                                                   engine_batch, ["--set", "judges=[]"]))
-    engine_sweep = None
-    if not args.skip_engine_sweep:
+
+    def measure(name: str) -> None:
+        best_time[name] = min(best_time[name], timed(device, ways[name]))
+
+    def engine_run():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the engine's auto batch size sees the GPU's free memory
         with tempfile.TemporaryDirectory() as folder:
-            engine_sweep = run_engine(engine_command(
+            return run_engine(engine_command(args, "standard_prompt", args.images, Path(folder) / "run",
+                                             engine_batch, ["--set", "judges=[]"]))
+
+    def engine_sweep_run():
+        with tempfile.TemporaryDirectory() as folder:
+            return run_engine(engine_command(
                 args, "noise_based", args.sweep_prompts, Path(folder) / "sweep", "1",
                 ["--set", "judges=[clip:tiny]",
                  "--probe-param", f"noise_based.candidate_batch_size={args.candidate_batch_size}"]))
+
+    # Each engine run sits between two runs of the way it is compared with (the best of them
+    # counts), so a change of the machine's load during the run shows on both sides.
+    engine_batch = args.engine_batch_size or str(best)
+    engine = engine_sweep = None
+    for round_ in range(args.repeats):
+        measure("original")
+        measure("raw")
+        if round_ == 0:  # the engine runs once: its start-up is part of what it measures
+            engine = engine_run()
+            measure("raw")
+        measure("sweep_single")
+        measure("sweep_batched")
+        if round_ == 0 and not args.skip_engine_sweep:
+            engine_sweep = engine_sweep_run()
+            measure("sweep_single")
     rejected = bad_concept_seconds()
 
     original_rate = args.original_images / best_time["original"]
@@ -237,7 +253,7 @@ def main() -> None:
     print(f"device {name}, dtype {pipe.unet.dtype}, model {args.model}, {args.steps} steps, CFG 7.5, "
           f"load average {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}")
-    print("batch sizes tried (images/s at a fifth of the steps): "
+    print(f"batch sizes tried ({trial_steps} steps, images/s scaled to {args.steps}): "
           + ", ".join(f"{b}: {r * trial_steps / args.steps:.2f}" for b, r in trial.items()))
     print(f"\nstandard_prompt, {args.images} images")
     line(f"original (one call per image, {args.original_images} images)", original_rate, "images/s")
