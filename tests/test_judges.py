@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +20,7 @@ from engine.scoring.registry import build_judge, check_judges, judge_options, pa
 from engine.scoring.scorer import Scorer, crop_to_region
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parent.parent
 IMAGENET_LABELS = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
 # The torchvision label of each object concept's one class. The original matched by substring and
 # so never found "chain saw" or "English springer", and counted planetarium as airliner (§5.3).
@@ -209,6 +215,58 @@ def test_judges_score_only_the_scoring_region():
     assert scored[1]["clip_score"] == pytest.approx(200.0 * 32 * 32 / (64 * 64))
     assert {r["clip_model"] for r in scored} == {"recording:v1"}
     assert scored[0]["judge_top1"] is None  # a clip-slot judge leaves the classifier columns alone
+
+
+class SlowLoadingJudge(RecordingJudge):
+    """Counts its loads; each one waits on `release`, so two callers can overlap; can fail."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.loads = 0
+        self.fail = fail
+        self.release = threading.Event()
+
+    def load(self) -> None:
+        self.loads += 1
+        self.release.wait(timeout=10)
+        if self.fail:
+            raise RuntimeError("weights file is corrupt")
+
+    def score(self, images, concepts):
+        self.ensure_loaded()  # as the real judges do
+        return super().score(images, concepts)
+
+
+def test_background_prefetch_loads_each_judge_once_while_scoring_waits_for_it():
+    judge = SlowLoadingJudge()
+    scorer = Scorer([judge], {"church": load_concept("church")})
+    loading = scorer.prefetch()
+    table = rows_table([{"image": encode_png(_image(3)), "scoring_region": None, "target_concept": "church"}])
+    scoring = threading.Thread(target=scorer.score_table, args=(table,))
+    scoring.start()  # asks for the judge while the prefetch still holds its load
+    judge.release.set()
+    loading.join(timeout=10)
+    scoring.join(timeout=10)
+    assert judge.loads == 1 and len(judge.seen) == 1
+
+
+def test_a_failed_background_load_is_raised_by_the_first_score_call(caplog):
+    judge = SlowLoadingJudge(fail=True)
+    judge.release.set()
+    scorer = Scorer([judge], {"church": load_concept("church")})
+    scorer.prefetch().join(timeout=10)
+    assert "background load of judge recording failed" in caplog.text
+    table = rows_table([{"image": encode_png(_image(3)), "scoring_region": None, "target_concept": "church"}])
+    with pytest.raises(RuntimeError, match="corrupt"):
+        scorer.score_table(table)
+    assert judge.loads == 2 and not judge.seen
+
+
+def test_the_tiny_clip_preset_is_checked_without_importing_open_clip():
+    code = ("import sys; from engine.scoring.registry import check_judges, judge_requests; "
+            "check_judges(judge_requests(['clip:tiny']), {}); print('open_clip' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
 
 
 def _offline_without_caches(monkeypatch, tmp_path):

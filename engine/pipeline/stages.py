@@ -344,6 +344,7 @@ class ScoreActor:
             # A light stage beside the probe actors: few threads, so it never starves generation.
             torch.set_num_threads(config.torch_threads or 1)
         self.scorer = Scorer.from_requests(config.judges, config.concepts, device, config.batch_size)
+        self.scorer.prefetch()  # judges load while the probe actors generate the first unit
         if log is not None:
             _tell(log.actor_started, actor_info("score", device))
 

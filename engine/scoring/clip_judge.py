@@ -24,6 +24,7 @@ from engine.scoring.judge import Judge, JudgeOptions, file_weights_id, hub_offli
 logger = logging.getLogger(__name__)
 
 TINY_CONFIG = Path(__file__).resolve().parent / "tiny-clip.json"
+TINY_MODEL = "tiny-clip"  # the model name TINY_CONFIG registers
 
 
 @lru_cache(maxsize=None)
@@ -52,10 +53,12 @@ class ClipJudge(Judge):
     name = "clip"
     slot = "clip"
     options_class = ClipJudgeOptions
-    presets = {"tiny": {"model": "tiny-clip", "pretrained": None}}
+    presets = {"tiny": {"model": TINY_MODEL, "pretrained": None}}
 
     @classmethod
     def check_available(cls, options: ClipJudgeOptions) -> None:
+        if options.model == TINY_MODEL and options.pretrained is None:
+            return  # the shipped config with random weights: nothing to look up, no open_clip import (5 s)
         import open_clip
 
         register_tiny_config()

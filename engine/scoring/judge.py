@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -55,6 +56,7 @@ class Judge(ABC):
         self.options = options
         self.device = device
         self._loaded = False
+        self._load_lock = threading.Lock()  # a background prefetch and the first score call never both load
 
     @classmethod
     def check_available(cls, options: JudgeOptions) -> None:
@@ -82,9 +84,10 @@ class Judge(ABC):
         """One float per image, higher = more of `concept`: what a best-of-N selector ranks by."""
 
     def ensure_loaded(self) -> None:
-        if not self._loaded:
-            self.load()
-            self._loaded = True
+        with self._load_lock:
+            if not self._loaded:
+                self.load()
+                self._loaded = True
 
 
 class ClassifierJudge(Judge):

@@ -10,6 +10,7 @@ candidate is judged the same way and reduced to per-row means (`candidate_clip_m
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -56,6 +57,21 @@ class Scorer:
         cls, requests: list[JudgeRequest], concepts: dict[str, ConceptSpec], device: torch.device, batch_size: int
     ) -> Scorer:
         return cls([build_judge(r, device) for r in requests], concepts, batch_size)
+
+    def prefetch(self) -> threading.Thread:
+        """Load every judge in a background thread, so the weights load while the first images are
+        generated. A failure is only logged here: the first score call loads again and raises it."""
+
+        def load():
+            for judge in self.judges:
+                try:
+                    judge.ensure_loaded()
+                except Exception:  # noqa: BLE001 - score_table loads again and reports the error
+                    logger.exception("background load of judge %s failed", judge.name)
+
+        thread = threading.Thread(target=load, name="load-judges", daemon=True)
+        thread.start()
+        return thread
 
     def _concept(self, name: str) -> ConceptSpec:
         if name not in self.concepts:
