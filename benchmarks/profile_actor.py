@@ -76,16 +76,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, as the actor)")
     args = parser.parse_args()
 
-    from engine.pipeline.stages import ProbeActor, actor_payload  # noqa: F401  (imports as the actor does)
+    from engine.concepts import load_concept
+    from engine.pipeline.stages import ProbeActor, ProbeStageConfig
+    from engine.probe import probe_entry
 
     spec = ModelSpec(name=args.model, pretrained=args.model)
     params = StandardPromptParams(num_inference_steps=args.steps)
-    payload = {
-        "models": {spec.name: spec.model_dump(mode="json")}, "base": None, "concepts": {}, "device": "auto",
-        "attention": "sdpa", "torch_threads": args.threads, "cache_dir": tempfile.mkdtemp(), "judges": [],
-        "batch_size": args.batch_size,
-    }
-    actor = ProbeActor(payload)
+    config = ProbeStageConfig(
+        models={spec.name: spec}, concepts={"church": load_concept("church")},
+        probes={"standard_prompt": probe_entry("standard_prompt")}, device="auto", torch_threads=args.threads,
+        cache_dir=tempfile.mkdtemp(),
+    )
+    actor = ProbeActor(config)
     pipe = actor.runner.cache.pipeline(spec)
     units = make_units(args.units + 1, args.batch_size, params.canonical_json(), spec.name)
 
