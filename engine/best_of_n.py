@@ -24,6 +24,7 @@ holds the rest, once:
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -80,9 +81,9 @@ class BestOfNParams(ProbeParams):
             )
         return self
 
+    @abstractmethod  # pydantic's model metaclass is an ABCMeta: every best-of-N probe's params must say it
     def candidates(self) -> list[dict[str, float]]:
         """One dict per candidate, in sweep order; its keys are those of `sweep_fields`."""
-        raise NotImplementedError
 
 
 class BestOfNProbe(Probe):
