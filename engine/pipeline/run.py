@@ -35,7 +35,7 @@ from engine.pipeline.raynoise import filter_ray_loggers, filtered_stderr
 from engine.pipeline.resources import plan_resources
 from engine.pipeline.runlog import RunEvents, RunLog
 from engine.pipeline.shipping import uses_toy_weights
-from engine.pipeline.sink import RowsDatasink
+from engine.pipeline.sink import RowsDatasink, ready_writer
 from engine.results import (
     base_manifest,
     finished_row_ids,
@@ -186,6 +186,8 @@ def _stream(
                 resources.gpus_per_probe_actor)
     # The run's log lives on this node: it dies with the driver, never with a worker node.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # Not waited for: the write tasks' worker gets ready while the actors start.
+    ray.remote(num_cpus=0, max_retries=0)(ready_writer).options(scheduling_strategy=here).remote()
     log = ray.remote(num_cpus=0, max_restarts=0)(RunLog).options(scheduling_strategy=here).remote()
     probe_config = ProbeStageConfig.from_plan(plan, resources.probe_device, spec.attention, spec.torch_threads,
                                               cache_dir)

@@ -71,6 +71,14 @@ def _check_fence(output: OutputLocation, lock_token: str | None) -> None:
                        "not publishing its rows")
 
 
+def ready_writer() -> int:
+    """Run as a Ray task before generation: the worker process that will take the write tasks
+    starts and imports this module (pyarrow.parquet, the storage backends) while the probe actors
+    load their models. Otherwise it starts when the first unit is done, and on a small machine its
+    start-up takes CPU from the second unit's generation. Returns its pid."""
+    return os.getpid()
+
+
 class RowsDatasink(Datasink[list[dict]]):
     """One Parquet file per write task, published atomically into OUTPUT/rows."""
 
