@@ -193,6 +193,31 @@ def test_two_runs_into_one_folder_one_runs_the_other_exits_2(tmp_path, ray_sessi
     assert len(ids) == 4 and len(set(ids)) == 4
 
 
+def test_sigterm_mid_run_exits_cleanly_and_releases_the_lock(tmp_path, ray_session):
+    """SIGTERM (`timeout`, a scheduler cancelling the job) once the first file has landed: the driver
+    exits with 128 + 15 through its `finally` blocks, so the lock is released and Ray shut down; the
+    rerun does only the missing rows."""
+    output = tmp_path / "out"
+    run = _start_engine(output, num_images=8, steps=10)
+    try:
+        _wait_for(lambda: parquet_files(output), run, "the first results file")
+        run.send_signal(signal.SIGTERM)
+        log, _ = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert not (output / LOCK_FILE).exists(), log[-3000:]
+    assert "SIGTERM handler is not set" not in log
+    kept = set(_row_ids(output))
+    assert 0 < len(kept) < 8, "the run should have been stopped after some rows and before the last"
+
+    rerun = runner.invoke(app, _args(output, 8, 10))
+    assert rerun.exit_code == 0, rerun.output
+    assert f"{8 - len(kept)} rows generated, {len(kept)} already done" in rerun.output
+    ids = _row_ids(output)
+    assert len(ids) == 8 and len(set(ids)) == 8 and kept <= set(ids)
+
+
 def test_driver_killed_mid_run_rerun_gives_every_row_once(tmp_path, ray_session):
     """SIGKILL of the driver once the first file has landed, while later units are in flight. A
     write cut off mid-file leaves only a hidden temporary (files are renamed into place when

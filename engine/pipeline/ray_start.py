@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from contextlib import contextmanager
 from typing import Any
 
+from engine.pipeline.raynoise import filter_ray_loggers
 from engine.pipeline.shipping import code_runtime_env, report_node_engines, should_ship
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,20 @@ def init_ray(cluster: str | None, ship_code: bool | None = None, toy_weights: bo
         report_node_engines(ray, shipped=ship)
 
 
+def exit_on_sigterm() -> None:
+    """What ray.init does when it runs on the main thread, done here because it runs on another:
+    SIGTERM (`timeout`, `kill`, a scheduler cancelling the job) raises SystemExit in the main
+    thread, so the run's `finally` blocks still release the output's lock and shut Ray down
+    (Ray's core worker would otherwise abort the process). A Python handler installed by someone
+    else is kept."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_for_signal)
+
+
+def _exit_for_signal(signum, frame) -> None:
+    sys.exit(128 + signum)
+
+
 class RayStart:
     """`init_ray` in a background thread; `ready()` waits for it and raises its error, if any.
 
@@ -79,6 +95,7 @@ class RayStart:
     right after ray.init would take the local Ray down with it."""
 
     def __init__(self, cluster: str | None, init=init_ray, **options):
+        filter_ray_loggers()  # before ray.init logs from this thread
         self._error: BaseException | None = None
         self._started = threading.Event()
         self._release = threading.Event()
@@ -103,6 +120,7 @@ class RayStart:
         self.join()
         if self._error is not None:
             raise self._error
+        exit_on_sigterm()  # after ray.init: its core worker installs a SIGTERM handler that aborts
         import ray
 
         return ray

@@ -5,6 +5,8 @@
   max_restarts > 0 ...": logged by Ray's C++ core worker once per actor pool of every Ray Data run
   (its constructor arguments are always object refs; ray-project/ray#57733). It is written straight
   to file descriptor 2, past Python's logging, so `filtered_stderr` filters that descriptor.
+- "SIGTERM handler is not set because current thread is not the main thread": ray.init in the
+  engine's background start thread; the engine sets the same handler itself (ray_start).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Iterator, TextIO
 RAY_NOISE = (
     "Progress bars disabled. To enable, set",
     "has constructor arguments in the object store and max_restarts > 0",
+    "SIGTERM handler is not set because current thread is not the main thread",
 )
 # Where Ray logs the Python ones (the logger of the module that writes them).
-RAY_NOISY_LOGGERS = ("ray.data._internal.progress",)
+RAY_NOISY_LOGGERS = ("ray.data._internal.progress", "ray._private.worker")
 
 
 def is_noise(text: str) -> bool:
