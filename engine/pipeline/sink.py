@@ -71,12 +71,11 @@ def _check_fence(output: OutputLocation, lock_token: str | None) -> None:
                        "not publishing its rows")
 
 
-def ready_writer() -> int:
+def ready_writer() -> None:
     """Run as a Ray task before generation: the worker process that will take the write tasks
     starts and imports this module (pyarrow.parquet, the storage backends) while the probe actors
     load their models. Otherwise it starts when the first unit is done, and on a small machine its
-    start-up takes CPU from the second unit's generation. Returns its pid."""
-    return os.getpid()
+    start-up takes CPU from the second unit's generation. Nothing to do once it runs."""
 
 
 class RowsDatasink(Datasink[list[dict]]):
