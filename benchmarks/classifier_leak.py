@@ -36,12 +36,12 @@ from PIL import Image
 from classifier_training.data import ImageGroup, cached_group_latents, training_rows
 from classifier_training.jobs import train_concept
 from classifier_training.train import TrainSettings
-from engine.builtin_models import BUILTIN_MODELS
-from engine.concepts import concept_set_members, load_concept
-from engine.config import run_spec_from_dict
-from engine.pipeline.grid import plan_run
+from engine.models.builtin import BUILTIN_MODELS
+from engine.pipeline.grid import expand_run
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, get_probe_class
 from engine.scoring.registry import JudgeRequest, build_judge
+from engine.specs.concepts import concept_set_members, load_concept
+from engine.specs.runs import run_spec_from_dict
 
 CONCEPT = "toy_circle"
 ERASED_MODEL = "toy-esdx-circle"
@@ -111,7 +111,7 @@ def evaluate(folder: Path, args, work: Path, judge) -> list[dict]:
             "num_inference_steps": args.steps, "guidance_scale": 5.0, "classifier_scales": args.scales,
             "keep_all_candidates": True, "initial_noise": "shared", "classifier_dir": str(folder)}}],
     })
-    rows = plan_run(spec).rows
+    rows = expand_run(spec).rows
     pipe = BUILTIN_MODELS[ERASED_MODEL].build()
     pipe.set_progress_bar_config(disable=True)
     probe = get_probe_class("classifier_guidance")()

@@ -50,10 +50,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from engine.concepts import load_concept  # noqa: E402
-from engine.config import ModelSpec  # noqa: E402
-from engine.models import ModelCache, resolve_device  # noqa: E402
+from engine.models.cache import ModelCache  # noqa: E402
+from engine.models.loading import resolve_device
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, row_generator  # noqa: E402
+from engine.specs.concepts import load_concept  # noqa: E402
+from engine.specs.runs import ModelSpec  # noqa: E402
 from probes.noise_based import NoiseBasedParams, NoiseBasedProbe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

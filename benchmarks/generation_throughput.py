@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelSpec
-from engine.models import ModelCache, resolve_device
+from engine.models.cache import ModelCache
+from engine.models.loading import resolve_device
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, row_generator
+from engine.specs.runs import ModelSpec
 from probes.standard_prompt import StandardPromptParams, StandardPromptProbe
 
 

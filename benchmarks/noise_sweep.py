@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelSpec
-from engine.models import ModelCache, resolve_device
+from engine.models.cache import ModelCache
+from engine.models.loading import resolve_device
 from engine.probe import ProbeBatch, ProbeContext, WorkRow
+from engine.specs.runs import ModelSpec
 from probes.noise_based import NoiseBasedParams, NoiseBasedProbe
 
 

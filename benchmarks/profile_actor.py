@@ -27,8 +27,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from engine.config import ModelSpec  # noqa: E402
 from engine.probe import WorkRow, row_generator  # noqa: E402
+from engine.specs.runs import ModelSpec  # noqa: E402
 from probes.standard_prompt import StandardPromptParams  # noqa: E402
 
 # (label, where the function is defined, function name): cumulative time of each in the profile.
@@ -76,9 +76,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, as the actor)")
     args = parser.parse_args()
 
-    from engine.concepts import load_concept
     from engine.pipeline.stages import ProbeActor, ProbeStageConfig
     from engine.probe import probe_entry
+    from engine.specs.concepts import load_concept
 
     spec = ModelSpec(name=args.model, pretrained=args.model)
     params = StandardPromptParams(num_inference_steps=args.steps)

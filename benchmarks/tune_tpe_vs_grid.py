@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.concepts import find_config_files  # noqa: E402
+from engine.specs.files import find_config_files  # noqa: E402
 from engine.tune.search import SearchSettings, search_pair  # noqa: E402
 from engine.tune.space import SearchSpace, load_tune_spec, parse_space  # noqa: E402
 
@@ -133,7 +133,7 @@ def toy_world(args) -> None:
     import pyarrow.parquet as pq
 
     from engine.tune.execute import execute_tune
-    from engine.tune.plan import plan_tune
+    from engine.tune.pairs import plan_tune
     from engine.tune.space import tune_spec_from_dict
 
     base = {

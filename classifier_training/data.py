@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from engine.concepts import ConceptSpec, available_concepts, load_concept
 from engine.errors import UserError
+from engine.specs.concepts import ConceptSpec, available_concepts, load_concept
 
 TRAINING_STREAM = "latent-classifier-training"
 
@@ -185,11 +185,11 @@ def generate_concept_images(
     concept's training rows (`training_rows`), which no probe evaluates."""
     from dataclasses import replace
 
-    from engine.config import run_spec_from_dict
-    from engine.pipeline.grid import plan_run, row_id
+    from engine.pipeline.grid import expand_run, row_id
     from engine.pipeline.run import execute
     from engine.probe import WorkRow
     from engine.results import read_rows
+    from engine.specs.runs import run_spec_from_dict
 
     rows_for = rows_for or training_rows
     output = Path(work_dir) / "generated"
@@ -204,14 +204,14 @@ def generate_concept_images(
         },
         "train-classifier image generation",
     )
-    plan = plan_run(spec)
+    grid = expand_run(spec)
     # The standard probe's rows, but on the requested (training) rows instead of the concept's
     # evaluation rows; "purpose" keeps their row_ids apart from any evaluation run's.
-    model_spec, probe = plan.models[0], plan.probes[0]
+    model_spec, probe = grid.models[0], grid.probes[0]
     params_json = probe.params.canonical_json()
     wanted: dict[str, list[tuple[int, str, int]]] = {}
     work = []
-    for concept in plan.concepts.values():
+    for concept in grid.concepts.values():
         wanted[concept.name] = rows_for(concept, num_images)
         for index, prompt, seed in wanted[concept.name]:
             identity = {"model": model_spec.model_dump(mode="json"), "base": None, "concept": concept.name,
@@ -219,9 +219,9 @@ def generate_concept_images(
                         "prompt": prompt, "prompt_index": index, "seed": seed, "purpose": TRAINING_STREAM}
             work.append(WorkRow(row_id(identity), model_spec.name, model_spec.method, concept.name, concept.name,
                                 probe.name, params_json, prompt, index, seed))
-    plan = replace(plan, rows=work)
-    execute(plan, cluster=cluster)
-    ids = {row.row_id for row in plan.rows}
+    grid = replace(grid, rows=work)
+    execute(grid, cluster=cluster)
+    ids = {row.row_id for row in grid.rows}
     table = read_rows(output, columns=["row_id", "concept", "prompt_index", "seed", "image"]).to_pylist()
     model_folder = re.sub(r"[^A-Za-z0-9._-]+", "_", model_spec.name)
     groups = {}
@@ -240,6 +240,6 @@ def generate_concept_images(
             if stale.name not in names:
                 stale.unlink()
         groups[concept] = ImageGroup(name=f"{model_spec.name}:{concept}", folder=str(folder), concept=concept,
-                                     prompt=plan.concepts[concept].prompt,
+                                     prompt=grid.concepts[concept].prompt,
                                      seeds=tuple(seed for _, _, seed in wanted[concept]))
     return groups

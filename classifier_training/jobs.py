@@ -32,10 +32,10 @@ from classifier_training.data import (
 )
 from classifier_training.io import write_metrics
 from classifier_training.train import LatentSet, TrainSettings, split_train_val, train_classifier
-from engine.concepts import concept_set_members, load_concept
-from engine.config import DEFAULT_BASE_MODEL
 from engine.errors import UserError
 from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, save_classifier
+from engine.specs.concepts import concept_set_members, load_concept
+from engine.specs.runs import DEFAULT_BASE_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class ConceptJob:
 
 def plan_jobs(request: TrainRequest):
     """Every check that can fail on bad input, before Ray or any model starts."""
-    from engine.models import resolve_model
+    from engine.models.resolve import resolve_model
 
     if not request.labels:
         raise UserError("give at least one label, e.g. engine train-classifier \"church, church building\"")
@@ -187,8 +187,8 @@ def encode_groups(model_spec: dict, groups: list[ImageGroup], resolution: int | 
     """Ray task: latents of every group (cached), and the model's alpha-bar table."""
     from diffusers import DDIMScheduler
 
-    from engine.config import ModelSpec
-    from engine.models import ModelCache
+    from engine.models.cache import ModelCache
+    from engine.specs.runs import ModelSpec
 
     spec = ModelSpec(**model_spec)
     pipe = ModelCache(torch.device(device)).pipeline(spec)

@@ -1,6 +1,6 @@
 """The engine's shipped configs: concepts/, models/, runs/ and tune/ YAML files, installed as package data.
 
-The engine finds this folder through importlib.resources (engine.concepts.config_dirs), so the
+The engine finds this folder through importlib.resources (engine.specs.files.config_dirs), so the
 configs travel with the wheel; ./configs and $ENGINE_CONFIG_DIR folders are searched first.
 """
 

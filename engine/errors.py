@@ -22,7 +22,7 @@ def format_validation_error(
 ) -> UserError:
     """Turn a pydantic ValidationError into one line that names the bad key and value.
 
-    `where` names the source: a string, or a function of an error's location (engine.concepts.Sources)
+    `where` names the source: a string, or a function of an error's location (engine.specs.sources.Sources)
     when the values were merged from a file, flags and `--set`, so each bad value is blamed on the
     place it was written. Unknown keys are the most common mistake (a misspelling), so when there
     are any, only they are reported, with the keys that would have been valid.

@@ -24,7 +24,7 @@ from PIL import Image
 
 from engine import __version__
 from engine.errors import UserError
-from engine.metrics import CANDIDATE_COLUMNS, MODEL_COLUMNS, slot_metrics
+from engine.metrics.columns import CANDIDATE_COLUMNS, MODEL_COLUMNS, slot_metrics
 from engine.storage import TEMPORARY_PREFIX, OutputLocation, output_location
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ GENERATION_FIELDS = [
     pa.field("engine_version", pa.string(), nullable=False),
 ]
 _ARROW_TYPES = {"bool": pa.bool_(), "float": pa.float64()}
-SCORE_FIELDS = [  # null until scored; the metrics and their judge-model columns come from engine.metrics
+SCORE_FIELDS = [  # null until scored; the metrics and their judge-model columns come from engine.metrics.columns
     *[field for slot, model_column in MODEL_COLUMNS.items()
       for field in [*(pa.field(m.column, _ARROW_TYPES[m.arrow_kind]) for m in slot_metrics(slot)),
                     pa.field(model_column, pa.string())]],

@@ -84,7 +84,7 @@ def classifier_folder(params, options: dict) -> str:
 
 def check_classifiers(probe_name: str, classifier_dir: str, concepts: list[str]) -> None:
     """UserError naming every concept without a classifier and the command that trains them."""
-    from engine.concepts import load_concept
+    from engine.specs.concepts import load_concept
 
     missing = [c for c in concepts if not all(p.is_file() for p in classifier_paths(classifier_dir, c))]
     if missing:

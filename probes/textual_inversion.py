@@ -7,7 +7,7 @@ concept's prompt is generated with the token in place of the concept's name. If 
 "knows" the concept through another path, the token finds it.
 
 Deliberate differences from the original code (docs/deviations.md): training runs in-process
-(engine.textual_inversion, no `accelerate launch` subprocess) and is cached by content hash (model
+(probes.textual_inversion_training, no `accelerate launch` subprocess) and is cached by content hash (model
 weights, concept, settings, reference images) under the run's cache folder, so each (model,
 concept) trains once; the reference images are the engine's base-model images
 (engine.sampling.base_reference_images, shared with inpainting) or a folder; the token replaces the
@@ -32,10 +32,10 @@ from PIL import Image
 from pydantic import Field
 
 from engine import sampling
-from engine.concepts import ConceptSpec, load_concept
 from engine.errors import UserError
 from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, WorkRow, row_generator, to_uint8
-from engine.textual_inversion import TextualInversionSettings, encode_with_token, ensure_embedding
+from engine.specs.concepts import ConceptSpec, load_concept
+from probes.textual_inversion_training import TextualInversionSettings, encode_with_token, ensure_embedding
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

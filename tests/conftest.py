@@ -37,7 +37,7 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from engine.builtin_models import build_tiny
+    from engine.models.builtin import build_tiny
 
     pipe = build_tiny()
     pipe.set_progress_bar_config(disable=True)
@@ -46,7 +46,7 @@ def tiny_pipe():
 
 @pytest.fixture(scope="session")
 def tiny_erased_pipe():
-    from engine.builtin_models import build_tiny_erased
+    from engine.models.builtin import build_tiny_erased
 
     pipe = build_tiny_erased()
     pipe.set_progress_bar_config(disable=True)

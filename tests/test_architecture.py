@@ -18,15 +18,15 @@ PROBE_ALLOWED = (
     "engine.sampling",
     "engine.guidance",
     "engine.concepts",
-    "engine.config",
+    "engine.specs.runs",
     "engine.errors",
-    "engine.textual_inversion",
+    "probes.textual_inversion_training",
     "probes",
 )
 # The two lowest layers: each imports only its own layer and the ones below it.
-BASE_LAYER = ("engine.errors", "engine.concepts", "engine.judge_refs", "engine.config", "engine.metrics",
+BASE_LAYER = ("engine.errors", "engine.concepts", "engine.specs.judges", "engine.specs.runs", "engine.metrics.columns",
               "engine.results")
-PROBE_API_LAYER = ("engine.probe", "engine.best_of_n", "engine.sampling", "engine.textual_inversion",
+PROBE_API_LAYER = ("engine.probe", "engine.best_of_n", "engine.sampling", "probes.textual_inversion_training",
                    "engine.guidance")
 RAY_FREE = ("probes", "engine.scoring", "engine.models", "engine.guidance", "engine.probe", "engine.sampling")
 

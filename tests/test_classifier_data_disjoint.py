@@ -10,11 +10,11 @@ import pytest
 
 from classifier_training.data import evaluation_seeds, training_rows, training_seeds
 from classifier_training.jobs import TrainRequest, plan_jobs
-from engine.concepts import available_concepts, concept_set_members, load_concept
 from engine.errors import UserError
-from engine.models import resolve_model
+from engine.models.resolve import resolve_model
 from engine.pipeline.grid import ProbeChoice, expand_rows
 from engine.probe import PROBE_REGISTRY, parse_params
+from engine.specs.concepts import available_concepts, concept_set_members, load_concept
 from probes.textual_inversion import TextualInversionParams, TextualInversionProbe
 
 CONCEPTS = sorted(available_concepts())

@@ -20,15 +20,15 @@ from classifier_training.data import evaluation_seeds, resolve_label, training_s
 from classifier_training.jobs import TrainRequest, plan_jobs
 from classifier_training.metrics import pr_auc, roc_auc, roc_curve, tpr_at_fpr
 from classifier_training.train import LatentSet, TrainSettings, sample_timesteps, split_train_val, train_classifier
-from engine.builtin_models import _sd_scheduler_config
 from engine.cli import app
-from engine.concepts import load_concept
-from engine.config import RunSpec
 from engine.errors import UserError
 from engine.guidance import latent_classifier_io
 from engine.guidance.latent_classifier import LatentClassifier
-from engine.pipeline.grid import plan_run
+from engine.models.builtin import _sd_scheduler_config
+from engine.pipeline.grid import expand_run
 from engine.probe import ProbeBatch, ProbeContext
+from engine.specs.concepts import load_concept
+from engine.specs.runs import RunSpec
 from probes.classifier_guidance import ClassifierGuidanceProbe
 
 ALPHAS = DDIMScheduler(**_sd_scheduler_config()).alphas_cumprod
@@ -244,12 +244,12 @@ def test_train_classifier_cli_writes_classifiers_that_guidance_finds(ray_session
                    probes=[{"name": "classifier_guidance", "params": {
                        "classifier_dir": str(output), "classifier_scales": [0.0, 50.0], "num_inference_steps": 2}}],
                    judges=[])
-    plan = plan_run(spec)
+    grid = expand_run(spec)
     probe = ClassifierGuidanceProbe()
-    params = probe.params_class.model_validate_json(plan.rows[0].params)
+    params = probe.params_class.model_validate_json(grid.rows[0].params)
     context = ProbeContext(torch.device("cpu"), lambda: None, load_concept, tmp_path,
                            selector_scores=lambda selector, images, concept, regions: [0.0] * len(images))
-    output_rows = probe.run(ProbeBatch(plan.rows, params, tiny_pipe, context))
+    output_rows = probe.run(ProbeBatch(grid.rows, params, tiny_pipe, context))
     for extras in output_rows.extras:
         unguided, guided = extras["candidate_classifier_logits"]
         assert guided > unguided

@@ -208,13 +208,13 @@ def test_nan_and_infinity_in_search_spaces(tmp_path, dimension, expected):
 def test_every_params_and_options_class_rejects_nan():
     """The one mechanism: allow_inf_nan=False on the shared bases reaches every probe's params and
     every judge's options (and the run, model, concept and tune specs through Frozen)."""
-    from engine.concepts import Frozen
     from engine.probe import get_probe_class, probe_names
     from engine.scoring.registry import get_judge_class, judge_names
+    from engine.specs.base import Frozen
 
     classes = [get_probe_class(name).params_class for name in probe_names()]
     classes += [get_judge_class(name).options_class for name in judge_names()]
-    from engine.config import RunSpec
+    from engine.specs.runs import RunSpec
     from engine.tune.space import Dimension, TuneSpec
 
     classes += [RunSpec, TuneSpec, Dimension]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.concepts import available_concepts, load_concept
-from engine.config import apply_overrides, run_spec_from_dict
 from engine.errors import UserError
+from engine.specs.concepts import available_concepts, load_concept
+from engine.specs.runs import apply_overrides, run_spec_from_dict
 
 ORIGINAL_CONCEPTS = {
     "airliner", "cassette_player", "chainsaw", "church", "english_springer_spaniel", "french_horn",

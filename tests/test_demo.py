@@ -5,21 +5,21 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.config import run_spec_from_dict
 from engine.demo import demo_spec
-from engine.pipeline.grid import plan_run
+from engine.pipeline.grid import expand_run
 from engine.results import read_rows
+from engine.specs.runs import run_spec_from_dict
 
 
 def test_toy_demo_grid_plans_on_the_shipped_models(tmp_path):
-    plan = plan_run(run_spec_from_dict(demo_spec(str(tmp_path), 2), "demo"))
-    assert [m.name for m in plan.models] == ["toy-base", "toy-esdx-circle"]
-    assert {p.name for p in plan.probes} == {"standard_prompt", "noise_based", "diffusion_completion", "inpainting"}
+    grid = expand_run(run_spec_from_dict(demo_spec(str(tmp_path), 2), "demo"))
+    assert [m.name for m in grid.models] == ["toy-base", "toy-esdx-circle"]
+    assert {p.name for p in grid.probes} == {"standard_prompt", "noise_based", "diffusion_completion", "inpainting"}
     # The erased model runs its own concept: 2 prompts x (1 + 6 noise candidates + 3 hand-overs + 1 inpainting);
     # the base model both concepts as the reference, under the probes with a base number (not completion).
-    erased = [r for r in plan.rows if r.model == "toy-esdx-circle"]
+    erased = [r for r in grid.rows if r.model == "toy-esdx-circle"]
     assert {r.concept for r in erased} == {"toy_circle"} and len(erased) == 2 * 11
-    base = [r for r in plan.rows if r.model == "toy-base"]
+    base = [r for r in grid.rows if r.model == "toy-base"]
     assert {r.role for r in base} == {"base"} and len(base) == 2 * 2 * (1 + 6 + 1)
 
 

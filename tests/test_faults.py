@@ -20,11 +20,9 @@ from typer.testing import CliRunner
 
 from engine import __version__
 from engine.cli import app
-from engine.concepts import load_concept
-from engine.config import ModelSpec, run_spec_from_dict
 from engine.errors import UserError
 from engine.pipeline.failures import FAILURES_FILE, RowFailure, merge_failures, read_failures, write_failures
-from engine.pipeline.grid import plan_run, work_units
+from engine.pipeline.grid import expand_run, work_units
 from engine.pipeline.progress import Progress, progress_seconds
 from engine.pipeline.provenance import command_line, model_source
 from engine.pipeline.raynoise import filter_ray_loggers, filtered_stderr
@@ -32,6 +30,8 @@ from engine.pipeline.runlog import ActorInfo, RunLog, UnitReport
 from engine.pipeline.stages import ProbeRunner, ProbeStageConfig, image_problem, is_out_of_memory
 from engine.probe import PROBE_REGISTRY, Probe, ProbeBatch, ProbeOutput, ProbeParams, WorkRow
 from engine.results import read_rows
+from engine.specs.concepts import load_concept
+from engine.specs.runs import ModelSpec, run_spec_from_dict
 
 runner = CliRunner()
 SEEDS = [seed for _, _, seed in load_concept("church").sample_prompts(8)]
@@ -77,12 +77,12 @@ def _plan(tmp_path, num_images=8, **params):
         "output": str(tmp_path / "out"), "models": ["tiny"], "concepts": ["church"], "num_images": num_images,
         "probes": [{"name": "faulty", "params": params}], "judges": [], "batch_size": num_images,
     })  # fmt: skip
-    return plan_run(spec)
+    return expand_run(spec)
 
 
-def _generate(plan, tmp_path):
-    config = ProbeStageConfig.from_plan(plan, "cpu", "sdpa", 1, str(tmp_path / "cache"))
-    (unit,) = work_units(plan.rows, plan.spec.batch_size)
+def _generate(grid, tmp_path):
+    config = ProbeStageConfig.from_grid(grid, "cpu", "sdpa", 1, str(tmp_path / "cache"))
+    (unit,) = work_units(grid.rows, grid.spec.batch_size)
     return ProbeRunner(config).generate(unit)
 
 

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import engine.models
+import engine.models.loading
 import engine.pipeline.run
 from engine.cli import app
-from engine.config import RunSpec
 from engine.probe import get_probe_class, probe_names
+from engine.specs.runs import RunSpec
 
 runner = CliRunner()
 FUZZ = settings(
@@ -52,15 +52,15 @@ def workdir(tmp_path_factory):
         def reached(*args, **kwargs):
             raise ReachedExecution
 
-        def execute(plan, *args, **kwargs):
+        def execute(grid, *args, **kwargs):
             # An accepted run must be one worth running: no NaN or infinity anywhere in its config.
-            bad = non_finite_floats(plan.resolved_config())
+            bad = non_finite_floats(grid.resolved_config())
             assert not bad, f"accepted a run with non-finite values at {bad}"
             raise ReachedExecution
 
         patch.setattr(engine.pipeline.run, "execute", execute)
-        patch.setattr(engine.models, "load_base_pipeline", reached)
-        patch.setattr(engine.models, "load_unet", reached)
+        patch.setattr(engine.models.loading, "load_base_pipeline", reached)
+        patch.setattr(engine.models.loading, "load_unet", reached)
         yield tmp_path_factory.mktemp("fuzz")
 
 
@@ -95,7 +95,7 @@ junk = st.recursive(
     max_leaves=6,
 )
 # Values of the right shape and near the right range, so that many cases pass the type checks and
-# exercise the checks behind them (bounds, cross-field rules, plan_run).
+# exercise the checks behind them (bounds, cross-field rules, expand_run).
 small_floats = st.floats(min_value=-1.0, max_value=60.0, allow_nan=False)
 plausible = st.one_of(
     st.integers(min_value=0, max_value=60), small_floats, st.booleans(), st.sampled_from(NAMES),

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 from engine import sampling
 from engine.cli import app
-from engine.concepts import load_concept
-from engine.config import RunSpec
 from engine.errors import UserError
 from engine.guidance.latent_classifier_io import load_classifier, write_untrained_classifiers
-from engine.pipeline.grid import plan_run
+from engine.pipeline.grid import expand_run
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, row_generator
+from engine.specs.concepts import load_concept
+from engine.specs.runs import RunSpec
 from probes.classifier_guidance import ClassifierGuidanceParams, ClassifierGuidanceProbe, LatentClassifierGuidance
 from probes.noise_classifier_guidance import NoiseClassifierGuidanceParams, NoiseClassifierGuidanceProbe
 
@@ -132,12 +132,12 @@ def test_missing_classifier_is_a_user_error_before_any_work(probe, tmp_path, cla
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError) as error:
-        plan_run(_spec(tmp_path, probe, {"classifier_dir": str(empty)}))
+        expand_run(_spec(tmp_path, probe, {"classifier_dir": str(empty)}))
     message = str(error.value)
     assert 'engine train-classifier "church" "golf ball" --output-dir' in message and str(empty) in message
     assert not (tmp_path / "out").exists()
-    plan = plan_run(_spec(tmp_path, probe, {"classifier_dir": str(classifier_dir)}))
-    assert len(plan.rows) == 2 and all(str(classifier_dir) in row.params for row in plan.rows)
+    grid = expand_run(_spec(tmp_path, probe, {"classifier_dir": str(classifier_dir)}))
+    assert len(grid.rows) == 2 and all(str(classifier_dir) in row.params for row in grid.rows)
 
 
 def test_run_cli_classifier_dir_flag_reaches_the_probe_check(tmp_path):

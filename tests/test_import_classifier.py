@@ -15,10 +15,10 @@ from diffusers import DDIMScheduler
 from torch import nn
 from typer.testing import CliRunner
 
-from engine.builtin_models import _sd_scheduler_config
 from engine.cli import app
 from engine.guidance.latent_classifier_io import load_classifier
 from engine.guidance.original_classifier import ORIGINAL_TO_ENGINE
+from engine.models.builtin import _sd_scheduler_config
 
 ALPHAS = DDIMScheduler(**_sd_scheduler_config()).alphas_cumprod
 runner = CliRunner()

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torchvision
 
-from engine.concepts import ConceptSpec, load_concept
 from engine.errors import UserError
 from engine.results import encode_png, rows_table
 from engine.scoring.judge import ClassifierJudge, Judge
 from engine.scoring.registry import build_judge, check_judges, judge_options, parse_judge_ref
 from engine.scoring.scorer import Scorer, crop_to_region
+from engine.specs.concepts import ConceptSpec, load_concept
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,7 +279,7 @@ def _offline_without_caches(monkeypatch, tmp_path):
 
 
 def test_default_judges_are_the_real_ones_unless_the_environment_names_others(monkeypatch):
-    from engine.config import run_spec_from_dict
+    from engine.specs.runs import run_spec_from_dict
 
     data = {"output": "x", "concepts": ["church"], "probes": ["standard_prompt"], "num_images": 1}
     monkeypatch.delenv("ENGINE_JUDGES", raising=False)

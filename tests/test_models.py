@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ModelSpec
 from engine.errors import UserError
-from engine.models import ModelCache, resolve_model, unet_override_spec
+from engine.models.cache import ModelCache
+from engine.models.resolve import resolve_model, unet_override_spec
 from engine.probe import row_generator
+from engine.specs.runs import ModelSpec
 
 
 def _image(pipe, seed=3):
@@ -38,7 +39,7 @@ def saved_folders(tmp_path_factory, tiny_pipe, tiny_erased_pipe):
 
 
 def test_builtin_tiny_is_seeded_and_reproducible(tiny_pipe):
-    from engine.builtin_models import build_tiny
+    from engine.models.builtin import build_tiny
 
     again = build_tiny()
     for (name, a), (_, b) in zip(tiny_pipe.unet.state_dict().items(), again.unet.state_dict().items()):
@@ -109,7 +110,8 @@ def test_hub_id_loads_from_cache_layout_offline(saved_folders, tmp_path):
     script = textwrap.dedent(
         """
         import json, torch
-        from engine.models import ModelCache, resolve_model
+        from engine.models.cache import ModelCache
+        from engine.models.resolve import resolve_model
         from engine.probe import row_generator
         spec = resolve_model("test-org/tiny-sd")
         pipe = ModelCache(torch.device("cpu")).pipeline(spec)
@@ -122,14 +124,14 @@ def test_hub_id_loads_from_cache_layout_offline(saved_folders, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["name"] == "test-org/tiny-sd"
-    from engine.builtin_models import build_tiny
+    from engine.models.builtin import build_tiny
 
     expected = float(_image(build_tiny()).sum())
     assert loaded["sum"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_xformers_on_cpu_is_a_clear_error(tiny_pipe):
-    from engine.models import set_attention
+    from engine.models.loading import set_attention
 
     with pytest.raises(UserError, match="xformers"):
         set_attention(tiny_pipe, "xformers", torch.device("cpu"))

@@ -22,8 +22,8 @@ import yaml
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.concepts import SHIPPED, config_sources, find_config_entries, find_config_files, shipped_config_dir
 from engine.results import read_rows
+from engine.specs.files import SHIPPED, config_sources, find_config_entries, find_config_files, shipped_config_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 import engine.cli.run
 from engine.cli import app
-from engine.concepts import available_concepts, load_concept
-from engine.config import ModelSpec, RunSpec
 from engine.errors import UserError
-from engine.model_families import model_families
-from engine.models import resolve_model
-from engine.pipeline.grid import plan_run
+from engine.models.families import model_families
+from engine.models.resolve import resolve_model
+from engine.pipeline.grid import expand_run
+from engine.specs.concepts import available_concepts, load_concept
+from engine.specs.runs import ModelSpec, RunSpec
 
 FAST = {"num_inference_steps": 2, "height": 32, "width": 32}
 REAL = sorted(n for n in available_concepts() if not n.startswith("toy_"))
@@ -55,7 +55,7 @@ def paired_plan(tmp_path_factory):
     ]
     spec = _spec(tmp_path_factory.mktemp("paired"), ["tiny", ERASED_CHURCH], ["church", "golf_ball", "van_gogh"],
                  probes)
-    return plan_run(spec)
+    return expand_run(spec)
 
 
 def test_an_erased_model_never_runs_a_recovery_probe_on_a_concept_it_did_not_erase(paired_plan):
@@ -74,7 +74,7 @@ def test_interference_covers_the_other_12_real_concepts_whatever_the_run_lists(p
     for target in {r.target_concept for r in rows}:
         expected = load_concept(target).first_prompts(2)
         assert [(r.prompt_index, r.prompt, r.seed) for r in rows if r.target_concept == target] == expected
-    # The plan carries every concept a row names, so the scorer can judge the unlisted targets.
+    # The grid carries every concept a row names, so the scorer can judge the unlisted targets.
     assert sorted(paired_plan.concepts) == REAL
 
 
@@ -93,34 +93,35 @@ def test_the_base_model_runs_each_listed_concept_and_every_interference_target(p
 
 
 def test_a_one_concept_run_of_an_erased_model(tmp_path):
-    plan = plan_run(_spec(tmp_path, [ERASED_CHURCH], ["church"], [{"name": "interference", "params": FAST}],
+    grid = expand_run(_spec(tmp_path, [ERASED_CHURCH], ["church"], [{"name": "interference", "params": FAST}],
                           num_images=1))
-    assert sorted(r.target_concept for r in plan.rows) == [n for n in REAL if n != "church"]
+    assert sorted(r.target_concept for r in grid.rows) == [n for n in REAL if n != "church"]
 
 
 def test_toy_concepts_never_mix_with_real_ones(tmp_path):
-    plan = plan_run(_spec(tmp_path, ["toy-esdx-circle"], ["toy_circle", "church"],
+    grid = expand_run(_spec(tmp_path, ["toy-esdx-circle"], ["toy_circle", "church"],
                           ["standard_prompt", "interference"], base="toy-base"))
-    assert {r.concept for r in plan.rows} == {"toy_circle"}
-    interference = {r.target_concept for r in plan.rows if r.probe == "interference"}
+    assert {r.concept for r in grid.rows} == {"toy_circle"}
+    interference = {r.target_concept for r in grid.rows if r.probe == "interference"}
     assert sorted(interference) == [n for n in TOY if n != "toy_circle"]
 
 
 def test_a_runs_concepts_filter_which_erased_concepts_are_evaluated(tmp_path):
-    plan = plan_run(_spec(tmp_path, ["toy-base", "toyworld"], ["toy_circle"], ["standard_prompt"], base="toy-base"))
-    assert [m.name for m in plan.models] == ["toy-base", "esdx_toy_circle", "uce_toy_circle"]
-    assert plan.skipped_models == ["esdx_toy_triangle", "uce_toy_triangle"]
-    assert {(r.model, r.concept) for r in plan.rows if r.role == "recovery"} == {
+    grid = expand_run(_spec(tmp_path, ["toy-base", "toyworld"], ["toy_circle"], ["standard_prompt"], base="toy-base"))
+    assert [m.name for m in grid.models] == ["toy-base", "esdx_toy_circle", "uce_toy_circle"]
+    assert grid.skipped_models == ["esdx_toy_triangle", "uce_toy_triangle"]
+    assert {(r.model, r.concept) for r in grid.rows if r.role == "recovery"} == {
         ("esdx_toy_circle", "toy_circle"), ("uce_toy_circle", "toy_circle")}
     with pytest.raises(UserError, match="no listed concept"):
-        plan_run(_spec(tmp_path, ["toyworld"], ["toy_square"], ["standard_prompt"], base="toy-base"))
+        expand_run(_spec(tmp_path, ["toyworld"], ["toy_square"], ["standard_prompt"], base="toy-base"))
 
 
 def test_a_model_declaring_nothing_keeps_its_full_grid_and_row_ids(tmp_path):
     spec = _spec(tmp_path, ["tiny-erased"], ["church", "golf_ball"], [{"name": "standard_prompt", "params": FAST}])
-    plain = plan_run(spec).rows
+    plain = expand_run(spec).rows
     # Next to an erased model, it still gets the full product, with the same row ids.
-    beside = [r for r in plan_run(_with_models(spec, ["tiny-erased", ERASED_CHURCH])).rows if r.model == "tiny-erased"]
+    beside_rows = expand_run(_with_models(spec, ["tiny-erased", ERASED_CHURCH])).rows
+    beside = [r for r in beside_rows if r.model == "tiny-erased"]
     assert [r.row_id for r in beside] == [r.row_id for r in plain]
     assert {r.role for r in plain} == {"unpaired"} and {r.concept for r in plain} == {"church", "golf_ball"}
     # The identity hashed before models declared erased concepts (resume of existing runs).
@@ -137,17 +138,17 @@ def test_a_model_declaring_nothing_keeps_its_full_grid_and_row_ids(tmp_path):
 
 def test_an_unlabelled_model_hashes_as_before_but_is_labelled_unknown(tmp_path):
     spec = _spec(tmp_path, [{"name": "m", "pretrained": "tiny-erased"}], ["church"], ["standard_prompt"])
-    row = plan_run(spec).rows[0]
+    row = expand_run(spec).rows[0]
     assert row.method == "unknown" and row.role == "unpaired"
     labelled = _with_models(spec, [{"name": "m", "pretrained": "tiny-erased", "method": "none"}])
-    assert plan_run(labelled).rows[0].row_id == row.row_id  # `none` was the unset label's old default
+    assert expand_run(labelled).rows[0].row_id == row.row_id  # `none` was the unset label's old default
 
 
 def test_erased_declarations_are_checked():
     with pytest.raises(ValueError, match="marks the un-erased base model"):
         ModelSpec(name="x", pretrained="tiny", method="none", erased=["church"])
     with pytest.raises(UserError, match="erased 'chruch', which is not a configured concept"):
-        plan_run(RunSpec(output="o", models=[{"name": "x", "pretrained": "tiny", "erased": ["chruch"]}],
+        expand_run(RunSpec(output="o", models=[{"name": "x", "pretrained": "tiny", "erased": ["chruch"]}],
                          concepts=["church"], probes=["standard_prompt"], num_images=1))
 
 
@@ -221,13 +222,13 @@ def tiny_folders(tmp_path_factory, tiny_pipe):
 
 @pytest.fixture
 def planned(monkeypatch):
-    """`engine run` up to its plan: the plan it would execute, and nothing generated."""
+    """`engine run` up to its grid: the grid it would execute, and nothing generated."""
     plans = []
 
-    def planned_only(plan, *args, on_locked=None, **kwargs):
+    def planned_only(grid, *args, on_locked=None, **kwargs):
         if on_locked is not None:  # what a run prints once it holds the output's lock
             on_locked()
-        plans.append(plan)
+        plans.append(grid)
 
     monkeypatch.setattr(engine.cli.run, "execute_and_print", planned_only)
     return plans
@@ -244,8 +245,8 @@ def test_a_model_given_by_path_without_method_is_not_labelled_as_the_base(tiny_f
               "--base-model", "tiny"]
     _run("--model", str(tiny_folders / "tiny"), "--concept", "church", *common)
     _run("--unet", str(tiny_folders / "unet"), "--concept", "church", *common)
-    for plan in planned:
-        assert {(r.method, r.role) for r in plan.rows} == {("unknown", "unpaired")}
+    for grid in planned:
+        assert {(r.method, r.role) for r in grid.rows} == {("unknown", "unpaired")}
     # The base model's own folder is the base model, labelled `none`.
     _run("--model", str(tiny_folders / "tiny"), "--concept", "church", *common[:-1], str(tiny_folders / "tiny"))
     assert {(r.method, r.role) for r in planned[-1].rows} == {("none", "base")}
@@ -256,11 +257,11 @@ def test_method_and_erased_flags_label_the_command_line_models(tiny_folders, pla
               "--output", str(tmp_path / "o"), "--base-model", "tiny"]
     result = _run("--model", str(tiny_folders / "tiny"), "--method", "uce", "--erased", "church", *common)
     _run("--unet", str(tiny_folders / "unet"), "--method", "esdx", "--erased", "church", *common)
-    for plan, method in zip(planned, ["uce", "esdx"]):
-        assert {r.method for r in plan.rows} == {method} and {r.erased for r in plan.rows} == {("church",)}
-        assert {(r.probe, r.role) for r in plan.rows} == {("standard_prompt", "recovery"),
+    for grid, method in zip(planned, ["uce", "esdx"]):
+        assert {r.method for r in grid.rows} == {method} and {r.erased for r in grid.rows} == {("church",)}
+        assert {(r.probe, r.role) for r in grid.rows} == {("standard_prompt", "recovery"),
                                                          ("interference", "preservation")}
-        assert len(plan.rows) == 1 + 12  # --concept defaults to the erased concepts
+        assert len(grid.rows) == 1 + 12  # --concept defaults to the erased concepts
     # Before any work: rows per model x probe.
     header, table = result.output.splitlines()[0], result.output.splitlines()[1:3]
     assert header.startswith("13 rows (recovery 1, preservation 12)")

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from engine import sampling
-from engine.acceleration import accelerate_pipeline, chunk_vae_decode, is_compiled
-from engine.builtin_models import build_tiny
-from engine.config import ModelSpec, run_spec_from_dict
-from engine.models import ModelCache
+from engine.models.acceleration import accelerate_pipeline, chunk_vae_decode, is_compiled
+from engine.models.builtin import build_tiny
+from engine.models.cache import ModelCache
 from engine.pipeline.batching import (
     AutoBatcher,
     batching_record,
@@ -27,6 +26,7 @@ from engine.pipeline.encoding import encode_pngs
 from engine.pipeline.ray_start import RayStart, worker_env
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, row_generator, to_uint8
 from engine.results import encode_png
+from engine.specs.runs import ModelSpec, run_spec_from_dict
 from probes.standard_prompt import StandardPromptParams, StandardPromptProbe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import engine.models
+import engine.models.loading
 from engine.cli import app
-from engine.config import RunSpec, load_run_file
-from engine.pipeline.grid import plan_run
-from engine.pipeline.plan_cost import ENGINE_TFLOPS, ORIGINAL_TFLOPS, estimate
+from engine.pipeline.grid import expand_run
+from engine.pipeline.plan import ENGINE_TFLOPS, ORIGINAL_TFLOPS, estimate
+from engine.specs.runs import RunSpec, load_run_file
 
 runner = CliRunner()
 
@@ -24,8 +24,8 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("engine plan loaded a model")
 
-    monkeypatch.setattr(engine.models, "load_base_pipeline", refuse)
-    monkeypatch.setattr(engine.models, "load_unet", refuse)
+    monkeypatch.setattr(engine.models.loading, "load_base_pipeline", refuse)
+    monkeypatch.setattr(engine.models.loading, "load_unet", refuse)
 
 
 def small_grid(tmp_path) -> RunSpec:
@@ -52,7 +52,7 @@ def small_grid(tmp_path) -> RunSpec:
 
 
 def test_counts_match_a_hand_computation(tmp_path):
-    cost = estimate(plan_run(small_grid(tmp_path), strict=False))
+    cost = estimate(expand_run(small_grid(tmp_path), strict=False))
     # Rows. tiny (the base, DDIM) runs both concepts under standard, noise and inpainting (2 x 2
     # each), and interference's reference on the 13 real concepts (the listed two and every
     # target of the erased models' interference), 2 prompts each. e1 and hub run their erased
@@ -85,7 +85,7 @@ def test_counts_match_a_hand_computation(tmp_path):
 def test_gpu_hours_follow_the_cost_model(tmp_path):
     spec = RunSpec(output=str(tmp_path), base_model="sd14-random", models=["sd14-random"], concepts=["church"],
                    probes=[{"name": "standard_prompt", "params": {"num_inference_steps": 50}}], num_images=10)
-    cost = estimate(plan_run(spec, strict=False))
+    cost = estimate(expand_run(spec, strict=False))
     # 10 images x 51 PNDM calls x 2 halves x 0.8033 TFLOP + 10 decodes x 2.5145 + 20 prompt encodings x 0.0133
     tflop = 10 * 51 * 2 * 0.8033 + 10 * 2.5145 + 20 * 0.0133
     assert cost.total.unet_evals == 10 * 51 * 2 and cost.total.tflop == pytest.approx(tflop)
@@ -98,16 +98,16 @@ def test_gpu_hours_follow_the_cost_model(tmp_path):
 
 def test_the_paper_grid_plans_offline_without_loading_anything(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    plan = plan_run(load_run_file(Path(__file__).resolve().parent.parent / "configs/runs/paper.yaml"), strict=False)
-    cost = estimate(plan)
-    assert len(plan.models) == 92 and plan.models[0].name == "sd14"
+    grid = expand_run(load_run_file(Path(__file__).resolve().parent.parent / "configs/runs/paper.yaml"), strict=False)
+    cost = estimate(grid)
+    assert len(grid.models) == 92 and grid.models[0].name == "sd14"
     per_erased = {"standard_prompt": 30, "classifier_guidance": 30, "noise_based": 30,
                   "noise_classifier_guidance": 30, "diffusion_completion": 90, "interference": 360,
                   "inpainting": 30, "textual_inversion": 30}
     assert cost.row_counts["uce_church"] == per_erased
     assert cost.row_counts["sd14"] == {**{p: 0 for p in per_erased}, "standard_prompt": 390, "noise_based": 390,
                                        "interference": 390, "inpainting": 390}
-    assert len(plan.rows) == 91 * 630 + 4 * 390
+    assert len(grid.rows) == 91 * 630 + 4 * 390
     # The original's sweeps: 24 noise candidates, 25 guidance scales, 150 noise x guidance pairs.
     assert cost.by_probe["noise_classifier_guidance"].images == 91 * 30 * 150
     assert cost.by_probe["noise_based"].images == (91 + 13) * 30 * 24
@@ -121,10 +121,10 @@ def test_engine_plan_prints_the_plan(tmp_path):
         "output: unused\nbase_model: sd14-random\nmodels: [sd14-random, {name: e, pretrained: org/e, method: esdx, "
         "erased: [church]}]\nconcepts: [church]\nprobes: [standard_prompt]\nnum_images: 3\n"
     )
-    result = runner.invoke(app, ["plan", str(config), "--gpu", "a100"])
+    result = runner.invoke(app, ["grid", str(config), "--gpu", "a100"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("6 rows (recovery 3, base 3) for 2 model(s) x 1 probe(s):")
     assert "MISSING  org/e" in result.output
     assert "estimated GPU-hours on one A100" in result.output and "this engine" in result.output
-    bad = runner.invoke(app, ["plan", str(config), "--gpu", "v100"])
+    bad = runner.invoke(app, ["grid", str(config), "--gpu", "v100"])
     assert bad.exit_code == 2 and "valid choices: h100, a100, a6000" in bad.output

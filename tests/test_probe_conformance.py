@@ -4,7 +4,7 @@
 - give the same image for the same seed, and the same image for a row in a batch as alone;
 - leave the pipelines it touched (model under test and base) unchanged: weights, scheduler
   class/config, attention processors;
-- have its `requires` checked in engine.pipeline.grid.plan_run, before any work.
+- have its `requires` checked in engine.pipeline.grid.expand_run, before any work.
 
 Rows come from engine.pipeline.grid.expand_rows (so expand_params and work_prompts are exercised) on the
 tiny built-in models: `tiny-erased` is the model under test, `tiny` the base. A probe runs with
@@ -25,13 +25,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.builtin_models import build_tiny
-from engine.concepts import available_concepts, load_concept
-from engine.config import RunSpec
 from engine.errors import UserError
 from engine.guidance.latent_classifier_io import write_untrained_classifiers
-from engine.models import resolve_model
-from engine.pipeline.grid import ProbeChoice, expand_rows, plan_run
+from engine.models.builtin import build_tiny
+from engine.models.resolve import resolve_model
+from engine.pipeline.grid import ProbeChoice, expand_rows, expand_run
 from engine.probe import (
     PROBE_REGISTRY,
     REQUIREMENTS,
@@ -41,6 +39,8 @@ from engine.probe import (
     get_probe_class,
     parse_params,
 )
+from engine.specs.concepts import available_concepts, load_concept
+from engine.specs.runs import RunSpec
 
 PROBES = sorted(PROBE_REGISTRY)
 FAST = {"num_inference_steps": 3, "height": 32, "width": 32}
@@ -226,10 +226,10 @@ def test_requires_is_checked_before_work(name, tmp_path):
     unmet = set(probe_class.requires) - {"reference_images"}
     if unmet:
         with pytest.raises(UserError) as error:
-            plan_run(spec)
+            expand_run(spec)
         if unmet == {"base_model"}:
             assert "no-such-base-model" in str(error.value)
     else:  # the base model is neither needed nor resolved
-        plan = plan_run(spec)
-        assert plan.base is None and plan.rows
+        grid = expand_run(spec)
+        assert grid.base is None and grid.rows
     assert not (tmp_path / "out").exists()  # nothing was started

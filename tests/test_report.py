@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.errors import UserError
+from engine.metrics.stats import clopper_pearson_interval, mean_interval, wilson_interval
 from engine.report.build import build_report
-from engine.report.stats import clopper_pearson_interval, mean_interval, wilson_interval
 from engine.report.summary import summary_frame
 from engine.report.tables import cell_stats, load_rows, pooled_stats
 from engine.results import encode_png, rows_table

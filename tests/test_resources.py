@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import run_spec_from_dict
 from engine.errors import UserError
 from engine.pipeline.resources import StageResources, plan_resources
+from engine.specs.runs import run_spec_from_dict
 
 
 def _spec(**fields):

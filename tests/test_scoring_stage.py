@@ -14,10 +14,8 @@ from pydantic import Field
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.concepts import load_concept
-from engine.config import run_spec_from_dict
 from engine.errors import UserError
-from engine.pipeline.grid import plan_run
+from engine.pipeline.grid import expand_run
 from engine.pipeline.stages import ProbeRunner, ProbeStageConfig, ScoreActor, ScoreStageConfig
 from engine.probe import PROBE_REGISTRY, Probe, ProbeBatch, ProbeOutput, ProbeParams
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, decode_png, read_rows, rows_table
@@ -25,6 +23,8 @@ from engine.scoring.registry import build_judge, parse_judge_ref
 from engine.scoring.rescore import rescore_run
 from engine.scoring.scorer import Scorer, crop_to_region
 from engine.scoring.selectors import SelectorName, check_selectors
+from engine.specs.concepts import load_concept
+from engine.specs.runs import run_spec_from_dict
 
 runner = CliRunner()
 TINY_JUDGES = "judges=[clip:tiny, imagenet:tiny]"
@@ -156,22 +156,22 @@ def _plan(tmp_path, selector: str, judges: list[str] = ("clip:tiny", "imagenet:t
         "output": str(tmp_path / "out"), "models": ["tiny"], "concepts": list(concepts), "num_images": 2,
         "probes": [{"name": "best_of_three", "params": {"selector": selector}}], "judges": list(judges),
     })  # fmt: skip
-    return plan_run(spec)
+    return expand_run(spec)
 
 
-def _generate(plan, tmp_path) -> list[dict]:
-    probe_runner = ProbeRunner(ProbeStageConfig.from_plan(plan, "cpu", "sdpa", 1, str(tmp_path / "cache")))
-    outcome = probe_runner.generate(plan.rows)
+def _generate(grid, tmp_path) -> list[dict]:
+    probe_runner = ProbeRunner(ProbeStageConfig.from_grid(grid, "cpu", "sdpa", 1, str(tmp_path / "cache")))
+    outcome = probe_runner.generate(grid.rows)
     assert not outcome.failures, outcome.failures
     return outcome.records
 
 
 def test_best_of_n_rows_record_selector_and_candidate_means(best_of_three, tmp_path):
-    plan = _plan(tmp_path, "clip")
-    records = _generate(plan, tmp_path)
+    grid = _plan(tmp_path, "clip")
+    records = _generate(grid, tmp_path)
     assert [r["selector"] for r in records] == ["clip=clip:tiny-clip/random-seed0"] * 2
     assert [r["candidate_count"] for r in records] == [3, 3]
-    scored = ScoreActor(ScoreStageConfig.from_plan(plan, "cpu", 1))(rows_table(records, STREAM_SCHEMA))
+    scored = ScoreActor(ScoreStageConfig.from_grid(grid, "cpu", 1))(rows_table(records, STREAM_SCHEMA))
     assert scored.schema == ROW_SCHEMA and CANDIDATE_IMAGES not in scored.column_names
 
     church = load_concept("church")
@@ -208,9 +208,9 @@ def test_selector_none_keeps_the_first_candidate(best_of_three, tmp_path):
 
 def test_latent_classifier_selector_needs_a_classifier_in_the_actor_too(best_of_three, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # ./classifiers (the default folder) does not exist here
-    plan = _plan(tmp_path, "latent_classifier")
+    grid = _plan(tmp_path, "latent_classifier")
     with pytest.raises(UserError, match='no classifier for church in classifiers; train one with: engine train-clas'):
-        _generate(plan, tmp_path)
+        _generate(grid, tmp_path)
 
 
 @pytest.mark.parametrize("selector, judges, concepts, expected", [

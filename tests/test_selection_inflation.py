@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.metrics import MODEL_COLUMNS, slot_metrics
+from engine.metrics.columns import MODEL_COLUMNS, slot_metrics
 from engine.report.selection import _SELECTOR_SLOT, all_candidates_column, selection_inflated
 
 CLIP = "clip:ViT-B-32/openai"

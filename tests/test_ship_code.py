@@ -15,8 +15,7 @@ import pytest
 from ray import cloudpickle
 
 import engine
-from engine.config import run_spec_from_dict
-from engine.pipeline.grid import plan_run
+from engine.pipeline.grid import expand_run
 from engine.pipeline.shipping import (
     SHIPPED_PACKAGES,
     NodeEngine,
@@ -27,6 +26,7 @@ from engine.pipeline.shipping import (
     uses_toy_weights,
 )
 from engine.results import read_rows
+from engine.specs.runs import run_spec_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def test_ships_by_default_only_to_an_existing_cluster():
 
 
 def _plan(models, concepts, judges):
-    return plan_run(run_spec_from_dict({"output": "unused", "models": models, "concepts": concepts,
+    return expand_run(run_spec_from_dict({"output": "unused", "models": models, "concepts": concepts,
                                         "probes": ["standard_prompt"], "num_images": 1, "judges": judges}))
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-import engine.textual_inversion as ti
-from engine.builtin_models import build_tiny_erased
-from engine.concepts import available_concepts, load_concept
+import probes.textual_inversion_training as ti
 from engine.errors import UserError
+from engine.models.builtin import build_tiny_erased
 from engine.probe import ProbeBatch, ProbeContext, WorkRow
+from engine.specs.concepts import available_concepts, load_concept
 from probes.textual_inversion import TextualInversionParams, TextualInversionProbe, insert_token
 
 ORIGINAL_CONCEPTS = {

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.toyworld import erase, models
 from engine.toyworld.render import CONCEPTS, IMAGE_SIZE, caption, render, render_dataset
+from engine.toyworld.shipped import cross_attention_kv_names
 from engine.toyworld.tokenizer import build_toy_tokenizer
+from toyworld_training import erase, models
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,8 @@ def test_judge_classify_returns_probabilities_and_checks_input():
 
 
 def test_tiny_build_runs_every_stage_and_resumes(tmp_path):
-    from engine.toyworld.build import BuildSettings, build_toy_world
     from engine.toyworld.shipped import load_toy_base, load_toy_erased
+    from toyworld_training.build import BuildSettings, build_toy_world
 
     work, export = tmp_path / "work", tmp_path / "weights"
     report = build_toy_world(work, BuildSettings.tiny(), export_dir=export, log_file=work / "build.log")
@@ -120,7 +121,7 @@ def test_tiny_build_runs_every_stage_and_resumes(tmp_path):
     assert (work / "base.json").read_text() == before
     # the exported erased model differs from the base only in attn2 k/v
     base, erased = load_toy_base(export), load_toy_erased("esdx", "circle", export)
-    kv = set(erase.cross_attention_kv_names(base.unet))
+    kv = set(cross_attention_kv_names(base.unet))
     base_state, erased_state = base.unet.state_dict(), erased.unet.state_dict()
     changed = {k for k in base_state if not torch.equal(base_state[k], erased_state[k])}
     assert changed and changed <= kv
@@ -140,7 +141,7 @@ def test_esd_x_changes_only_cross_attention_kv_and_computes_preservation(tiny_pa
                         [caption("square"), ""], settings, seed=0, concept_latents=latents,
                         preserve_latents={caption("square"): latents, "": latents},
                         on_log=lambda step, _: logged.append(step) and False)
-    kv = set(erase.cross_attention_kv_names(unet))
+    kv = set(cross_attention_kv_names(unet))
     assert kv and all(".attn2.to_" in k for k in kv)
     changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == kv
@@ -168,7 +169,7 @@ def test_uce_moves_concept_values_to_the_anchor_and_keeps_preserved(tiny_parts, 
     m = min(len(tails[0]), len(tails[1]))
     erase.uce(unet, text_encoder, tokenizer, [prompts[0]], [prompts[1]], [prompts[2]], lam=0.01)
     changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and changed <= set(erase.cross_attention_kv_names(unet))
+    assert changed and changed <= set(cross_attention_kv_names(unet))
     name = sorted(changed)[0]
     w0, w1 = before[name], unet.state_dict()[name]
     target = tails[1][:m] @ w0.T
@@ -181,7 +182,7 @@ def test_uce_moves_concept_values_to_the_anchor_and_keeps_preserved(tiny_parts, 
 
 
 def test_toy_concept_configs_match_the_renderer():
-    from engine.concepts import load_concept
+    from engine.specs.concepts import load_concept
 
     for index, concept in enumerate(CONCEPTS):
         spec = load_concept(f"toy_{concept}")
@@ -191,7 +192,7 @@ def test_toy_concept_configs_match_the_renderer():
 
 
 def test_toy_models_are_registered_builtins():
-    from engine.builtin_models import BUILTIN_MODELS
+    from engine.models.builtin import BUILTIN_MODELS
     from engine.toyworld.shipped import toy_model_names
 
     for name, (method, _) in toy_model_names().items():
@@ -199,9 +200,9 @@ def test_toy_models_are_registered_builtins():
 
 
 def test_toy_judge_is_registered_and_scores_toy_concepts():
-    from engine.concepts import load_concept
     from engine.errors import UserError
     from engine.scoring.registry import build_judge, check_judges, parse_judge_ref
+    from engine.specs.concepts import load_concept
 
     request = parse_judge_ref("toy")
     images, labels = render_dataset(2, seed=7)

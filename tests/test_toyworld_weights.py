@@ -21,7 +21,7 @@ NUM_SEEDS = 16
 
 
 def _seeds() -> list[int]:
-    from engine.concepts import load_concept
+    from engine.specs.concepts import load_concept
 
     return [seed for _, _, seed in load_concept("toy_circle").first_prompts(NUM_SEEDS)]
 
@@ -35,8 +35,8 @@ def judge():
 
 @pytest.fixture(scope="module")
 def base_rates(judge):
-    from engine.builtin_models import BUILTIN_MODELS
-    from engine.toyworld.evaluate import concept_rates
+    from engine.models.builtin import BUILTIN_MODELS
+    from toyworld_training.evaluate import concept_rates
 
     return concept_rates(BUILTIN_MODELS["toy-base"].build(), judge, _seeds())
 
@@ -53,8 +53,8 @@ def test_base_model_draws_every_concept(base_rates):
 
 @pytest.mark.parametrize("concept", ["circle", "triangle"])
 def test_esdx_model_erases_its_concept_and_keeps_the_others(concept, judge, base_rates):
-    from engine.builtin_models import BUILTIN_MODELS
-    from engine.toyworld.evaluate import concept_rates
+    from engine.models.builtin import BUILTIN_MODELS
+    from toyworld_training.evaluate import concept_rates
 
     rates = concept_rates(BUILTIN_MODELS[f"toy-esdx-{concept}"].build(), judge, _seeds())
     assert rates[concept]["rate"] <= 0.2, rates[concept]

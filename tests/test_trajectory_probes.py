@@ -16,13 +16,13 @@ from typer.testing import CliRunner
 
 from engine import sampling
 from engine.cli import app
-from engine.concepts import load_concept
-from engine.config import RunSpec
 from engine.errors import UserError
-from engine.models import resolve_model
-from engine.pipeline.grid import ProbeChoice, expand_rows, plan_run
+from engine.models.resolve import resolve_model
+from engine.pipeline.grid import ProbeChoice, expand_rows, expand_run
 from engine.probe import ProbeBatch, ProbeContext, WorkRow, parse_params, row_generator
 from engine.results import decode_png, read_rows
+from engine.specs.concepts import load_concept
+from engine.specs.runs import RunSpec
 from probes.diffusion_completion import DiffusionCompletionProbe
 from probes.inpainting import InpaintingProbe, mask_box
 from probes.interference import InterferenceProbe
@@ -349,7 +349,7 @@ def test_interference_of_a_one_concept_run_draws_the_concepts_set(tmp_path):
     spec = RunSpec(
         output=str(tmp_path), models=["tiny-erased"], concepts=["church"], probes=["interference"], num_images=1
     )
-    targets = {r.target_concept for r in plan_run(spec).rows}
+    targets = {r.target_concept for r in expand_run(spec).rows}
     assert len(targets) == 12 and "church" not in targets and not any(t.startswith("toy_") for t in targets)
 
 
@@ -365,7 +365,7 @@ def test_interference_needs_another_concept_of_its_set(tmp_path, monkeypatch):
         output=str(tmp_path / "out"), models=["tiny-erased"], concepts=["lonely"], probes=["interference"], num_images=1
     )
     with pytest.raises(UserError, match="concept set 'mine' of lonely has no other concept"):
-        plan_run(spec)
+        expand_run(spec)
 
 
 def test_interference_generates_the_other_prompt(tiny_erased_pipe, tmp_path):

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 import engine.tune.execute
 from engine.cli import app
-from engine.concepts import load_concept
 from engine.results import read_rows
-from engine.tune.plan import held_out_prompts
+from engine.specs.concepts import load_concept
+from engine.tune.pairs import held_out_prompts
 from engine.tune.progress import TrialBoard
 
 runner = CliRunner()
@@ -241,7 +241,7 @@ def test_bad_tune_request_exits_2(tmp_path, no_search, args, expected):
 
 
 def test_every_shipped_search_space_matches_its_probe():
-    from engine.concepts import find_config_files
+    from engine.specs.files import find_config_files
     from engine.tune.space import load_tune_spec, parse_space
 
     files = find_config_files("tune")

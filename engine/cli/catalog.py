@@ -42,7 +42,8 @@ def probes_describe(name: str = typer.Argument(..., help="Probe name.")):
 @user_errors
 def concepts():
     """Concepts found in the config folders, with where each came from ($ENGINE_CONFIG_DIR, ./configs, shipped)."""
-    from engine.concepts import available_concepts, find_config_entries, load_concept
+    from engine.specs.concepts import available_concepts, load_concept
+    from engine.specs.files import find_config_entries
 
     entries = find_config_entries("concepts")
     for name in sorted(available_concepts()):
@@ -55,10 +56,10 @@ def concepts():
 def models():
     """Built-in models, configs/models entries and model families' members: the method each is
     labelled with, the concepts it erased, its weights and where its entry came from."""
-    from engine.builtin_models import BUILTIN_MODELS
-    from engine.concepts import find_config_entries
-    from engine.model_families import model_families, model_files
-    from engine.models import resolve_model
+    from engine.models.builtin import BUILTIN_MODELS
+    from engine.models.families import model_families, model_files
+    from engine.models.resolve import resolve_model
+    from engine.specs.files import find_config_entries
 
     def line(name: str, method: str, erased: list[str], weights: str, source: str) -> str:
         return f"{name:30s} {method:10s} {', '.join(erased) or '-':26s} {weights:56s} {source}"

@@ -20,14 +20,14 @@ def plan(
     """Rows per model x probe, images (best-of-N candidates included), UNet evaluations, model loads,
     hub ids (and whether each is cached) and estimated GPU-hours, for this engine and the original's
     one-image-per-call way. Loads nothing; missing weights or classifiers are listed, not errors."""
-    from engine.config import load_run_file
     from engine.errors import UserError
-    from engine.pipeline.grid import plan_run
-    from engine.pipeline.plan_cost import GPUS, estimate, plan_lines
+    from engine.pipeline.grid import expand_run
+    from engine.pipeline.plan import GPUS, estimate, plan_lines
+    from engine.specs.runs import load_run_file
 
     setup_logging(verbose)
     if gpu.lower() not in GPUS:
         raise UserError(f"unknown --gpu {gpu!r}; valid choices: {', '.join(GPUS)}")
-    cost = estimate(plan_run(load_run_file(config, set_), strict=False))
+    cost = estimate(expand_run(load_run_file(config, set_), strict=False))
     for line in plan_lines(cost, gpu.lower()):
         typer.echo(line)

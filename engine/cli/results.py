@@ -6,9 +6,10 @@ from typing import Optional
 
 import typer
 
-from engine.cli.app import app, parse_owner_key_values, setup_logging, user_errors
+from engine.cli.app import app, setup_logging, user_errors
 from engine.cli.validation import check_output_folder
 from engine.errors import UserError
+from engine.specs.flags import parse_owner_key_values
 
 
 @app.command()

@@ -52,8 +52,9 @@ def train_classifier(
     no probe evaluates (each concept's own seed stream, recorded in the classifier's JSON)."""
     from classifier_training.jobs import TrainRequest, train_classifiers
     from classifier_training.train import TrainSettings
-    from engine.concepts import Sources, validate
-    from engine.config import DEFAULT_BASE_MODEL
+    from engine.specs.base import validate
+    from engine.specs.runs import DEFAULT_BASE_MODEL
+    from engine.specs.sources import Sources
 
     setup_logging(verbose)
     check_output_folder(output_dir, "--output-dir")
@@ -86,7 +87,7 @@ def toyworld_build(
     export: bool = typer.Option(True, "--export/--no-export", help="Write the shipped weights into the package."),
 ):
     """Train the toy world from scratch (seeded): judge, VAE, diffusion model, erased variants."""
-    from engine.toyworld.build import WEIGHTS_DIR, BuildSettings, build_toy_world
+    from toyworld_training.build import WEIGHTS_DIR, BuildSettings, build_toy_world
 
     setup_logging(True)
     if minutes is not None and not math.isfinite(minutes):

@@ -34,7 +34,7 @@ def tune(
 ):
     """Search a probe's params for the setting that recovers the concept most (Ray Tune)."""
     from engine.tune.execute import execute_tune, summary_lines
-    from engine.tune.plan import plan_tune
+    from engine.tune.pairs import prepare_tune
     from engine.tune.space import load_tune_spec
 
     setup_logging(verbose)
@@ -43,7 +43,7 @@ def tune(
              "output": output}
     spec, sources = load_tune_spec(config, flags, set_)
     check_output_folder(spec.output, sources.of(("output",)))
-    summary = execute_tune(plan_tune(spec, sources), cluster, ship_code)
+    summary = execute_tune(prepare_tune(spec, sources), cluster, ship_code)
     for line in summary_lines(summary):
         typer.echo(line)
 

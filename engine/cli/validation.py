@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from engine.errors import UserError
 
 if TYPE_CHECKING:
-    from engine.concepts import Sources
-    from engine.config import RunSpec
+    from engine.specs.runs import RunSpec
+    from engine.specs.sources import Sources
 
 
 def check_output_folder(path: str | Path, source: str) -> None:
@@ -48,19 +48,19 @@ def check_output_folder(path: str | Path, source: str) -> None:
 
 def check_run_names(spec: RunSpec, sources: Sources) -> None:
     """Every model, concept and probe name and every probe param of a run spec, each error led by
-    where the value was written (a flag, `--set`, a run file line). engine.pipeline.grid.plan_run
+    where the value was written (a flag, `--set`, a run file line). engine.pipeline.grid.expand_run
     checks the same again; this only makes the first failure name its source."""
-    from engine.builtin_models import BUILTIN_MODELS
-    from engine.concepts import load_concept
-    from engine.config import probe_requests
-    from engine.model_families import model_families
-    from engine.models import resolve_model
+    from engine.models.builtin import BUILTIN_MODELS
+    from engine.models.families import model_families
+    from engine.models.resolve import resolve_model
     from engine.probe import get_probe_class, parse_params
+    from engine.specs.concepts import load_concept
+    from engine.specs.runs import probe_requests
 
     families = model_families()
     for index, ref in enumerate(spec.models):
         if isinstance(ref, str) and ref in families and ref not in BUILTIN_MODELS:
-            continue  # a family: plan_run checks the weights of the members that get rows
+            continue  # a family: expand_run checks the weights of the members that get rows
         _blamed(sources.of(("models", index)), resolve_model, ref)
     for index, name in enumerate(spec.concepts):
         _blamed(sources.of(("concepts", index)), load_concept, name)

@@ -169,8 +169,8 @@ def fixed_input(model: LatentClassifier, count: int = 8) -> tuple[torch.Tensor, 
 def import_classifier(source: str, output_dir: str | Path, concept: str | None = None) -> dict[str, Any]:
     """Convert one original classifier into `<output_dir>/<concept>.safetensors + .json`, after
     checking the logits match; returns a summary."""
-    from engine.concepts import load_concept
-    from engine.config import ModelSpec
+    from engine.specs.concepts import load_concept
+    from engine.specs.runs import ModelSpec
 
     path, concept = resolve_source(source, concept)
     spec = load_concept(concept)  # UserError for a concept the engine does not know

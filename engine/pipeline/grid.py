@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from itertools import groupby, product
 from typing import Any
 
-from engine.concepts import ConceptSpec, available_concepts, load_concept
-from engine.config import ModelSpec, RunSpec, no_duplicate_names, probe_requests
 from engine.errors import UserError
-from engine.models import check_model_source, expand_model_refs, resolve_model
+from engine.models.resolve import check_model_source, expand_model_refs, resolve_model
 from engine.pipeline.pairing import DEFAULT_BASE_PROBES, label_base, model_cells
 from engine.probe import ProbeParams, WorkRow, get_probe_class, parse_params
+from engine.specs.concepts import ConceptSpec, available_concepts, load_concept
+from engine.specs.runs import ModelSpec, RunSpec, no_duplicate_names, probe_requests
 
 
 @dataclass
@@ -28,7 +28,7 @@ class ProbeChoice:
 
 
 @dataclass
-class RunPlan:
+class RunGrid:
     """A validated run: everything resolved, nothing loaded."""
 
     spec: RunSpec
@@ -50,7 +50,7 @@ class RunPlan:
         }
 
 
-def plan_run(spec: RunSpec, extra_models: list[ModelSpec] = (), strict: bool = True) -> RunPlan:
+def expand_run(spec: RunSpec, extra_models: list[ModelSpec] = (), strict: bool = True) -> RunGrid:
     """Validate every name in the spec and expand the grid. Raises UserError on bad input.
 
     `strict=False` (engine plan) never looks for weights and records failed prerequisite checks
@@ -88,7 +88,7 @@ def plan_run(spec: RunSpec, extra_models: list[ModelSpec] = (), strict: bool = T
     for name in sorted({n for r in rows for n in (r.concept, r.target_concept)} - set(listed)):
         concepts[name] = load_concept(name)
     skipped = [m.name for m in models if m not in with_rows]
-    return RunPlan(spec, with_rows, base, concepts, probes, rows, skipped, warnings)
+    return RunGrid(spec, with_rows, base, concepts, probes, rows, skipped, warnings)
 
 
 def _base_probes(spec: RunSpec, probes: list[ProbeChoice]) -> frozenset[str]:

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.concepts import ConceptSpec, concept_set_members
-from engine.config import BASE_METHOD, ModelSpec
+from engine.specs.concepts import ConceptSpec, concept_set_members
+from engine.specs.runs import BASE_METHOD, ModelSpec
 
 RECOVERY, PRESERVATION, BASE, UNPAIRED = "recovery", "preservation", "base", "unpaired"
 ROLES = (RECOVERY, PRESERVATION, BASE, UNPAIRED)

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.builtin_models import BUILTIN_MODELS
-from engine.config import ModelSpec
-from engine.models import HUB_ID
+from engine.models.builtin import BUILTIN_MODELS
+from engine.models.resolve import HUB_ID
+from engine.specs.runs import ModelSpec
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import RunSpec
 from engine.errors import UserError
-from engine.judge_refs import judge_requests
+from engine.specs.judges import judge_requests
+from engine.specs.runs import RunSpec
 
 # Scoring shares the GPUs: by default a probe actor takes 0.9 of one and a score actor 0.1.
 DEFAULT_SCORE_GPU_SHARE = 0.1

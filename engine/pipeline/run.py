@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from engine.lock import OutputLock
 from engine.pipeline.batching import batching_record, unit_rows
 from engine.pipeline.failures import merge_failures, read_failures, write_failures
-from engine.pipeline.grid import RunPlan, pending_rows, work_units
+from engine.pipeline.grid import RunGrid, pending_rows, work_units
 from engine.pipeline.progress import Progress, progress_seconds, watched
 from engine.pipeline.provenance import command_line, model_source
 from engine.pipeline.ray_start import (  # noqa: F401  (ray_session, worker_env: imported from here elsewhere)
@@ -71,65 +71,65 @@ class StreamResult:
 
 
 def execute(
-    plan: RunPlan,
+    grid: RunGrid,
     cluster: str | None = None,
     ship_code: bool | None = None,
     on_locked: Callable[[], None] | None = None,
 ) -> RunSummary:
-    """Run the plan. `on_locked` is called once the output's lock is held, before any work (the CLI
+    """Run the grid. `on_locked` is called once the output's lock is held, before any work (the CLI
     prints the rows per model x probe there, so a refused second writer prints only its error)."""
-    check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
+    check_run_scoring(grid.spec, grid.concepts, [p.params for p in grid.probes])
     progress_seconds()  # a bad ENGINE_PROGRESS_SECONDS is a user error: say so before any work
-    output = output_location(plan.spec.output)
+    output = output_location(grid.spec.output)
     # One writer per output: a second run into the same folder stops here (UserError naming the holder).
     with OutputLock(output, "engine run") as lock:
         if on_locked is not None:
             on_locked()
-        return _execute_locked(plan, cluster, ship_code, output, lock)
+        return _execute_locked(grid, cluster, ship_code, output, lock)
 
 
 def _execute_locked(
-    plan: RunPlan, cluster: str | None, ship_code: bool | None, output: OutputLocation, lock: OutputLock
+    grid: RunGrid, cluster: str | None, ship_code: bool | None, output: OutputLocation, lock: OutputLock
 ) -> RunSummary:
     started = time.perf_counter()
     # Under the lock, partial files can only be a dead writer's: removing them deletes nothing live.
     for name in remove_temporaries(output) + remove_unreadable_files(output):
         logger.warning("removed a partial file left by an interrupted run: %s", name)
     finished = finished_row_ids(output)
-    todo = pending_rows(plan.rows, finished)
+    todo = pending_rows(grid.rows, finished)
     manifest = {
-        **base_manifest(plan.resolved_config()),
+        **base_manifest(grid.resolved_config()),
         "command_line": command_line(),
         "started_at": now_iso(),
         "status": "running",
         "history": read_manifest(output).get("history", []),
-        "counts": {"planned": len(plan.rows), "already_done": len(plan.rows) - len(todo)},
+        "counts": {"planned": len(grid.rows), "already_done": len(grid.rows) - len(todo)},
     }
     write_manifest(output, manifest)
 
     stream = StreamResult()
     if todo:
-        with ray_starting(cluster, ship_code, uses_toy_weights(plan)) as session:
+        with ray_starting(cluster, ship_code, uses_toy_weights(grid)) as session:
             import engine.pipeline.stages  # noqa: F401  (torch, diffusers, judges: imported while Ray starts)
 
             ray = session.ready()
-            where = output_placement(ray, output, cluster, plan.spec.shared_output)
+            where = output_placement(ray, output, cluster, grid.spec.shared_output)
             # Said out loud on a cluster: where the rows and the caches end up is the user's to know.
             (logger.warning if where.driver_writes or where.node_caches else logger.info)(
                 "output %s: %s", output, where.reason)
             manifest["storage"] = {**where.describe(), "driver_node": ray.get_runtime_context().get_node_id()}
             sink = RowsDatasink(output, lock.token, where.driver_writes)
-            stream = _stream(ray, plan, todo, output, sink, where.cache_dir)
+            stream = _stream(ray, grid, todo, output, sink, where.cache_dir)
 
     done = finished_row_ids(output)
     attempted = {r.row_id for r in todo}
     failures = merge_failures(read_failures(output), stream.events.failed_rows(), attempted, done)
     write_failures(output, failures)
     failed_ids = {f.row.row_id for f in failures}
-    missing = [r.row_id for r in plan.rows if r.row_id not in done and r.row_id not in failed_ids]
+    missing = [r.row_id for r in grid.rows if r.row_id not in done and r.row_id not in failed_ids]
     if missing:
-        raise RuntimeError(f"{len(missing)} of {len(plan.rows)} planned rows are missing from {output}")
-    failed = sum(1 for r in plan.rows if r.row_id in failed_ids)
+        raise RuntimeError(f"{len(missing)} of {len(grid.rows)} planned rows are missing from {output}")
+    failed = sum(1 for r in grid.rows if r.row_id in failed_ids)
     generated = len(attempted & done)
     seconds = time.perf_counter() - started
     manifest.update(
@@ -137,20 +137,20 @@ def _execute_locked(
         finished_at=now_iso(),
         counts={**manifest["counts"], "generated": generated, "failed": failed, "rows_in_dataset": len(done)},
         faults=stream.events.fault_counts(stream.pool_sizes),
-        provenance=_provenance(plan, stream.events),
+        provenance=_provenance(grid, stream.events),
     )
     if stream.batching is not None:
         manifest["batching"] = batching_record(*stream.batching, stream.events.batch_sizes)
     manifest["history"].append({"finished_at": manifest["finished_at"], "generated": generated, "failed": failed})
     write_manifest(output, manifest)
-    return RunSummary(output, len(plan.rows), len(plan.rows) - len(todo), generated, failed, len(done), seconds)
+    return RunSummary(output, len(grid.rows), len(grid.rows) - len(todo), generated, failed, len(done), seconds)
 
 
-def _provenance(plan: RunPlan, events: RunEvents) -> dict:
+def _provenance(grid: RunGrid, events: RunEvents) -> dict:
     """Resolved after the stream: by then the actors have put hub models into this machine's cache."""
     return {
-        "models": {m.name: model_source(m) for m in plan.models},
-        "base_model": model_source(plan.base) if plan.base else None,
+        "models": {m.name: model_source(m) for m in grid.models},
+        "base_model": model_source(grid.base) if grid.base else None,
         "gpus": events.gpus(),
         "actors": [vars(a) for a in events.actors],
     }
@@ -164,14 +164,14 @@ def output_placement(ray, output: OutputLocation, cluster: str | None, shared: b
 
 
 def _stream(
-    ray, plan: RunPlan, todo, output: OutputLocation, sink: RowsDatasink, cache_dir: str
+    ray, grid: RunGrid, todo, output: OutputLocation, sink: RowsDatasink, cache_dir: str
 ) -> StreamResult:
     from ray.data import ActorPoolStrategy, DataContext
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from engine.pipeline.stages import ProbeActor, ProbeStageConfig, ScoreActor, ScoreStageConfig, encode_units
 
-    spec = plan.spec
+    spec = grid.spec
     live = sys.stderr.isatty()  # before filtered_stderr turns stderr into a pipe
     DataContext.get_current().enable_progress_bars = False  # the engine shows its own (below)
     filter_ray_loggers()
@@ -189,7 +189,7 @@ def _stream(
     # Not waited for: the write tasks' worker gets ready while the actors start.
     ray.remote(num_cpus=0, max_retries=0)(ready_writer).options(scheduling_strategy=here).remote()
     log = ray.remote(num_cpus=0, max_restarts=0)(RunLog).options(scheduling_strategy=here).remote()
-    probe_config = ProbeStageConfig.from_plan(plan, resources.probe_device, spec.attention, spec.torch_threads,
+    probe_config = ProbeStageConfig.from_grid(grid, resources.probe_device, spec.attention, spec.torch_threads,
                                               cache_dir)
     # The first unit's model loads while Ray Data hands the actor its first unit.
     probe_config = probe_config.model_copy(update={"prefetch_model": units[0][0].model})
@@ -207,7 +207,7 @@ def _stream(
         dataset = dataset.map_batches(
             ScoreActor,
             fn_constructor_kwargs={
-                "config": ScoreStageConfig.from_plan(plan, resources.score_device, spec.torch_threads),
+                "config": ScoreStageConfig.from_grid(grid, resources.score_device, spec.torch_threads),
                 "log": log,
             },
             compute=ActorPoolStrategy(size=resources.score_actors),

@@ -36,26 +36,26 @@ def should_ship(cluster: str | None, ship_code: bool | None) -> bool:
     return ship_code if ship_code is not None else cluster is not None
 
 
-def uses_toy_weights(plan: Any) -> bool:
-    """Whether a run plan (engine.pipeline.grid.RunPlan) loads the shipped toy-world weights: a toy
+def uses_toy_weights(grid: Any) -> bool:
+    """Whether a run grid (engine.pipeline.grid.RunGrid) loads the shipped toy-world weights: a toy
     model as probed or base model, a folder inside the weights, or the toy judge."""
-    from engine.judge_refs import judge_requests
+    from engine.specs.judges import judge_requests
     from engine.toyworld import __file__ as toyworld_init
 
     weights = (Path(toyworld_init).resolve().parent / "weights").as_posix()
-    models = [*plan.models, *([plan.base] if plan.base is not None else [])]
+    models = [*grid.models, *([grid.base] if grid.base is not None else [])]
     for model in models:
         ref = str(model.pretrained)
         if ref.startswith("toy-") or ref.startswith(weights):
             return True
-    return any(request.name == TOY_JUDGE for request in judge_requests(plan.spec.judges))
+    return any(request.name == TOY_JUDGE for request in judge_requests(grid.spec.judges))
 
 
 def package_folder(name: str) -> Path:
     """The folder a shipped package is imported from on the driver."""
     if name == "configs":
-        # An editable install made before configs/ became a package does not map it (engine.concepts).
-        from engine.concepts import shipped_config_dir
+        # An editable install made before configs/ became a package does not map it (engine.specs.files).
+        from engine.specs.files import shipped_config_dir
 
         folder = shipped_config_dir()
         if folder is None:

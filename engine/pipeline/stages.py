@@ -33,11 +33,9 @@ import torch
 from pydantic import Field
 
 from engine import __version__
-from engine.concepts import ConceptSpec, Frozen
-from engine.config import ModelSpec
 from engine.errors import UserError
-from engine.judge_refs import JudgeRequest, judge_requests
-from engine.models import ModelCache, resolve_device
+from engine.models.cache import ModelCache
+from engine.models.loading import resolve_device
 from engine.pipeline.batching import AutoBatcher
 from engine.pipeline.encoding import encode_pngs
 from engine.pipeline.failures import RowFailure
@@ -46,10 +44,14 @@ from engine.probe import ProbeBatch, ProbeContext, ProbeOutput, WorkRow, load_pr
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, rows_table
 from engine.scoring.scorer import Scorer
 from engine.scoring.selectors import SelectorBank
+from engine.specs.base import Frozen
+from engine.specs.concepts import ConceptSpec
+from engine.specs.judges import JudgeRequest, judge_requests
+from engine.specs.runs import ModelSpec
 from engine.storage import cache_folder
 
 if TYPE_CHECKING:
-    from engine.pipeline.grid import RunPlan
+    from engine.pipeline.grid import RunGrid
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +79,21 @@ class ProbeStageConfig(Frozen):
     prefetch_model: str | None = Field(None, description="Model to load in the background as the actor starts.")
 
     @classmethod
-    def from_plan(
-        cls, plan: RunPlan, device: str, attention: str, torch_threads: int | None, cache_dir: str
+    def from_grid(
+        cls, grid: RunGrid, device: str, attention: str, torch_threads: int | None, cache_dir: str
     ) -> ProbeStageConfig:
         return cls(
-            models={m.name: m for m in plan.models},
-            base=plan.base,
-            concepts=dict(plan.concepts),
-            probes={p.name: probe_entry(p.name) for p in plan.probes},
+            models={m.name: m for m in grid.models},
+            base=grid.base,
+            concepts=dict(grid.concepts),
+            probes={p.name: probe_entry(p.name) for p in grid.probes},
             device=device,
             attention=attention,
             torch_threads=torch_threads,
             cache_dir=cache_dir,
-            judges=judge_requests(plan.spec.judges),
-            auto_batch_size=plan.spec.batch_size == "auto",
-            compile=plan.spec.compile,
+            judges=judge_requests(grid.spec.judges),
+            auto_batch_size=grid.spec.batch_size == "auto",
+            compile=grid.spec.compile,
         )
 
 
@@ -105,12 +107,12 @@ class ScoreStageConfig(Frozen):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads; default: 1 (a light stage).")
 
     @classmethod
-    def from_plan(cls, plan: RunPlan, device: str, torch_threads: int | None) -> ScoreStageConfig:
+    def from_grid(cls, grid: RunGrid, device: str, torch_threads: int | None) -> ScoreStageConfig:
         return cls(
-            judges=judge_requests(plan.spec.judges),
-            concepts=dict(plan.concepts),
+            judges=judge_requests(grid.spec.judges),
+            concepts=dict(grid.concepts),
             device=device,
-            batch_size=plan.spec.score_batch_size,
+            batch_size=grid.spec.score_batch_size,
             torch_threads=torch_threads,
         )
 

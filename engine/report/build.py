@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from engine.errors import UserError
-from engine.metrics import METRICS, MODEL_COLUMNS
+from engine.metrics.columns import METRICS, MODEL_COLUMNS
 from engine.report.figures import write_contact_sheets, write_recovery_plots
 from engine.report.paired import write_paired_sheets
 from engine.report.paper import has_roles, mean_over_concepts_table, preservation_table, recovery_table

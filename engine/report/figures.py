@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.metrics import METRICS
+from engine.metrics.columns import METRICS
 from engine.report.tables import CELL_GROUP, cell_slug, method_label, method_order, probe_order
 from engine.results import decode_png, parquet_files, read_rows_file
 from engine.storage import output_location

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from engine.metrics import Metric
+from engine.metrics.columns import Metric
 from engine.report.selection import selection_inflated
 from engine.report.tables import (
     BASE,
@@ -148,7 +148,7 @@ def wide(table: pd.DataFrame, index: list[str], scale_of: dict[str, float]) -> p
 def mean_over_concepts_table(cells: pd.DataFrame) -> pd.DataFrame:
     """For runs without erased concepts: probes x metrics by methods, the mean over a probe-method's
     cells (i.e. over concepts) of each cell's value, rates in %, all-candidates rows for best-of-N."""
-    from engine.metrics import METRICS
+    from engine.metrics.columns import METRICS
 
     unpaired = cells[cells["role"] == UNPAIRED] if "role" in cells else cells
     methods = method_order(unpaired["method"])

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from engine.metrics import METRIC_BY_COLUMN, METRICS
+from engine.metrics.columns import METRIC_BY_COLUMN, METRICS
 from engine.report.paper import wide
 from engine.report.tables import ReportContent, method_label
 

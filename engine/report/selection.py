@@ -15,7 +15,7 @@ judges' model ids, written by the scoring stage). Pure: no model, no I/O.
 
 from __future__ import annotations
 
-from engine.metrics import METRIC_BY_COLUMN, slot_metrics
+from engine.metrics.columns import METRIC_BY_COLUMN, slot_metrics
 
 # Selectors that reuse a judge of the run, by judge slot (engine.scoring.selectors.SELECTOR_SLOTS);
 # used only for a selector recorded without its model id.

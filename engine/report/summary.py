@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from engine.metrics import METRICS
+from engine.metrics.columns import METRICS
 from engine.report.paper import has_roles, preservation_table, recovery_table
 from engine.report.sections import Table, fmt_interval, fmt_number, preservation_section, recovery_section
 from engine.report.tables import cell_stats, load_rows, present_metrics

@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 
 from engine.errors import UserError
-from engine.metrics import CANDIDATE_COLUMNS, METRICS, MODEL_COLUMNS, SCORE_COLUMNS, Metric
-from engine.report.stats import mean_interval, rate_interval
+from engine.metrics.columns import CANDIDATE_COLUMNS, METRICS, MODEL_COLUMNS, SCORE_COLUMNS, Metric
+from engine.metrics.stats import mean_interval, rate_interval
 from engine.results import read_rows, require_run_folder, row_columns
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from engine.concepts import ConceptSpec
 from engine.errors import UserError, unknown_choice
 from engine.scoring.judge import Judge, JudgeOptions, file_weights_id, hub_offline, local_weights_file
+from engine.specs.concepts import ConceptSpec
 
 logger = logging.getLogger(__name__)
 

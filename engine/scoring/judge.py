@@ -21,16 +21,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from engine.errors import UserError
-from engine.metrics import MODEL_COLUMNS, slot_metrics
+from engine.metrics.columns import MODEL_COLUMNS, slot_metrics
 
 if TYPE_CHECKING:
     import torch
 
-    from engine.concepts import ConceptSpec
+    from engine.specs.concepts import ConceptSpec
 
 # Per slot: the value columns a judge returns, the column naming the judge, and the per-row
 # reductions over best-of-N candidates (candidate column -> value column it averages). All from
-# engine.metrics, where every score column is declared.
+# engine.metrics.columns, where every score column is declared.
 SLOT_COLUMNS: dict[str, list[str]] = {slot: [m.column for m in slot_metrics(slot)] for slot in MODEL_COLUMNS}
 MODEL_COLUMN: dict[str, str] = MODEL_COLUMNS
 CANDIDATE_COLUMNS: dict[str, dict[str, str]] = {

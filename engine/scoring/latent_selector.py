@@ -34,9 +34,9 @@ def _vae_of(model_json: str, device: str):
     """The VAE of a recorded ModelSpec, loaded once per process."""
     from diffusers import AutoencoderKL
 
-    from engine.builtin_models import BUILTIN_MODELS
-    from engine.config import ModelSpec
-    from engine.models import dtype_for
+    from engine.models.builtin import BUILTIN_MODELS
+    from engine.models.loading import dtype_for
+    from engine.specs.runs import ModelSpec
 
     spec = ModelSpec.model_validate_json(model_json)
     dtype = dtype_for(torch.device(device))
@@ -67,7 +67,7 @@ def latent_classifier_selector(concept, context):
     classifier, config = load_classifier(folder, concept.name, context.device)
     model = config.get("data", {}).get("model")
     if model is not None:
-        from engine.config import ModelSpec
+        from engine.specs.runs import ModelSpec
 
         vae = _vae_of(ModelSpec(**model).model_dump_json(), str(context.device))
     else:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.concepts import ConceptSpec
-from engine.config import RunSpec
 from engine.scoring.registry import check_judges, judge_requests
 from engine.scoring.selectors import check_selectors
+from engine.specs.concepts import ConceptSpec
+from engine.specs.runs import RunSpec
 
 
 def check_run_scoring(spec: RunSpec, concepts: dict[str, ConceptSpec], probe_params: list[Any]) -> None:

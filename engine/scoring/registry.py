@@ -1,4 +1,4 @@
-"""The judge registry: judge classes loaded by name ("module:Class" in engine.judge_refs), their
+"""The judge registry: judge classes loaded by name ("module:Class" in engine.specs.judges), their
 options and presets, and the driver's preflight.
 
 Registration is explicit and lazy (as engine.probe's PROBE_REGISTRY), so validating a run config
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from engine.errors import UserError, format_validation_error, unknown_choice
-from engine.judge_refs import (  # noqa: F401  (re-exported: the registry's public names)
+from engine.specs.judges import (  # noqa: F401  (re-exported: the registry's public names)
     DEFAULT_JUDGES,
     JUDGE_REGISTRY,
     JUDGES_ENV,
@@ -32,8 +32,8 @@ from engine.judge_refs import (  # noqa: F401  (re-exported: the registry's publ
 if TYPE_CHECKING:
     import torch
 
-    from engine.concepts import ConceptSpec
     from engine.scoring.judge import Judge, JudgeOptions
+    from engine.specs.concepts import ConceptSpec
 
 logger = logging.getLogger(__name__)
 

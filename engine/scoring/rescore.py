@@ -19,10 +19,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from engine.concepts import load_concept
 from engine.errors import UserError
 from engine.lock import OutputLock
-from engine.models import resolve_device
+from engine.models.loading import resolve_device
 from engine.results import (
     ROWS_DIR,
     now_iso,
@@ -37,6 +36,7 @@ from engine.results import (
 )
 from engine.scoring.registry import JudgeRequest, check_judges, judge_requests
 from engine.scoring.scorer import Scorer
+from engine.specs.concepts import load_concept
 from engine.storage import OutputLocation, output_location
 
 logger = logging.getLogger(__name__)

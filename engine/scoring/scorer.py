@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.concepts import ConceptSpec
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, decode_png
 from engine.scoring.judge import CANDIDATE_COLUMNS, MODEL_COLUMN, Judge
 from engine.scoring.registry import JudgeRequest, build_judge
+from engine.specs.concepts import ConceptSpec
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from engine.scoring.scorer import crop_to_region
 if TYPE_CHECKING:
     import torch
 
-    from engine.concepts import ConceptSpec
     from engine.probe import ProbeContext
     from engine.scoring.judge import Judge
     from engine.scoring.latent_selector import SelectorModel
+    from engine.specs.concepts import ConceptSpec
 
 logger = logging.getLogger(__name__)
 

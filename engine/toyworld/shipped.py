@@ -11,10 +11,13 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from engine.toyworld.erase import cross_attention_kv_names
-
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 ERASED_METHODS = {"esdx": "esd-x", "uce": "uce"}
+
+
+def cross_attention_kv_names(unet) -> list[str]:
+    """Names of the parameters ESD-x trains: the cross-attention key/value projection weights."""
+    return [name for name, _ in unet.named_parameters() if ".attn2.to_k." in name or ".attn2.to_v." in name]
 
 
 def _missing(path: Path) -> FileNotFoundError:

@@ -30,15 +30,15 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from engine.config import run_spec_from_dict
 from engine.errors import UserError
 from engine.lock import OutputLock
-from engine.metrics import METRICS
+from engine.metrics.columns import METRICS
 from engine.pipeline.progress import Progress, progress_seconds, watched
 from engine.results import table_bytes
 from engine.scoring.registry import judge_requests
+from engine.specs.runs import run_spec_from_dict
 from engine.storage import OutputLocation
-from engine.tune.plan import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TunePlan, run_data, slug
+from engine.tune.pairs import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TuneRun, run_data, slug
 from engine.tune.progress import TrialBoard, trials_per_search
 from engine.tune.search import SearchSettings, search_pair
 from engine.tune.space import TuneSpec
@@ -68,27 +68,27 @@ class TuneSummary:
     seconds: float
 
 
-def execute_tune(plan: TunePlan, cluster: str | None = None, ship_code: bool | None = None) -> TuneSummary:
+def execute_tune(tune_run: TuneRun, cluster: str | None = None, ship_code: bool | None = None) -> TuneSummary:
     """Run every pair's search (together, as Ray tasks), write trials.parquet and the best configs."""
-    with OutputLock(plan.output, "engine tune"):
-        return _execute_locked(plan, cluster, ship_code)
+    with OutputLock(tune_run.output, "engine tune"):
+        return _execute_locked(tune_run, cluster, ship_code)
 
 
-def _execute_locked(plan: TunePlan, cluster: str | None, ship_code: bool | None) -> TuneSummary:
+def _execute_locked(tune_run: TuneRun, cluster: str | None, ship_code: bool | None) -> TuneSummary:
     from engine.pipeline.run import output_placement, ray_session
     from engine.pipeline.shipping import uses_toy_weights
     from engine.pipeline.stages import ProbeStageConfig
 
     progress_seconds()  # a bad ENGINE_PROGRESS_SECONDS is a user error: say so before any work
     started = time.perf_counter()
-    spec = plan.spec
+    spec = tune_run.spec
     records: list[dict[str, Any]] = []
-    toy_weights = any(uses_toy_weights(job.plan) for job in plan.jobs)
+    toy_weights = any(uses_toy_weights(job.grid) for job in tune_run.jobs)
     with ray_session(cluster, ship_code, toy_weights) as ray:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         resources, device, threads, max_concurrent = _trial_resources(ray, spec)
-        cache_dir = output_placement(ray, plan.output, cluster, spec.shared_output).cache_dir
+        cache_dir = output_placement(ray, tune_run.output, cluster, spec.shared_output).cache_dir
         # The searches' drivers stay on this node, so Tune's state lands in OUTPUT/tune here; the
         # trials themselves go wherever the cluster has room. A search task holds no CPU.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
@@ -96,36 +96,36 @@ def _execute_locked(plan: TunePlan, cluster: str | None, ship_code: bool | None)
         board = ray.remote(num_cpus=0)(TrialBoard).options(scheduling_strategy=here).remote()
         futures, setups = {}, {}
         total = 0
-        for job in plan.jobs:
-            config = ProbeStageConfig.from_plan(job.plan, device, spec.attention, threads, cache_dir)
-            setup = TrialSetup(config, job.model, job.plan.base, job.concept, spec.probe, spec.num_images,
-                               spec.batch_size, spec.score_batch_size, plan.space, spec.objective)
-            settings = _settings(spec, job, resources, max_concurrent, threads, plan.output)
+        for job in tune_run.jobs:
+            config = ProbeStageConfig.from_grid(job.grid, device, spec.attention, threads, cache_dir)
+            setup = TrialSetup(config, job.model, job.grid.base, job.concept, spec.probe, spec.num_images,
+                               spec.batch_size, spec.score_batch_size, tune_run.space, spec.objective)
+            settings = _settings(spec, job, resources, max_concurrent, threads, tune_run.output)
             logger.info("searching %s x %s: %s", job.model.name, job.concept.name, settings)
             search = f"{job.model.name} x {job.concept.name}"
             futures[remote.remote(setup, settings, board=board, search=search)] = job
             setups[id(job)] = setup
-            total += trials_per_search(spec.algorithm, spec.num_samples, plan.space, spec.grid_points)
+            total += trials_per_search(spec.algorithm, spec.num_samples, tune_run.space, spec.grid_points)
         progress = Progress(total, "trials", "tune", "trials/s", live=sys.stderr.isatty())
         with watched(progress, lambda: ray.get(board.status.remote(), timeout=30)):
-            searched = _collect(ray, futures, plan, records)
+            searched = _collect(ray, futures, tune_run, records)
         ray.kill(board)
         if spec.held_out:
-            _run_held_out(ray, plan, searched, setups, resources)
-            write_trials(plan.output, records)
-        outcomes = [_finish_pair(plan, job, trials, threads) for job, trials in searched]
+            _run_held_out(ray, tune_run, searched, setups, resources)
+            write_trials(tune_run.output, records)
+        outcomes = [_finish_pair(tune_run, job, trials, threads) for job, trials in searched]
     failed = [o for o in outcomes if o.best is None]
     if failed:
         first = next((r["error"] for r in records if r["error"]), "no trial scored every image")
         names = ", ".join(f"{o.model} x {o.concept}" for o in failed)
         raise RuntimeError(f"no complete trial for {names}; first error: {first} "
-                           f"(see {plan.output.display(TRIALS_FILE)})")
-    return TuneSummary(plan.output, plan.output.display(TRIALS_FILE), outcomes, time.perf_counter() - started)
+                           f"(see {tune_run.output.display(TRIALS_FILE)})")
+    return TuneSummary(tune_run.output, tune_run.output.display(TRIALS_FILE), outcomes, time.perf_counter() - started)
 
 
-def _collect(ray, futures: dict, plan: TunePlan, records: list[dict[str, Any]]) -> list[tuple[PairJob, list]]:
+def _collect(ray, futures: dict, tune_run: TuneRun, records: list[dict[str, Any]]) -> list[tuple[PairJob, list]]:
     """Each search's trials as it finishes, into trials.parquet (rewritten each time)."""
-    spec = plan.spec
+    spec = tune_run.spec
     searched = []
     while futures:
         done, _ = ray.wait(list(futures), num_returns=1)
@@ -139,7 +139,7 @@ def _collect(ray, futures: dict, plan: TunePlan, records: list[dict[str, Any]]) 
             trial.update(model=job.model.name, method=job.model.method_label, concept=job.concept.name,
                          role=role, probe=spec.probe, algorithm=spec.algorithm, objective_name=spec.objective)
         records.extend(trials)
-        write_trials(plan.output, records)
+        write_trials(tune_run.output, records)
         searched.append((job, trials))
     return searched
 
@@ -184,7 +184,7 @@ def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(complete, key=lambda t: (t["objective"], t["ci_low"] or -math.inf, -t["trial_index"]))
 
 
-def _run_held_out(ray, plan: TunePlan, searched, setups, resources: dict[str, float]) -> None:
+def _run_held_out(ray, tune_run: TuneRun, searched, setups, resources: dict[str, float]) -> None:
     """Re-run each pair's best setting on its held-out prompts (together, as Ray tasks with a
     trial's resources) and write the result into the best trial's record."""
     remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)(held_out_trial)
@@ -194,7 +194,7 @@ def _run_held_out(ray, plan: TunePlan, searched, setups, resources: dict[str, fl
         for trial in trials:
             trial["is_best"] = trial is best
         if best is not None:
-            config = {dim.key: best[f"param_{dim.key}"] for dim in plan.space.dimensions}
+            config = {dim.key: best[f"param_{dim.key}"] for dim in tune_run.space.dimensions}
             futures[remote.remote(config, setups[id(job)])] = (job, best)
     for future, (job, best) in futures.items():
         try:
@@ -213,11 +213,11 @@ def _finite(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def _finish_pair(plan: TunePlan, job: PairJob, trials: list[dict[str, Any]], threads: int | None) -> PairOutcome:
+def _finish_pair(tune_run: TuneRun, job: PairJob, trials: list[dict[str, Any]], threads: int | None) -> PairOutcome:
     best = best_trial(trials)
     path = None
     if best is not None:
-        path = write_best_config(plan, job, best, threads)
+        path = write_best_config(tune_run, job, best, threads)
     ran = [t for t in trials if t["process_trial_index"] is not None]
     first = [t["trial_seconds"] for t in ran if t["pipeline_loaded"]]
     later = [t["trial_seconds"] for t in ran if not t["pipeline_loaded"]]
@@ -230,29 +230,29 @@ def _finish_pair(plan: TunePlan, job: PairJob, trials: list[dict[str, Any]], thr
     )
 
 
-def write_best_config(plan: TunePlan, job: PairJob, best: dict[str, Any], threads: int | None) -> str:
+def write_best_config(tune_run: TuneRun, job: PairJob, best: dict[str, Any], threads: int | None) -> str:
     """OUTPUT/best_<model>_<concept>.yaml: the pair's run config with the best params."""
-    config = {dim.key: best[f"param_{dim.key}"] for dim in plan.space.dimensions}
-    data = run_data(plan.spec, job.model_ref, job.concept.name, plan.space.raw_params(config), plan.output)
+    config = {dim.key: best[f"param_{dim.key}"] for dim in tune_run.space.dimensions}
+    data = run_data(tune_run.spec, job.model_ref, job.concept.name, tune_run.space.raw_params(config), tune_run.output)
     if threads is not None:
         # CPU kernels sum in a thread-count-dependent order: the trials' thread count makes the
         # run's scores equal the trial's to the last bit.
         data["torch_threads"] = threads
     # The judges the trials were scored with, spelled out, so the run scores the same way.
     data["judges"] = [r.label() if not r.options else r.model_dump(mode="json", exclude_none=True)
-                      for r in judge_requests(job.plan.spec.judges)]
+                      for r in judge_requests(job.grid.spec.judges)]
     run_spec_from_dict(data, "best config")  # `engine run` must accept it as is
     name = f"best_{slug(job.model.name)}_{slug(job.concept.name)}.yaml"
     interval = f"[{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}]"
     header = (
-        f"# engine tune: best of {plan.spec.algorithm} search for {job.model.name} x {job.concept.name}, "
-        f"probe {plan.spec.probe}\n# {plan.spec.objective} = {_fmt(best['objective'])} {interval} on "
+        f"# engine tune: best of {tune_run.spec.algorithm} search for {job.model.name} x {job.concept.name}, "
+        f"probe {tune_run.spec.probe}\n# {tune_run.spec.objective} = {_fmt(best['objective'])} {interval} on "
         f"n = {best['n']} images (trial {best['trial_index']}); run it with `engine run {name}`\n"
     )
     if best.get("heldout_n") is not None:
         header += f"# held-out re-run (other prompts and seeds, unbiased by the search): {_held_out(best)}\n"
-    plan.output.atomic_write((header + yaml.safe_dump(data, sort_keys=False)).encode(), name)
-    return plan.output.display(name)
+    tune_run.output.atomic_write((header + yaml.safe_dump(data, sort_keys=False)).encode(), name)
+    return tune_run.output.display(name)
 
 
 def _held_out(best: dict[str, Any]) -> str:

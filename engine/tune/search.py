@@ -13,8 +13,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from engine.metrics import METRICS
-from engine.tune.plan import METRIC, slug
+from engine.metrics.columns import METRICS
+from engine.tune.pairs import METRIC, slug
 from engine.tune.space import SearchSpace
 from engine.tune.trial import TrialSetup, tune_trial
 

@@ -35,19 +35,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from engine.concepts import (
-    SHIPPED,
-    Frozen,
-    Sources,
-    find_config_entries,
-    find_config_files,
-    read_yaml_with_sources,
-    validate,
-)
-from engine.config import DEFAULT_BASE_MODEL, ModelSpec, apply_overrides, no_duplicate_names
 from engine.errors import UserError, unknown_choice
-from engine.metrics import METRICS
+from engine.metrics.columns import METRICS
 from engine.probe import ProbeParams, get_probe_class, parse_params
+from engine.specs.base import Frozen, validate
+from engine.specs.files import SHIPPED, find_config_entries, find_config_files
+from engine.specs.runs import DEFAULT_BASE_MODEL, ModelSpec, apply_overrides, no_duplicate_names
+from engine.specs.sources import Sources
+from engine.specs.yaml_reader import read_yaml_with_sources
 
 DISTRIBUTIONS = ("choice", "int", "logint", "loguniform", "uniform")
 # Objective column -> (how rows reduce to the metric, the judge slot that fills the column).

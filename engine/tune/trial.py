@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
 
-from engine.concepts import ConceptSpec
-from engine.config import ModelSpec
-from engine.metrics import metric as metric_of
+from engine.metrics.columns import metric as metric_of
+from engine.metrics.stats import mean_interval, rate_interval
 from engine.pipeline.grid import ProbeChoice, expand_rows, work_units
 from engine.probe import ProbeParams, WorkRow
-from engine.report.stats import mean_interval, rate_interval
-from engine.tune.plan import METRIC
+from engine.specs.concepts import ConceptSpec
+from engine.specs.runs import ModelSpec
+from engine.tune.pairs import METRIC
 from engine.tune.space import OBJECTIVES, SearchSpace
 
 if TYPE_CHECKING:
@@ -113,9 +113,9 @@ class TrialEvaluator:
         return expand_rows([setup.model], setup.base, concepts, [ProbeChoice(setup.probe, params)], setup.num_images)
 
     def held_out_rows(self, params: ProbeParams) -> list[WorkRow]:
-        """The same probe and params on the held-out prompts (engine.tune.plan.held_out_prompts):
+        """The same probe and params on the held-out prompts (engine.tune.pairs.held_out_prompts):
         as many as a trial's, none of whose seeds a trial used."""
-        from engine.tune.plan import held_out_prompts
+        from engine.tune.pairs import held_out_prompts
 
         setup = self.setup
         chosen = {index for index, _, _ in held_out_prompts(setup.concept, setup.num_images)}

@@ -1,7 +1,7 @@
 """Speed settings applied to a loaded pipeline in a probe actor: what the GPU wants, nothing on CPU
 unless asked.
 
-- fp16 weights and torch SDPA attention are chosen where the pipeline is loaded (engine.models).
+- fp16 weights and torch SDPA attention are chosen where the pipeline is loaded (engine.models.loading).
 - channels_last (CUDA only): cuDNN's fastest convolutions for fp16 take NHWC tensors; on CPU the
   NCHW layout stays, so CPU images are unchanged.
 - VAE decode in fixed chunks (CUDA only): a large generation batch would otherwise decode all its

@@ -24,9 +24,11 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from engine.toyworld import erase, evaluate, judge, models, train
+from engine.toyworld import judge
 from engine.toyworld.render import CONCEPTS, caption, render_dataset
+from engine.toyworld.shipped import cross_attention_kv_names
 from engine.toyworld.tokenizer import build_toy_tokenizer
+from toyworld_training import erase, evaluate, judge_training, models, train
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def _read_json(path: Path) -> dict:
 
 def _kv_state(unet) -> dict[str, torch.Tensor]:
     params = dict(unet.named_parameters())
-    return {name: params[name].detach().float().contiguous().clone() for name in erase.cross_attention_kv_names(unet)}
+    return {name: params[name].detach().float().contiguous().clone() for name in cross_attention_kv_names(unet)}
 
 
 class ToyWorldBuild:
@@ -135,8 +137,8 @@ class ToyWorldBuild:
         if done.exists():
             return _read_json(done)
         s, start = self.settings, time.monotonic()
-        net = judge.train_judge(s.judge_images_per_concept, s.judge_steps, seed=s.seed + 10)
-        judge.save_judge(net, self.work / "judge.safetensors")
+        net = judge_training.train_judge(s.judge_images_per_concept, s.judge_steps, seed=s.seed + 10)
+        judge_training.save_judge(net, self.work / "judge.safetensors")
         images, labels = self.test_set()
         accuracy = float((judge.predict_probs(net, images).argmax(1) == labels).mean())
         result = {"test_accuracy": accuracy, "test_images": len(labels), "seconds": time.monotonic() - start}

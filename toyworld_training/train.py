@@ -22,8 +22,8 @@ from torch.nn import functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from engine.toyworld.judge import to_tensor
-from engine.toyworld.models import training_scheduler
 from engine.toyworld.render import CONCEPTS, caption
+from toyworld_training.models import training_scheduler
 
 logger = logging.getLogger(__name__)
 

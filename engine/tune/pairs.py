@@ -9,13 +9,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from engine.concepts import ConceptSpec, Sources
-from engine.config import ModelSpec, run_spec_from_dict
 from engine.errors import UserError
-from engine.models import expand_model_refs, resolve_model
-from engine.pipeline.grid import plan_run
+from engine.models.resolve import expand_model_refs, resolve_model
+from engine.pipeline.grid import expand_run
 from engine.scoring.preflight import check_run_scoring
 from engine.scoring.registry import get_judge_class, judge_requests
+from engine.specs.concepts import ConceptSpec
+from engine.specs.runs import ModelSpec, run_spec_from_dict
+from engine.specs.sources import Sources
 from engine.storage import OutputLocation, output_location
 from engine.tune.space import OBJECTIVES, SearchSpace, TuneSpec, parse_space
 
@@ -31,19 +32,19 @@ class PairJob:
     model_ref: str | dict[str, Any]
     model: ModelSpec
     concept: ConceptSpec
-    plan: Any  # engine.pipeline.grid.RunPlan of the run config with the space's first corner
+    grid: Any  # engine.pipeline.grid.RunGrid of the run config with the space's first corner
     rows_per_trial: int
 
 
 @dataclass
-class TunePlan:
+class TuneRun:
     spec: TuneSpec
     space: SearchSpace
     jobs: list[PairJob]
     output: OutputLocation
 
 
-def plan_tune(spec: TuneSpec, where: str | Sources = "tune config") -> TunePlan:
+def prepare_tune(spec: TuneSpec, where: str | Sources = "tune config") -> TuneRun:
     """Check everything a search needs before Ray or any model starts. Raises UserError.
 
     A model that declares erased concepts is searched on those (recovery is the objective): on
@@ -63,18 +64,18 @@ def plan_tune(spec: TuneSpec, where: str | Sources = "tune config") -> TunePlan:
         ref = model_ref if isinstance(model_ref, str) else model_ref.model_dump(mode="json")
         for concept in tuned_concepts(spec, model, where):
             data = run_data(spec, ref, concept, space.raw_params(corner), output)
-            plan = plan_run(run_spec_from_dict(data, str(where)))  # its keys are the run's, not the tune file's
-            check_run_scoring(plan.spec, plan.concepts, [p.params for p in plan.probes])
-            _check_objective(spec, plan, where)
+            grid = expand_run(run_spec_from_dict(data, str(where)))  # its keys are the run's, not the tune file's
+            check_run_scoring(grid.spec, grid.concepts, [p.params for p in grid.probes])
+            _check_objective(spec, grid, where)
             if spec.held_out:
-                held_out_prompts(plan.concepts[concept], spec.num_images)  # enough fresh prompts?
-            jobs.append(PairJob(ref, plan.models[0], plan.concepts[concept], plan, len(plan.rows)))
+                held_out_prompts(grid.concepts[concept], spec.num_images)  # enough fresh prompts?
+            jobs.append(PairJob(ref, grid.models[0], grid.concepts[concept], grid, len(grid.rows)))
     if spec.scheduler is not None and spec.scheduler.grace_period >= min(j.rows_per_trial for j in jobs):
         raise UserError(
             f"{where}: scheduler.grace_period {spec.scheduler.grace_period} must be below the images per trial "
             f"({min(j.rows_per_trial for j in jobs)}), or no trial can be stopped early"
         )
-    return TunePlan(spec, space, jobs, output)
+    return TuneRun(spec, space, jobs, output)
 
 
 def tuned_concepts(spec: TuneSpec, model: ModelSpec, where: str | Sources) -> list[str]:
@@ -131,13 +132,13 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 
-def _check_objective(spec: TuneSpec, plan, where: str) -> None:
+def _check_objective(spec: TuneSpec, grid, where: str) -> None:
     slot = OBJECTIVES[spec.objective][1]
-    requests = [r for r in judge_requests(plan.spec.judges) if get_judge_class(r.name).slot == slot]
+    requests = [r for r in judge_requests(grid.spec.judges) if get_judge_class(r.name).slot == slot]
     if not requests:
         raise UserError(f"{where}: objective {spec.objective} needs a {slot} judge in `judges:`; the run has none")
     classes_key = getattr(get_judge_class(requests[0].name), "classes_key", None)
-    for concept in plan.concepts.values():
+    for concept in grid.concepts.values():
         if classes_key is not None and classes_key not in concept.judge_classes:
             raise UserError(
                 f"concept {concept.name!r} has no judge_classes.{classes_key}, so {spec.objective} is never "

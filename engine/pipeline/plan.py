@@ -1,4 +1,4 @@
-"""What a run costs, from its plan alone (`engine plan`): rows, images, UNet evaluations, model
+"""What a run costs, from its grid alone (`engine plan`): rows, images, UNet evaluations, model
 loads, hub ids, and estimated GPU-hours. Nothing is loaded, nothing goes to the network.
 
 Counts follow what the probes do:
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.builtin_models import BUILTIN_MODELS
-from engine.config import ModelSpec
-from engine.models import HUB_ID
-from engine.pipeline.grid import RunPlan
+from engine.models.builtin import BUILTIN_MODELS
+from engine.models.resolve import HUB_ID
+from engine.pipeline.grid import RunGrid
 from engine.probe import get_probe_class
+from engine.specs.runs import ModelSpec
 
 # ------------------------------------------------------------------------- the cost model
 # FLOP counts of the SD 1.x components at 512 x 512 (64 x 64 latents), counted for this project
@@ -110,7 +110,7 @@ class HubModel:
 
 @dataclass
 class PlanCost:
-    plan: RunPlan
+    grid: RunGrid
     row_counts: dict[str, dict[str, int]]  # model -> probe -> rows
     by_probe: dict[str, Work]
     references: Work  # base-model reference images
@@ -129,17 +129,17 @@ class PlanCost:
 # ------------------------------------------------------------------------- counting
 
 
-def estimate(plan: RunPlan) -> PlanCost:
-    models = {m.name: m for m in plan.models}
-    base = plan.base
+def estimate(grid: RunGrid) -> PlanCost:
+    models = {m.name: m for m in grid.models}
+    base = grid.base
     schedulers = {name: scheduler_of(m) for name, m in models.items()}
     if base is not None:
         schedulers.setdefault(base.name, scheduler_of(base))
-    row_counts: dict[str, dict[str, int]] = {name: {p.name: 0 for p in plan.probes} for name in models}
-    by_probe = {p.name: Work() for p in plan.probes}
+    row_counts: dict[str, dict[str, int]] = {name: {p.name: 0 for p in grid.probes} for name in models}
+    by_probe = {p.name: Work() for p in grid.probes}
     groups: dict[tuple[str, str, str], int] = defaultdict(int)
     trained: dict[tuple[str, str, str], set[str]] = defaultdict(set)  # one embedding per (model, concept, settings)
-    for row in plan.rows:
+    for row in grid.rows:
         groups[(row.model, row.probe, row.params)] += 1
         if row.probe == "textual_inversion":
             trained[(row.model, row.probe, row.params)].add(row.concept)
@@ -155,9 +155,9 @@ def estimate(plan: RunPlan) -> PlanCost:
         by_probe[probe].add(work)
     references: dict[str, tuple[dict[str, Any], str]] = {}  # reference key -> (settings, concept)
     seen: set[tuple[str, str, str]] = set()  # textual inversion: one set of references per (concept, params)
-    for row in plan.rows:
+    for row in grid.rows:
         if row.probe in REFERENCE_PROBES and (row.probe, row.concept, row.params) not in seen:
-            references.update(reference_images(row, parsed[(row.probe, row.params)], plan))
+            references.update(reference_images(row, parsed[(row.probe, row.params)], grid))
             if row.probe == "textual_inversion":
                 seen.add((row.probe, row.concept, row.params))
     reference_work = Work()
@@ -177,8 +177,8 @@ def estimate(plan: RunPlan) -> PlanCost:
     uncosted = sorted(name for name, m in models.items() if not costed(m))
     if uncosted:
         notes.append(f"not costed in GPU-hours (not Stable Diffusion 1.x sized): {', '.join(uncosted)}")
-    notes.extend(plan.warnings)
-    return PlanCost(plan, row_counts, by_probe, reference_work, total, loads, hub, schedulers, notes)
+    notes.extend(grid.warnings)
+    return PlanCost(grid, row_counts, by_probe, reference_work, total, loads, hub, schedulers, notes)
 
 
 def row_work(probe: str, params, scheduler: str, is_costed: bool) -> Work:
@@ -207,7 +207,7 @@ def training_work(params, is_costed: bool) -> Work:
     return Work(ti_trainings=1, ti_passes=passes, tflop=tflop if is_costed else None)
 
 
-def reference_images(row, params, plan: RunPlan) -> dict[str, tuple[dict[str, Any], str]]:
+def reference_images(row, params, grid: RunGrid) -> dict[str, tuple[dict[str, Any], str]]:
     """The base-model reference images a row needs, by a key that is equal when they are shared."""
     if row.probe not in REFERENCE_PROBES or getattr(params, "reference_dir", None) is not None:
         return {}
@@ -216,7 +216,7 @@ def reference_images(row, params, plan: RunPlan) -> dict[str, tuple[dict[str, An
     if row.probe == "inpainting":
         prompts = [(row.prompt, row.seed)]
     else:
-        concept = plan.concepts[row.concept]
+        concept = grid.concepts[row.concept]
         prompts = [(p, s) for _, p, s in concept.sample_prompts(params.num_reference_images)]
     return {json.dumps([row.concept, p, s, settings], sort_keys=True): (settings, row.concept) for p, s in prompts}
 
@@ -291,16 +291,16 @@ def hub_models(models: list[ModelSpec]) -> list[HubModel]:
 # ------------------------------------------------------------------------- printing
 
 
-def row_count_lines(plan: RunPlan, counts: dict[str, dict[str, int]] | None = None) -> list[str]:
+def row_count_lines(grid: RunGrid, counts: dict[str, dict[str, int]] | None = None) -> list[str]:
     """Rows per model x probe, one line per model; consecutive models of one method with the same
     counts (a family's members) share a line."""
     if counts is None:
-        counts = {m.name: {p.name: 0 for p in plan.probes} for m in plan.models}
-        for row in plan.rows:
+        counts = {m.name: {p.name: 0 for p in grid.probes} for m in grid.models}
+        for row in grid.rows:
             counts[row.model][row.probe] += 1
-    probes = [p.name for p in plan.probes]
+    probes = [p.name for p in grid.probes]
     groups: list[list[ModelSpec]] = []
-    for model in plan.models:
+    for model in grid.models:
         previous = groups[-1][-1] if groups else None
         if (previous is not None and previous.method_label == model.method_label and len(model.erased) == 1
                 and len(previous.erased) == 1 and counts[previous.name] == counts[model.name]):
@@ -315,7 +315,7 @@ def row_count_lines(plan: RunPlan, counts: dict[str, dict[str, int]] | None = No
             labels.append((f"{group[0].name} .. {group[-1].name} ({len(group)})", "one each"))
     name_width = max([len("model")] + [len(label) for label, _ in labels])
     erased_width = max([len("erased")] + [len(erased) for _, erased in labels])
-    method_width = max([len("method")] + [len(m.method_label) for m in plan.models])
+    method_width = max([len("method")] + [len(m.method_label) for m in grid.models])
     widths = [max(len(p), 7) for p in probes]
     header = (f"  {'model':{name_width}s}  {'method':{method_width}s}  {'erased':{erased_width}s}  "
               + "  ".join(f"{p:>{w}s}" for p, w in zip(probes, widths)) + f"  {'total':>8s}")
@@ -328,21 +328,21 @@ def row_count_lines(plan: RunPlan, counts: dict[str, dict[str, int]] | None = No
     return lines
 
 
-def summary_header(plan: RunPlan) -> str:
+def summary_header(grid: RunGrid) -> str:
     roles = defaultdict(int)
-    for row in plan.rows:
+    for row in grid.rows:
         roles[row.role] += 1
     parts = ", ".join(f"{role} {roles[role]:,d}" for role in ("recovery", "preservation", "base", "unpaired")
                       if roles[role])
-    return f"{len(plan.rows):,d} rows ({parts}) for {len(plan.models)} model(s) x {len(plan.probes)} probe(s):"
+    return f"{len(grid.rows):,d} rows ({parts}) for {len(grid.models)} model(s) x {len(grid.probes)} probe(s):"
 
 
 def plan_lines(cost: PlanCost, gpu: str) -> list[str]:
-    plan = cost.plan
-    lines = [summary_header(plan), *row_count_lines(plan, cost.row_counts)]
-    if plan.skipped_models:
-        lines.append(f"  no rows (erased no listed concept): {len(plan.skipped_models)} model(s), "
-                     f"{_shorten(plan.skipped_models)}")
+    grid = cost.grid
+    lines = [summary_header(grid), *row_count_lines(grid, cost.row_counts)]
+    if grid.skipped_models:
+        lines.append(f"  no rows (erased no listed concept): {len(grid.skipped_models)} model(s), "
+                     f"{_shorten(grid.skipped_models)}")
     lines += ["", "work per probe:",
               f"  {'probe':26s} {'rows':>9s} {'images':>11s} {'UNet evals':>14s}  {'GPU-h ' + gpu:>11s}"]
     for name, work in [*cost.by_probe.items(), ("(base references)", cost.references)]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.report.stats import wilson_interval
+from engine.metrics.stats import wilson_interval
 from engine.toyworld.judge import ToyJudge
 from engine.toyworld.render import CONCEPTS, caption
 

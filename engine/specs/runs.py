@@ -1,4 +1,4 @@
-"""Validated run and model specs (pydantic, frozen, no unknown keys); concepts live in engine.concepts.
+"""Validated run and model specs (pydantic, frozen, no unknown keys); concepts live in engine.specs.concepts.
 
 Model entries are one file each, found by file stem: configs/models/<id>.yaml. A run file
 describes a grid; engine.pipeline.grid expands it.
@@ -13,9 +13,11 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from engine.concepts import Frozen, Sources, read_yaml_with_sources, validate
 from engine.errors import UserError
-from engine.judge_refs import JudgeRequest, default_judge_refs, parse_judge_ref
+from engine.specs.base import Frozen, validate
+from engine.specs.judges import JudgeRequest, default_judge_refs, parse_judge_ref
+from engine.specs.sources import Sources
+from engine.specs.yaml_reader import read_yaml_with_sources
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 BASE_METHOD = "none"  # the `method` label of the un-erased base model

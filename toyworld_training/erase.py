@@ -32,12 +32,9 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from engine.toyworld.shipped import cross_attention_kv_names
+
 logger = logging.getLogger(__name__)
-
-
-def cross_attention_kv_names(unet: UNet2DConditionModel) -> list[str]:
-    """Names of the parameters ESD-x trains: the cross-attention key/value projection weights."""
-    return [name for name, _ in unet.named_parameters() if ".attn2.to_k." in name or ".attn2.to_v." in name]
 
 
 @torch.no_grad()

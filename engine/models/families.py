@@ -22,9 +22,11 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from engine.concepts import Frozen, find_config_files, read_yaml, validate
-from engine.config import ModelSpec
 from engine.errors import UserError
+from engine.specs.base import Frozen, validate
+from engine.specs.files import find_config_files
+from engine.specs.runs import ModelSpec
+from engine.specs.yaml_reader import read_yaml
 
 
 class MethodOverride(Frozen):

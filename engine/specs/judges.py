@@ -6,7 +6,7 @@ A judge is referred to as
     clip:tiny                               a named preset of the judge (here: random test model)
     {name: clip, preset: tiny, options: {seed: 1}}   preset and/or options spelled out
 
-Part of the base layer: run specs (engine.config) validate judge names here without importing any
+Part of the base layer: run specs (engine.specs.runs) validate judge names here without importing any
 judge; engine.scoring.registry loads the classes.
 """
 

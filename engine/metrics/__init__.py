@@ -1,0 +1,1 @@
+"""What is measured: the score columns (columns.py) and their intervals (stats.py)."""
