@@ -90,6 +90,13 @@ class BestOfNProbe(Probe):
     """Base of the best-of-N probes. Subclasses set `name` and `params_class` and may override the
     hooks `prepare_params`, `step_noise`, `noise_key`, `guidance` and `candidate_extras`."""
 
+    sampler = "ddim"
+    role = "recovery"
+    needs_base_reference = False
+    best_of_n = True
+    base_reference = False
+    baseline = False
+
     params_class: ClassVar[type[BestOfNParams]] = BestOfNParams
 
     # --------------------------------------------------------------- hooks

@@ -47,6 +47,10 @@ REQUIREMENTS = {
 
 MAX_IMAGE_SIDE = 4096
 
+# Why a row exists (engine.pipeline.pairing decides; the `role` column of every row).
+RECOVERY, PRESERVATION, BASE, UNPAIRED = "recovery", "preservation", "base", "unpaired"
+ROLES = (RECOVERY, PRESERVATION, BASE, UNPAIRED)
+
 
 class ProbeParams(BaseModel):
     """Parameters every probe shares. Subclasses add their own; unknown keys are rejected, and so
@@ -88,7 +92,7 @@ class WorkRow:
     prompt_index: int
     seed: int
     # Not part of the identity: why the row exists (engine.pipeline.pairing) and what its model erased.
-    role: str = "unpaired"  # recovery | preservation | base | unpaired
+    role: str = UNPAIRED  # one of ROLES
     erased: tuple[str, ...] = ()
 
 
@@ -161,12 +165,39 @@ class ProbeOutput:
             raise ValueError("ProbeOutput lists must have one entry per image")
 
 
+SAMPLERS = ("ddim", "pipeline")
+PROBE_ROLES = (RECOVERY, PRESERVATION)
+# The facts every probe class states about itself (the conformance suite checks each is declared).
+# The engine reads these instead of keeping lists of probe names: pairing, the cost plan and the
+# report all ask the class.
+PROBE_FACTS = ("sampler", "role", "needs_base_reference", "best_of_n", "base_reference", "baseline")
+
+
 class Probe(ABC):
-    """Base class. Subclasses set `name`, `params_class`, `requires` and implement `run`."""
+    """Base class. Subclasses set `name`, `params_class`, `requires`, the facts below, and implement `run`."""
 
     name: ClassVar[str]
     params_class: ClassVar[type[ProbeParams]] = ProbeParams
     requires: ClassVar[frozenset[str]] = frozenset()
+    # `ddim`: the probe runs its own DDIM loop (n UNet calls for n steps); `pipeline`: it calls the
+    # model's own pipeline and scheduler (PNDM for SD 1.x: n + 1 calls).
+    sampler: ClassVar[str]
+    # `recovery`: it asks whether an erased concept comes back; `preservation`: it draws the other
+    # concepts of the set (what erasure broke). Pairing and the report both read this.
+    role: ClassVar[str]
+    # Whether it needs base-model images of the concept (generated once, shared by probes).
+    needs_base_reference: ClassVar[bool]
+    # Whether it makes several candidates per prompt and keeps one (engine.best_of_n).
+    best_of_n: ClassVar[bool]
+    # Whether the base model runs it by default as the reference of a paired grid (`base_probes`).
+    base_reference: ClassVar[bool]
+    # The plain generation every other probe is compared with: listed first in tables, and the base
+    # model's image of a prompt and seed when the base model did not run the probe itself.
+    baseline: ClassVar[bool]
+    # The probe's own params for the cheapest run that still exercises its algorithm (a two-point
+    # sweep, one hand-over step...), on top of few steps and small images: the conformance suite
+    # and smoke runs use it.
+    smoke_params: ClassVar[dict[str, Any]] = {}
 
     def check_request(self, params: ProbeParams, concepts: list[str], options: dict[str, Any]) -> None:
         """Extra checks in the driver, before any work (e.g. a classifier file exists). Raise UserError."""
@@ -186,6 +217,16 @@ class Probe(ABC):
         Default: the concept's own prompts, sampled as the original does."""
         return [(concept.name, i, prompt, seed) for i, prompt, seed in concept.sample_prompts(num_images)]
 
+    def base_reference_requests(self, row: WorkRow, concept, params: ProbeParams) -> list[tuple[str, int]]:
+        """The (prompt, seed) base-model images a row needs (probes with `needs_base_reference`);
+        equal requests are generated once. `engine plan` counts them."""
+        return []
+
+    def training_passes(self, params: ProbeParams) -> int:
+        """UNet forward + backward passes the probe trains for once per (model, concept) before
+        generating (textual inversion's embedding); 0 when it trains nothing. `engine plan` counts them."""
+        return 0
+
     def reference_prompts(self, concept, num_images: int, params: ProbeParams):
         """The rows on which the base model gives this probe's reference number for `concept` (the
         same prompts and seeds the erased models' rows use). Default: the probe's own rows."""
@@ -197,6 +238,28 @@ class Probe(ABC):
 
 def probe_names() -> list[str]:
     return sorted(PROBE_REGISTRY)
+
+
+def probes_where(**facts: Any) -> list[str]:
+    """Registered probes whose class facts equal `facts` (e.g. `role="preservation"`), in registry order."""
+    return [name for name in PROBE_REGISTRY
+            if all(getattr(get_probe_class(name), fact) == value for fact, value in facts.items())]
+
+
+def probe_fact(name: str, fact: str, default: Any) -> Any:
+    """One fact of a probe by name; `default` for a name no longer registered (an older run's rows)."""
+    if name not in PROBE_REGISTRY:
+        return default
+    return getattr(get_probe_class(name), fact)
+
+
+def preservation_probes(names) -> set[str]:
+    """Those of `names` whose class's role is preservation: the one rule, for the grid and the report."""
+    return {name for name in set(names) if probe_fact(name, "role", RECOVERY) == PRESERVATION}
+
+
+def baseline_probes(names) -> set[str]:
+    return {name for name in set(names) if probe_fact(name, "baseline", False)}
 
 
 def get_probe_class(name: str) -> type[Probe]:

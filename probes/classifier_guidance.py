@@ -152,6 +152,7 @@ def load_classifiers(cache: dict, classifier_dir: str, concepts, device, latent_
 class ClassifierGuidanceProbe(BestOfNProbe):
     name = "classifier_guidance"
     params_class = ClassifierGuidanceParams
+    smoke_params = {"classifier_scales": [0.0, 60.0], "selector": "clip"}
     requires = frozenset({"latent_classifier"})
 
     def __init__(self):

@@ -56,7 +56,14 @@ class DiffusionCompletionParams(ProbeParams):
 class DiffusionCompletionProbe(Probe):
     name = "diffusion_completion"
     params_class = DiffusionCompletionParams
+    smoke_params = {"handover_steps": [1]}
     requires = frozenset({"base_model"})
+    sampler = "ddim"
+    role = "recovery"
+    needs_base_reference = False
+    best_of_n = False
+    base_reference = False
+    baseline = False
 
     def expand_params(self, params: DiffusionCompletionParams) -> list[DiffusionCompletionParams]:
         base = params.model_dump()

@@ -82,7 +82,18 @@ def mask_box(height: int, width: int, mask_size: int, latent_factor: int) -> tup
 class InpaintingProbe(Probe):
     name = "inpainting"
     params_class = InpaintingParams
+    smoke_params = {}
     requires = frozenset({"base_model", "reference_images"})
+    sampler = "pipeline"
+    role = "recovery"
+    needs_base_reference = True
+    best_of_n = False
+    base_reference = True
+    baseline = False
+
+    def base_reference_requests(self, row, concept, params: InpaintingParams) -> list[tuple[str, int]]:
+        """The context: the base model's image of the row's own prompt and seed (none with a reference_dir)."""
+        return [] if params.reference_dir is not None else [(row.prompt, row.seed)]
 
     def check_request(self, params: InpaintingParams, concepts: list[str], options) -> None:
         if params.reference_dir is not None and not Path(params.reference_dir).expanduser().is_dir():

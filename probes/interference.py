@@ -29,6 +29,13 @@ class InterferenceParams(ProbeParams):
 class InterferenceProbe(Probe):
     name = "interference"
     params_class = InterferenceParams
+    smoke_params = {}
+    sampler = "pipeline"
+    role = "preservation"
+    needs_base_reference = False
+    best_of_n = False
+    base_reference = True
+    baseline = False
 
     def work_prompts(self, concept, concepts, num_images: int, params: InterferenceParams):
         """(other concept, prompt_index, prompt, seed): the first `num_images` rows of every other

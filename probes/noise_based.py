@@ -58,6 +58,8 @@ class NoiseBasedParams(BestOfNParams):
 class NoiseBasedProbe(BestOfNProbe):
     name = "noise_based"
     params_class = NoiseBasedParams
+    smoke_params = {"eta_values": [0.0, 1.5], "variance_scales": [1.0, 1.04], "selector": "clip"}
+    base_reference = True
 
     def step_noise(self, params: NoiseBasedParams, candidate: dict[str, float]) -> tuple[float, float]:
         return candidate["eta"], candidate["variance_scale"]

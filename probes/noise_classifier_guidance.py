@@ -64,6 +64,7 @@ class NoiseClassifierGuidanceParams(BestOfNParams):
 class NoiseClassifierGuidanceProbe(ClassifierGuidanceProbe):
     name = "noise_classifier_guidance"
     params_class = NoiseClassifierGuidanceParams
+    smoke_params = {"classifier_scales": [0.0, 60.0], "eta_values": [0.0, 1.5], "selector": "clip"}
 
     def step_noise(self, params: NoiseClassifierGuidanceParams, candidate: dict[str, float]) -> tuple[float, float]:
         return candidate["eta"], params.variance_scale

@@ -21,6 +21,13 @@ class StandardPromptParams(ProbeParams):
 class StandardPromptProbe(Probe):
     name = "standard_prompt"
     params_class = StandardPromptParams
+    smoke_params = {}
+    sampler = "pipeline"
+    role = "recovery"
+    needs_base_reference = False
+    best_of_n = False
+    base_reference = True
+    baseline = True
 
     @torch.no_grad()
     def run(self, batch: ProbeBatch) -> ProbeOutput:

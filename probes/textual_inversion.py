@@ -95,7 +95,24 @@ def reference_files(reference_dir: str, concept: str) -> list[Path]:
 class TextualInversionProbe(Probe):
     name = "textual_inversion"
     params_class = TextualInversionParams
+    smoke_params = {"max_train_steps": 2, "gradient_accumulation_steps": 1, "num_reference_images": 2}
     requires = frozenset({"base_model", "reference_images"})
+    sampler = "pipeline"
+    role = "recovery"
+    needs_base_reference = True
+    best_of_n = False
+    base_reference = False
+    baseline = False
+
+    def base_reference_requests(self, row, concept: ConceptSpec,
+                                params: TextualInversionParams) -> list[tuple[str, int]]:
+        """The training images: the base model's images of the concept (none with a reference_dir)."""
+        if params.reference_dir is not None:
+            return []
+        return [(prompt, seed) for _, prompt, seed in concept.sample_prompts(params.num_reference_images)]
+
+    def training_passes(self, params: TextualInversionParams) -> int:
+        return params.max_train_steps * params.gradient_accumulation_steps * params.train_batch_size
 
     def settings(self, params: TextualInversionParams, concept: ConceptSpec) -> TextualInversionSettings:
         kind = concept.kind if params.learnable_property == "auto" else params.learnable_property

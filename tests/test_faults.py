@@ -50,6 +50,12 @@ class FaultyProbe(Probe):
 
     name = "faulty"
     params_class = FaultyParams
+    sampler = "pipeline"
+    role = "recovery"
+    needs_base_reference = False
+    best_of_n = False
+    base_reference = False
+    baseline = False
 
     def run(self, batch: ProbeBatch) -> ProbeOutput:
         params = batch.params

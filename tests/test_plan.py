@@ -121,10 +121,10 @@ def test_engine_plan_prints_the_plan(tmp_path):
         "output: unused\nbase_model: sd14-random\nmodels: [sd14-random, {name: e, pretrained: org/e, method: esdx, "
         "erased: [church]}]\nconcepts: [church]\nprobes: [standard_prompt]\nnum_images: 3\n"
     )
-    result = runner.invoke(app, ["grid", str(config), "--gpu", "a100"])
+    result = runner.invoke(app, ["plan", str(config), "--gpu", "a100"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("6 rows (recovery 3, base 3) for 2 model(s) x 1 probe(s):")
     assert "MISSING  org/e" in result.output
     assert "estimated GPU-hours on one A100" in result.output and "this engine" in result.output
-    bad = runner.invoke(app, ["grid", str(config), "--gpu", "v100"])
+    bad = runner.invoke(app, ["plan", str(config), "--gpu", "v100"])
     assert bad.exit_code == 2 and "valid choices: h100, a100, a6000" in bad.output

@@ -1,5 +1,6 @@
 """Conformance suite: every registered probe (read from PROBE_REGISTRY at collection time) must
 
+- declare the facts the engine reads from its class (sampler, role, base reference...), with valid values;
 - round-trip its params through canonical JSON and describe every field;
 - give the same image for the same seed, and the same image for a row in a batch as alone;
 - leave the pipelines it touched (model under test and base) unchanged: weights, scheduler
@@ -8,7 +9,7 @@
 
 Rows come from engine.pipeline.grid.expand_rows (so expand_params and work_prompts are exercised) on the
 tiny built-in models: `tiny-erased` is the model under test, `tiny` the base. A probe runs with
-the shared fast settings below plus its entry in FAST_PARAMS. Requirements other than base_model /
+the shared fast settings below plus its class's `smoke_params`. Requirements other than base_model /
 reference_images (made from the base model) are provided by REQUIREMENT_CONTEXTS below (each
 returns ProbeContext fields); a probe with a requirement not listed there fails the run checks,
 so a new requirement needs its provider here.
@@ -31,29 +32,24 @@ from engine.models.builtin import build_tiny
 from engine.models.resolve import resolve_model
 from engine.pipeline.grid import ProbeChoice, expand_rows, expand_run
 from engine.probe import (
+    PROBE_FACTS,
     PROBE_REGISTRY,
+    PROBE_ROLES,
     REQUIREMENTS,
+    SAMPLERS,
+    Probe,
     ProbeBatch,
     ProbeContext,
     describe_params,
     get_probe_class,
     parse_params,
+    probes_where,
 )
 from engine.specs.concepts import available_concepts, load_concept
 from engine.specs.runs import RunSpec
 
 PROBES = sorted(PROBE_REGISTRY)
 FAST = {"num_inference_steps": 3, "height": 32, "width": 32}
-FAST_PARAMS: dict[str, dict] = {
-    "standard_prompt": {},
-    "noise_based": {"eta_values": [0.0, 1.5], "variance_scales": [1.0, 1.04], "selector": "clip"},
-    "diffusion_completion": {"handover_steps": [1]},
-    "inpainting": {},
-    "interference": {},
-    "classifier_guidance": {"classifier_scales": [0.0, 60.0], "selector": "clip"},
-    "noise_classifier_guidance": {"classifier_scales": [0.0, 60.0], "eta_values": [0.0, 1.5], "selector": "clip"},
-    "textual_inversion": {"max_train_steps": 2, "gradient_accumulation_steps": 1, "num_reference_images": 2},
-}
 PROVIDED = {"base_model", "reference_images"}
 CONCEPTS = ["church", "golf_ball"]
 TOLERANCE = 2  # uint8 levels: batched and single-row float math may round differently
@@ -71,7 +67,7 @@ REQUIREMENT_CONTEXTS = {"latent_classifier": untrained_classifiers}
 
 
 def fast_params(name: str) -> dict:
-    return {**FAST, **FAST_PARAMS.get(name, {})}
+    return {**FAST, **get_probe_class(name).smoke_params}
 
 
 def brightness_selector(selector, images, concept_name, regions):
@@ -156,6 +152,25 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("probe-cache")
+
+
+@pytest.mark.parametrize("name", PROBES)
+def test_probe_declares_its_facts(name):
+    """Every fact is set on the probe's class or an engine base class of probes, never left to
+    `Probe` (which declares none), and has a valid value; `smoke_params` are valid params."""
+    cls = get_probe_class(name)
+    for fact in PROBE_FACTS:
+        assert any(fact in vars(k) for k in cls.__mro__ if k is not Probe), f"{name} does not declare {fact}"
+    assert cls.sampler in SAMPLERS and cls.role in PROBE_ROLES
+    for flag in ("needs_base_reference", "best_of_n", "base_reference", "baseline"):
+        assert isinstance(getattr(cls, flag), bool), flag
+    assert cls.needs_base_reference == ("reference_images" in cls.requires)
+    assert cls.best_of_n == hasattr(cls.params_class, "candidates")
+    parse_params(name, {**FAST, **cls.smoke_params})
+
+
+def test_one_baseline_probe():
+    assert len(probes_where(baseline=True)) == 1
 
 
 @pytest.mark.parametrize("name", PROBES)

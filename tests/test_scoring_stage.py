@@ -132,6 +132,12 @@ class BestOfThreeProbe(Probe):
 
     name = "best_of_three"
     params_class = BestOfThreeParams
+    sampler = "pipeline"
+    role = "recovery"
+    needs_base_reference = False
+    best_of_n = False
+    base_reference = False
+    baseline = False
 
     def run(self, batch: ProbeBatch) -> ProbeOutput:
         images, extras, candidates = [], [], []

@@ -31,6 +31,8 @@ from engine.toyworld.tokenizer import build_toy_tokenizer
 from toyworld_training import erase, evaluate, judge_training, models, train
 
 logger = logging.getLogger(__name__)
+# The build's log file gets the trainers' lines and the runtime judge's.
+LOGGED_PACKAGES = ("toyworld_training", "engine.toyworld")
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -319,11 +321,13 @@ def build_toy_world(work_dir: Path, settings: BuildSettings | None = None, expor
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("engine.toyworld").addHandler(handler)
-        logging.getLogger("engine.toyworld").setLevel(logging.INFO)
+        for name in LOGGED_PACKAGES:
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         return ToyWorldBuild(work_dir, settings or BuildSettings(), export_dir).run()
     finally:
         if handler is not None:
-            logging.getLogger("engine.toyworld").removeHandler(handler)
+            for name in LOGGED_PACKAGES:
+                logging.getLogger(name).removeHandler(handler)
             handler.close()

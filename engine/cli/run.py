@@ -1,4 +1,4 @@
-"""`engine run` and `engine demo`: build a run spec from a file or flags, grid it, execute it."""
+"""`engine run` and `engine demo`: build a run spec from a file or flags, expand it, execute it."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.errors import UserError
 from engine.models.resolve import check_model_source, expand_model_refs, resolve_model
-from engine.pipeline.pairing import DEFAULT_BASE_PROBES, label_base, model_cells
+from engine.pipeline.pairing import default_base_probes, label_base, model_cells
 from engine.probe import ProbeParams, WorkRow, get_probe_class, parse_params
 from engine.specs.concepts import ConceptSpec, available_concepts, load_concept
 from engine.specs.runs import ModelSpec, RunSpec, no_duplicate_names, probe_requests
@@ -94,7 +94,7 @@ def expand_run(spec: RunSpec, extra_models: list[ModelSpec] = (), strict: bool =
 def _base_probes(spec: RunSpec, probes: list[ProbeChoice]) -> frozenset[str]:
     names = [p.name for p in probes]
     if spec.base_probes is None:
-        return frozenset(n for n in names if n in DEFAULT_BASE_PROBES)
+        return frozenset(n for n in names if n in default_base_probes())
     unknown = [n for n in spec.base_probes if n not in names]
     if unknown:
         raise UserError(f"base_probes names {', '.join(unknown)}, not among the run's probes ({', '.join(names)})")

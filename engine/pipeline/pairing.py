@@ -19,17 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from engine.probe import BASE, PRESERVATION, RECOVERY, ROLES, UNPAIRED, preservation_probes, probes_where
 from engine.specs.concepts import ConceptSpec, concept_set_members
 from engine.specs.runs import BASE_METHOD, ModelSpec
 
-RECOVERY, PRESERVATION, BASE, UNPAIRED = "recovery", "preservation", "base", "unpaired"
-ROLES = (RECOVERY, PRESERVATION, BASE, UNPAIRED)
-# Probes that draw the other concepts of the set rather than the erased one.
-PRESERVATION_PROBES = frozenset({"interference"})
-# The base model's reference probes by default: the original's table has a base number for the
-# standard prompt and the noise sweep; inpainting's base number is the probe's ceiling (the
-# context alone); interference's is the denominator of every preservation ratio.
-DEFAULT_BASE_PROBES = ("standard_prompt", "noise_based", "inpainting", "interference")
+
+def is_preservation_probe(probe: str) -> bool:
+    """Whether the probe draws the other concepts of the set rather than the erased one (its class's `role`)."""
+    return bool(preservation_probes([probe]))
+
+
+def default_base_probes() -> frozenset[str]:
+    """The base model's reference probes by default (each class's `base_reference`): the original's
+    table has a base number for the standard prompt and the noise sweep; inpainting's base number is
+    the probe's ceiling (the context alone); interference's is the denominator of every preservation ratio."""
+    return frozenset(probes_where(base_reference=True))
 
 
 @dataclass(frozen=True)
@@ -61,14 +65,14 @@ def model_cells(
     """The cells of `model` x `probe` in a run listing `listed` with all of `models`."""
     if model.erased:
         erased = [listed[name] for name in listed if name in model.erased]
-        if probe in PRESERVATION_PROBES:
+        if is_preservation_probe(probe):
             return [Cell(c, preservation_universe(model, c), PRESERVATION) for c in erased]
         return [Cell(c, listed, RECOVERY) for c in erased]
     role = BASE if is_base(model) else UNPAIRED
     if role == BASE and paired_run(models):
-        if probe not in (frozenset(DEFAULT_BASE_PROBES) if base_probes is None else base_probes):
+        if probe not in (default_base_probes() if base_probes is None else base_probes):
             return []
-        if probe in PRESERVATION_PROBES:
+        if is_preservation_probe(probe):
             targets = {**listed, **interference_targets(models, listed)}
             return [Cell(c, {c.name: c}, BASE, reference=True) for c in targets.values()]
         return [Cell(c, listed, BASE) for c in listed.values()]

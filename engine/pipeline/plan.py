@@ -30,7 +30,7 @@ from typing import Any
 from engine.models.builtin import BUILTIN_MODELS
 from engine.models.resolve import HUB_ID
 from engine.pipeline.grid import RunGrid
-from engine.probe import get_probe_class
+from engine.probe import Probe, get_probe_class
 from engine.specs.runs import ModelSpec
 
 # ------------------------------------------------------------------------- the cost model
@@ -69,11 +69,7 @@ ORIGINAL_TFLOPS = {
 }
 GPUS = tuple(ENGINE_TFLOPS)
 
-# Probes that run their own DDIM loop (n UNet calls for n steps); the others call the pipeline.
-DDIM_LOOP_PROBES = frozenset({"noise_based", "classifier_guidance", "noise_classifier_guidance",
-                              "diffusion_completion"})
 PNDM = "PNDMScheduler"
-REFERENCE_PROBES = frozenset({"inpainting", "textual_inversion"})  # need base-model images of the concept
 SD1_BUILTINS = frozenset({"sd14-random"})  # built-ins with the full SD 1.x architecture
 
 
@@ -138,28 +134,27 @@ def estimate(grid: RunGrid) -> PlanCost:
     row_counts: dict[str, dict[str, int]] = {name: {p.name: 0 for p in grid.probes} for name in models}
     by_probe = {p.name: Work() for p in grid.probes}
     groups: dict[tuple[str, str, str], int] = defaultdict(int)
-    trained: dict[tuple[str, str, str], set[str]] = defaultdict(set)  # one embedding per (model, concept, settings)
+    concepts_of: dict[tuple[str, str, str], set[str]] = defaultdict(set)  # training: once per (model, concept)
     for row in grid.rows:
         groups[(row.model, row.probe, row.params)] += 1
-        if row.probe == "textual_inversion":
-            trained[(row.model, row.probe, row.params)].add(row.concept)
+        concepts_of[(row.model, row.probe, row.params)].add(row.concept)
+    probes = {p.name: get_probe_class(p.name)() for p in grid.probes}
     parsed: dict[tuple[str, str], Any] = {}
     for (name, probe, params_json), count in groups.items():
         if (probe, params_json) not in parsed:
-            parsed[(probe, params_json)] = get_probe_class(probe).params_class.model_validate_json(params_json)
+            parsed[(probe, params_json)] = probes[probe].params_class.model_validate_json(params_json)
         params = parsed[(probe, params_json)]
         row_counts[name][probe] += count
-        work = row_work(probe, params, schedulers[name][0], costed(models[name])).times(count)
-        if (name, probe, params_json) in trained:
-            work.add(training_work(params, costed(models[name])).times(len(trained[(name, probe, params_json)])))
+        work = row_work(probes[probe], params, schedulers[name][0], costed(models[name])).times(count)
+        passes = probes[probe].training_passes(params)
+        if passes:
+            trainings = len(concepts_of[(name, probe, params_json)])
+            work.add(training_work(passes, params, costed(models[name])).times(trainings))
         by_probe[probe].add(work)
     references: dict[str, tuple[dict[str, Any], str]] = {}  # reference key -> (settings, concept)
-    seen: set[tuple[str, str, str]] = set()  # textual inversion: one set of references per (concept, params)
     for row in grid.rows:
-        if row.probe in REFERENCE_PROBES and (row.probe, row.concept, row.params) not in seen:
-            references.update(reference_images(row, parsed[(row.probe, row.params)], grid))
-            if row.probe == "textual_inversion":
-                seen.add((row.probe, row.concept, row.params))
+        if probes[row.probe].needs_base_reference:
+            references.update(reference_images(probes[row.probe], row, parsed[(row.probe, row.params)], grid))
     reference_work = Work()
     for settings, _ in references.values():
         reference_work.add(generation_work(settings, 1, _own_steps(settings["num_inference_steps"], base, schedulers),
@@ -181,11 +176,11 @@ def estimate(grid: RunGrid) -> PlanCost:
     return PlanCost(grid, row_counts, by_probe, reference_work, total, loads, hub, schedulers, notes)
 
 
-def row_work(probe: str, params, scheduler: str, is_costed: bool) -> Work:
+def row_work(probe: Probe, params, scheduler: str, is_costed: bool) -> Work:
     """One row's generation: its candidates, each a full trajectory of the probe's sampler."""
-    candidates = len(params.candidates()) if hasattr(params, "candidates") else 1
+    candidates = len(params.candidates()) if probe.best_of_n else 1
     steps = params.num_inference_steps
-    if probe not in DDIM_LOOP_PROBES:
+    if probe.sampler == "pipeline":
         steps = pndm_calls(steps) if scheduler == PNDM else steps
     work = generation_work(params.model_dump(), candidates, steps, is_costed)
     work.rows = 1
@@ -201,23 +196,18 @@ def generation_work(settings: dict[str, Any], images: int, unet_calls: int, is_c
     return Work(images=images, unet_evals=latents, tflop=tflop if is_costed else None)
 
 
-def training_work(params, is_costed: bool) -> Work:
-    passes = params.max_train_steps * params.gradient_accumulation_steps * params.train_batch_size
+def training_work(passes: int, params, is_costed: bool) -> Work:
     tflop = passes * TRAINING_PASS_FORWARDS * UNET_TFLOP * _pixel_scale(params.model_dump())
     return Work(ti_trainings=1, ti_passes=passes, tflop=tflop if is_costed else None)
 
 
-def reference_images(row, params, grid: RunGrid) -> dict[str, tuple[dict[str, Any], str]]:
+def reference_images(probe: Probe, row, params, grid: RunGrid) -> dict[str, tuple[dict[str, Any], str]]:
     """The base-model reference images a row needs, by a key that is equal when they are shared."""
-    if row.probe not in REFERENCE_PROBES or getattr(params, "reference_dir", None) is not None:
+    prompts = probe.base_reference_requests(row, grid.concepts[row.concept], params)
+    if not prompts:
         return {}
     settings = {k: getattr(params, k) for k in ("num_inference_steps", "guidance_scale", "negative_prompt",
                                                  "height", "width")}
-    if row.probe == "inpainting":
-        prompts = [(row.prompt, row.seed)]
-    else:
-        concept = grid.concepts[row.concept]
-        prompts = [(p, s) for _, p, s in concept.sample_prompts(params.num_reference_images)]
     return {json.dumps([row.concept, p, s, settings], sort_keys=True): (settings, row.concept) for p, s in prompts}
 
 

@@ -30,14 +30,13 @@ import pandas as pd
 
 from engine.errors import UserError
 from engine.metrics.columns import METRICS, MODEL_COLUMNS
+from engine.probe import BASE, RECOVERY, preservation_probes
 from engine.report.figures import write_contact_sheets, write_recovery_plots
 from engine.report.paired import write_paired_sheets
 from engine.report.paper import has_roles, mean_over_concepts_table, preservation_table, recovery_table
 from engine.report.render import write_html, write_markdown
 from engine.report.selection import selection_inflated
 from engine.report.tables import (
-    BASE,
-    RECOVERY,
     ReportContent,
     cell_stats,
     load_rows,
@@ -147,7 +146,7 @@ def _build(run_dirs: list[RunDir], report_dir: Path, max_images_per_cell: int) -
     if paired:  # plots show recovery: erased concepts, and the base model on the same concepts
         erased = set(frame.loc[frame["role"] == RECOVERY, "concept"])
         plotted = frame[((frame["role"] == RECOVERY) | ((frame["role"] == BASE) & frame["concept"].isin(erased)))
-                        & (frame["probe"] != "interference")]
+                        & ~frame["probe"].isin(preservation_probes(frame["probe"]))]
         content.plots = write_recovery_plots(pooled_stats(plotted), report_dir / "plots", "erased concepts")
     else:
         content.plots = write_recovery_plots(pooled_stats(frame), report_dir / "plots", "pooled over concepts")

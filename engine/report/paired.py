@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from engine.probe import RECOVERY, baseline_probes
 from engine.report.figures import read_images
-from engine.report.tables import BASE_METHOD, RECOVERY, method_label, method_order, probe_order
+from engine.report.tables import BASE_METHOD, method_label, method_order, probe_order
 from engine.results import decode_png
 
 TILE = 128
@@ -63,7 +64,7 @@ def _lines(cell: pd.DataFrame, base: pd.DataFrame, probe: str, max_seeds: int):
 def _base_row(base: pd.DataFrame, probe: str, prompt: str, seed: int) -> dict | None:
     same_request = base[(base["prompt"] == prompt) & (base["seed"] == seed)]
     for candidates in (same_request[same_request["probe_label"] == probe],
-                       same_request[same_request["probe"] == "standard_prompt"]):
+                       same_request[same_request["probe"].isin(baseline_probes(same_request["probe"]))]):
         if len(candidates):
             return candidates.sort_values("row_id").iloc[0].to_dict()
     return None

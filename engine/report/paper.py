@@ -19,13 +19,10 @@ from typing import Any
 import pandas as pd
 
 from engine.metrics.columns import Metric
+from engine.probe import BASE, PRESERVATION, RECOVERY, UNPAIRED, preservation_probes
 from engine.report.selection import selection_inflated
 from engine.report.tables import (
-    BASE,
     BASE_METHOD,
-    PRESERVATION,
-    RECOVERY,
-    UNPAIRED,
     method_order,
     metric_stats,
     present_metrics,
@@ -33,7 +30,6 @@ from engine.report.tables import (
     probe_order,
 )
 
-PRESERVATION_PROBES = ("interference", "standard_prompt")
 PAIR_KEYS = ["target_concept", "prompt", "seed"]  # the same image request, whichever model answers it
 
 
@@ -56,7 +52,7 @@ def recovery_table(frame: pd.DataFrame, by_concept: bool = False) -> pd.DataFram
     The base model's line pools its reference rows on the concepts some model erased."""
     erased = erased_concepts(frame)
     rows = frame[(frame["role"] == RECOVERY) | ((frame["role"] == BASE) & frame["concept"].isin(erased))]
-    rows = rows[rows["probe"] != "interference"]  # what erasure broke, not what came back: preservation
+    rows = rows[~rows["probe"].isin(preservation_probes(rows["probe"]))]  # what erasure broke: preservation
     keys = ["probe_label", "method", *(["concept"] if by_concept else [])]
     records = []
     for metric in present_metrics(rows):
@@ -83,8 +79,8 @@ def _inflated(group: pd.DataFrame, column: str) -> bool:
 def preservation_table(frame: pd.DataFrame, by_concept: bool = False) -> pd.DataFrame:
     """Per (method, probe, metric[, target concept]): the erased models' rate on concepts they did not
     erase, the base model's rate on the same prompts and seeds, and the ratio erased / base."""
-    kept = frame[(frame["role"] == PRESERVATION) & frame["probe"].isin(PRESERVATION_PROBES)]
-    base = frame[(frame["method"] == BASE_METHOD) & frame["probe"].isin(PRESERVATION_PROBES)]
+    kept = frame[frame["role"] == PRESERVATION]
+    base = frame[(frame["method"] == BASE_METHOD) & frame["probe"].isin(set(kept["probe"]))]  # like with like
     base = base.drop_duplicates(PAIR_KEYS)
     keys = ["method", "probe_label", *(["target_concept"] if by_concept else [])]
     records = []

@@ -19,6 +19,7 @@ import pandas as pd
 from engine.errors import UserError
 from engine.metrics.columns import CANDIDATE_COLUMNS, METRICS, MODEL_COLUMNS, SCORE_COLUMNS, Metric
 from engine.metrics.stats import mean_interval, rate_interval
+from engine.probe import UNPAIRED, baseline_probes
 from engine.results import read_rows, require_run_folder, row_columns
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ logger = logging.getLogger(__name__)
 CELL_KEYS = ["model", "method", "concept", "target_concept", "probe", "params"]
 BASE_METHOD = "none"  # ModelSpec.method of an un-erased model
 # Row roles (column `role`): what a row measures. Runs written before roles existed read as unpaired.
-RECOVERY, PRESERVATION, BASE, UNPAIRED = "recovery", "preservation", "base", "unpaired"
 STAT_COLUMNS = [
     "row_id", *CELL_KEYS, "prompt", "prompt_index", "seed", "generation_seconds", "scoring_region",
     *SCORE_COLUMNS, *MODEL_COLUMNS.values(), "selector", "candidate_count", *CANDIDATE_COLUMNS,
@@ -174,12 +174,17 @@ def method_order(methods) -> list[str]:
 
 
 def probe_order(labels) -> list[str]:
-    """standard_prompt (the baseline) first, then the others by name; a probe's parameter variants
-    in numeric order (eta=2 before eta=10, v=1.0 before v=1.04), not as text."""
+    """The baseline probe (the plain prompt) first, then the others by name; a probe's parameter
+    variants in numeric order (eta=2 before eta=10, v=1.0 before v=1.04), not as text."""
     labels = sorted(set(labels), key=natural_key)
-    return [label for label in labels if label.startswith("standard_prompt")] + [
-        label for label in labels if not label.startswith("standard_prompt")
-    ]
+    baselines = baseline_probes(probe_of_label(label) for label in labels)
+    first = [label for label in labels if probe_of_label(label) in baselines]
+    return first + [label for label in labels if label not in first]
+
+
+def probe_of_label(label: str) -> str:
+    """The probe name a probe label starts with (`noise_based[eta=1.5]` -> `noise_based`)."""
+    return label.split("[", 1)[0]
 
 
 def natural_key(text: str) -> list[tuple[int, float | str]]:
