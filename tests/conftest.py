@@ -16,6 +16,13 @@ os.environ.setdefault("ENGINE_JUDGES", "clip:tiny,imagenet:tiny")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Generated inputs (tests/specs/test_fuzz_validation.py): CI tries 100 per test, a local run 15;
+# both derandomized, so a failure reproduces. HYPOTHESIS_PROFILE picks one by hand.
+settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None)
+settings.register_profile("dev", max_examples=15, derandomize=True, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +34,9 @@ def ray_session():
 
     # Test modules are importable in the workers too: a probe a test registers (PROBE_REGISTRY
     # entry "test_x:Probe") runs in the stream's actors.
-    python_path = os.pathsep.join(p for p in [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH")] if p)
+    # Test files sit in one folder per package, each folder on sys.path (pytest's rootdir-less import).
+    folders = [TESTS, *sorted(p for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))]
+    python_path = os.pathsep.join(p for p in [*map(str, folders), str(TESTS.parent), os.environ.get("PYTHONPATH")] if p)
     env = {**worker_env(), "PYTHONPATH": python_path}
     # address="local": a Ray of our own even when a `ray start` cluster runs on the machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})

@@ -114,6 +114,7 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_wheel_installed_in_a_fresh_venv_lists_concepts_and_runs(tmp_path):
     source, dist, venv, outside = (tmp_path / name for name in ("src", "dist", "venv", "elsewhere"))
     for folder in (source, outside):

@@ -20,7 +20,7 @@ from engine.scoring.scorer import Scorer, crop_to_region
 from engine.specs.concepts import ConceptSpec, load_concept
 
 CPU = torch.device("cpu")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMAGENET_LABELS = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
 # The torchvision label of each object concept's one class. The original matched by substring and
 # so never found "chain saw" or "English springer", and counted planetarium as airliner (§5.3).

@@ -14,8 +14,11 @@ import pytest
 from engine.toyworld.render import CONCEPTS, render_dataset
 from engine.toyworld.shipped import WEIGHTS_DIR
 
-pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "toy-base" / "model_index.json").exists(),
-                                reason="toy-world weights not built (engine toyworld build)")
+pytestmark = [
+    pytest.mark.slow,  # the toy models' rates on 16 seeds x 8 concepts (about a minute)
+    pytest.mark.skipif(not (WEIGHTS_DIR / "toy-base" / "model_index.json").exists(),
+                       reason="toy-world weights not built (engine toyworld build)"),
+]
 
 NUM_SEEDS = 16
 

@@ -29,7 +29,7 @@ from engine.storage import (
     with_s3_endpoint,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- OutputLocation
 
@@ -203,6 +203,7 @@ def test_lock_on_s3_refuses_a_second_writer(s3_bucket, monkeypatch):
         assert location.exists(LOCK_FILE)
 
 
+@pytest.mark.slow
 def test_run_resume_score_and_report_on_s3(s3_bucket):
     from engine.report.build import build_report
     from engine.scoring.rescore import rescore_run

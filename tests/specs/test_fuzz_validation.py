@@ -24,10 +24,8 @@ from engine.probe import get_probe_class, probe_names
 from engine.specs.runs import RunSpec
 
 runner = CliRunner()
-FUZZ = settings(
-    max_examples=100, derandomize=True, deadline=None, database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+# Examples per test come from the hypothesis profile (tests/conftest.py: `ci` 100, `dev` 15).
+FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 class ReachedExecution(Exception):

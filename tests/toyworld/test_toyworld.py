@@ -1,6 +1,6 @@
 """The toy world: renderer, tokenizer, judge API, training code (tiny build), ESD-x and UCE edits,
 concept configs and built-in registration. Shipped-weights quality checks live in
-tests/test_toyworld_weights.py."""
+tests/toyworld/test_toyworld_weights.py."""
 
 from __future__ import annotations
 
@@ -100,6 +100,7 @@ def test_judge_classify_returns_probabilities_and_checks_input():
 # --------------------------------------------------------------------------- training code
 
 
+@pytest.mark.slow
 def test_tiny_build_runs_every_stage_and_resumes(tmp_path):
     from engine.toyworld.shipped import load_toy_base, load_toy_erased
     from toyworld_training.build import BuildSettings, build_toy_world

@@ -98,7 +98,7 @@ def test_gpu_hours_follow_the_cost_model(tmp_path):
 
 def test_the_paper_grid_plans_offline_without_loading_anything(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    grid = expand_run(load_run_file(Path(__file__).resolve().parent.parent / "configs/runs/paper.yaml"), strict=False)
+    grid = expand_run(load_run_file(Path(__file__).resolve().parents[2] / "configs/runs/paper.yaml"), strict=False)
     cost = estimate(grid)
     assert len(grid.models) == 92 and grid.models[0].name == "sd14"
     per_erased = {"standard_prompt": 30, "classifier_guidance": 30, "noise_based": 30,

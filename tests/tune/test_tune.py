@@ -93,6 +93,7 @@ def test_pipeline_loads_once_across_trials(tpe_search):
     assert "1 pipeline load(s)" in tpe_search[1].output
 
 
+@pytest.mark.slow
 def test_best_config_runs_with_engine_run(tpe_search):
     output, _ = tpe_search
     trials = _trials(output)
@@ -108,6 +109,7 @@ def test_best_config_runs_with_engine_run(tpe_search):
     assert rows.judge_target_prob.mean() == pytest.approx(best.objective, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_same_params_same_metric_and_pairs_searched_together(tmp_path, ray_session):
     """A grid with one point listed twice, over two (model, concept) pairs searched together: the
     second trial on the reused actor measures exactly what the first did (no state leaks between
@@ -133,6 +135,7 @@ def test_same_params_same_metric_and_pairs_searched_together(tmp_path, ray_sessi
     assert (tmp_path / "out" / "best_tiny-erased_church.yaml").exists()
 
 
+@pytest.mark.slow
 def test_asha_stops_trials_on_images_scored(tmp_path, ray_session):
     """Trials report after each batch; ASHA may stop one after `grace_period` images, and only
     trials that scored every image can be the best."""

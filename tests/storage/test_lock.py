@@ -25,7 +25,7 @@ from engine.pipeline.sink import WRITER_KEY, LockLost, publish_rows, writer_info
 from engine.results import ROWS_DIR, parquet_files, read_rows
 from engine.storage import output_location
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
@@ -176,6 +176,7 @@ def test_a_live_holder_blocks_the_run_and_keeps_its_files(tmp_path, ray_session)
     assert sorted(set(_row_ids(output))) == sorted(_row_ids(output)) and len(_row_ids(output)) == 2
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_one_runs_the_other_exits_2(tmp_path, ray_session):
     output = tmp_path / "out"
     first = _start_engine(output, num_images=4, steps=4)
@@ -193,6 +194,7 @@ def test_two_runs_into_one_folder_one_runs_the_other_exits_2(tmp_path, ray_sessi
     assert len(ids) == 4 and len(set(ids)) == 4
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_exits_cleanly_and_releases_the_lock(tmp_path, ray_session):
     """SIGTERM (`timeout`, a scheduler cancelling the job) once the first file has landed: the driver
     exits with 128 + 15 through its `finally` blocks, so the lock is released and Ray shut down; the
@@ -218,6 +220,7 @@ def test_sigterm_mid_run_exits_cleanly_and_releases_the_lock(tmp_path, ray_sessi
     assert len(ids) == 8 and len(set(ids)) == 8 and kept <= set(ids)
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_run_rerun_gives_every_row_once(tmp_path, ray_session):
     """SIGKILL of the driver once the first file has landed, while later units are in flight. A
     write cut off mid-file leaves only a hidden temporary (files are renamed into place when

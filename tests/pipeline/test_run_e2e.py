@@ -58,6 +58,7 @@ def test_manifest_records_config_versions_and_counts(first_run):
     assert manifest["batching"] == {"batch_size": "auto", "unit_rows": 4, "measured": []}
 
 
+@pytest.mark.slow
 def test_same_command_into_another_folder_gives_identical_images(first_run, tmp_path):
     _run(tmp_path / "b")
     first = {r["row_id"]: r["image"] for r in read_rows(first_run).to_pylist()}
@@ -73,6 +74,7 @@ def test_rerun_resumes_without_duplicates(tmp_path):
     assert read_rows(output).num_rows == 3
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_losing_nothing(tmp_path):
     """Simulate a run killed midway: one finished file survives, one is half-written."""
     output = tmp_path / "killed"

@@ -29,7 +29,7 @@ from engine.results import encode_png
 from engine.specs.runs import ModelSpec, run_spec_from_dict
 from probes.standard_prompt import StandardPromptParams, StandardPromptProbe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _encoder_calls(pipe) -> list[int]:

@@ -28,7 +28,7 @@ from engine.pipeline.shipping import (
 from engine.results import read_rows
 from engine.specs.runs import run_spec_from_dict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ships_by_default_only_to_an_existing_cluster():
@@ -121,6 +121,7 @@ def cluster():
     cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_cluster_workers_import_the_shipped_engine_and_the_run_writes_every_row(cluster, tmp_path):
     # Started from a folder outside the repository: Ray puts the driver's working folder on the
     # workers' sys.path, and the repository's engine/ there would shadow the shipped copy.

@@ -208,6 +208,7 @@ def test_folder_requests_are_checked_before_any_work(tmp_path):
 # --------------------------------------------------------------------------- CLI end to end
 
 
+@pytest.mark.slow
 def test_train_classifier_cli_writes_classifiers_that_guidance_finds(ray_session, tiny_pipe, tmp_path):
     output = tmp_path / "my_classifiers"
     result = CliRunner().invoke(app, [

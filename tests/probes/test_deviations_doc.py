@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.probe import PROBE_REGISTRY, get_probe_class
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEVIATIONS = ROOT / "docs" / "deviations.md"
 NOT_SHIPPED = re.compile(r"original-system|design\.md|shared/|§")
 

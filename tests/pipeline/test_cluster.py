@@ -35,6 +35,7 @@ def _command(cluster, output, *extra) -> list[str]:
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.slow
 def test_run_survives_losing_a_node(cluster, tmp_path):
     doomed = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -60,6 +61,7 @@ def test_run_survives_losing_a_node(cluster, tmp_path):
     assert {"unit_retries", "actor_restarts"} <= faults.keys()
 
 
+@pytest.mark.slow
 def test_local_output_is_written_on_the_drivers_node(tmp_path):
     """The driver's node (the head) has no CPU, so every task that reserves one runs on the other
     node; the results files must still all be written by tasks on the driver's node."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
@@ -23,6 +24,7 @@ def test_toy_demo_grid_plans_on_the_shipped_models(tmp_path):
     assert {r.role for r in base} == {"base"} and len(base) == 2 * 2 * (1 + 6 + 1)
 
 
+@pytest.mark.slow
 def test_random_demo_runs_and_reports(tmp_path, ray_session):
     result = CliRunner().invoke(app, ["demo", "--random", "--num-images", "1", "--output", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
