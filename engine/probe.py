@@ -109,6 +109,12 @@ class ProbeContext:
     # = more of the concept. Best-of-N probes pick argmax (see ProbeOutput). Provided by the
     # runner (engine.scoring.selectors.SelectorBank); names: judge, clip, latent_classifier, none.
     selector_scores: Callable[..., list[float]] | None = None
+    # judge_hits(images, concept_name, regions) -> one bool per image: is the run's classifier judge's
+    # top-1 class one of the concept's classes (the `judge_top1` rule, same model and classes as the
+    # judge slot), each image cropped to its region; None when the run has no classifier judge or the
+    # concept has no classes for it (a style). For probes that stop or count on recognition (best-of-N
+    # candidate hits, attacks that stop on success). Provided by the runner (SelectorBank.judge_hits).
+    judge_hits: Callable[..., list[bool] | None] | None = None
 
 
 @dataclass

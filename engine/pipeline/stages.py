@@ -194,6 +194,7 @@ class ProbeRunner:
             cache_dir=self.cache_dir,
             options=dict(self.unit_options),
             selector_scores=self.selectors.scores,
+            judge_hits=self.selectors.judge_hits,
         )
 
     def _base_pipeline(self):

@@ -142,6 +142,16 @@ class ClassifierJudge(Judge):
             columns["judge_target_prob"].append(float(p[classes].sum()))
         return columns
 
+    def top1_hits(self, images: list[np.ndarray], concept: ConceptSpec) -> list[bool] | None:
+        """Per image, whether the top-1 class is one of the concept's (judge_top1's rule, ties in class
+        order); None when the concept has no classes for this judge."""
+        classes = self.target_classes(concept)
+        if classes is None:
+            return None
+        if not images:
+            return []
+        return [int(np.argsort(-p, kind="stable")[0]) in classes for p in self.probabilities(images)]
+
     def concept_scores(self, images: list[np.ndarray], concept: ConceptSpec) -> list[float]:
         classes = self.target_classes(concept)
         if classes is None:

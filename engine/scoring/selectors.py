@@ -145,6 +145,23 @@ class SelectorBank:
         self._used.add(f"latent_classifier={model.model_id}")
         return [float(v) for v in model.scores(crops)]
 
+    def judge_hits(
+        self,
+        images: list[np.ndarray],
+        concept_name: str,
+        regions: list[list[int] | tuple[int, ...] | None] | None = None,
+    ) -> list[bool] | None:
+        """Per image (cropped to its region): does the run's classifier judge recognise the concept
+        (top-1 in its classes)? None when the run has no classifier judge or the concept has no classes
+        for it. Not a selection: it is not recorded in the `selector` column."""
+        if _slot_request(self.judges, "classifier") is None:
+            return None
+        if concept_name not in self.concepts:
+            raise KeyError(f"judge hits asked about concept {concept_name!r}, which is not in this run")
+        judge = self._judge("judge")
+        crops = [crop_to_region(image, region) for image, region in zip(images, regions or [None] * len(images))]
+        return judge.top1_hits(crops, self.concepts[concept_name])
+
     def take_used(self) -> str | None:
         """The selectors used since the last call, as written in column `selector` (None = none ran)."""
         label = "+".join(sorted(self._used)) or None

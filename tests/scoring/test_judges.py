@@ -107,6 +107,17 @@ def test_classifier_topk_hits_and_target_probability():
     assert judge.concept_scores(images[:2], concepts[1]) == pytest.approx([0.60, 0.03])
 
 
+
+def test_top1_hits_follow_judge_top1_and_are_none_for_a_style():
+    probabilities = np.array([[0.05, 0.40, 0.20, 0.10, 0.09, 0.08, 0.05, 0.03],
+                              [0.30, 0.01, 0.02, 0.25, 0.20, 0.10, 0.07, 0.05]])
+    judge = FixedJudge(probabilities)
+    images = [np.full((4, 4, 3), row, np.uint8) for row in (0, 1, 0)]
+    concept = _concept("b", [1, 3])
+    assert judge.top1_hits(images, concept) == judge.score(images, [concept] * 3)["judge_top1"] == [True, False, True]
+    assert judge.top1_hits(images, _concept("s", None, "style")) is None
+    assert judge.top1_hits([], concept) == []
+
 def test_object_concept_without_classes_is_refused_before_work():
     concepts = {"x": _concept("x", None)}
     with pytest.raises(UserError, match="concept 'x' has no judge_classes.imagenet"):
