@@ -79,7 +79,7 @@ def generate(pipe, rows_for, shapes, args, folder: Path) -> dict[str, ImageGroup
             paths = [out / f"{row.prompt_index:03d}_seed{row.seed}.png" for row in chunk]
             if all(path.exists() for path in paths):
                 continue  # made by an earlier, interrupted call (the same rows give the same images)
-            for path, image in zip(paths, probe.run(ProbeBatch(chunk, params, pipe, context)).images):
+            for path, image in zip(paths, probe.run(ProbeBatch(chunk, params, pipe, context)).images, strict=False):
                 Image.fromarray(image).save(path)
         groups[shape] = ImageGroup(f"{BASE_MODEL}:{shape}", str(out), shape, concept.prompt,
                                    tuple(row.seed for row in rows))
@@ -127,7 +127,7 @@ def evaluate(folder: Path, args, work: Path, judge) -> list[dict]:
             hits = judge.score(output.images, [concept] * len(chunk))["judge_top1"]
             results += [{"seed": row.seed, "scale": extras["classifier_scale"], "hit": bool(hit),
                          "logit": extras["classifier_logit"]}
-                        for row, extras, hit in zip(chunk, output.extras, hits)]
+                        for row, extras, hit in zip(chunk, output.extras, hits, strict=False)]
     return results
 
 

@@ -48,14 +48,14 @@ from statistics import median
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as in the engine's workers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from engine.models.cache import ModelCache  # noqa: E402
+from engine.models.cache import ModelCache
 from engine.models.loading import resolve_device
-from engine.probe import ProbeBatch, ProbeContext, WorkRow, row_generator  # noqa: E402
-from engine.specs.concepts import load_concept  # noqa: E402
-from engine.specs.runs import ModelSpec  # noqa: E402
-from probes.noise_based import NoiseBasedParams, NoiseBasedProbe  # noqa: E402
+from engine.probe import ProbeBatch, ProbeContext, WorkRow, row_generator
+from engine.specs.concepts import load_concept
+from engine.specs.runs import ModelSpec
+from probes.noise_based import NoiseBasedParams, NoiseBasedProbe
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {

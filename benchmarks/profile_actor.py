@@ -25,11 +25,11 @@ from dataclasses import asdict
 # Both ways run under the OpenMP wait policy the engine gives its Ray workers (set before torch loads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
-from engine.probe import WorkRow, row_generator  # noqa: E402
-from engine.specs.runs import ModelSpec  # noqa: E402
-from probes.standard_prompt import StandardPromptParams  # noqa: E402
+from engine.probe import WorkRow, row_generator
+from engine.specs.runs import ModelSpec
+from probes.standard_prompt import StandardPromptParams
 
 # (label, where the function is defined, function name): cumulative time of each in the profile.
 PARTS = [

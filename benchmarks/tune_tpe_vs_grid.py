@@ -39,9 +39,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.specs.files import find_config_files  # noqa: E402
-from engine.tune.search import SearchSettings, search_pair  # noqa: E402
-from engine.tune.space import SearchSpace, load_tune_spec, parse_space  # noqa: E402
+from engine.specs.files import find_config_files
+from engine.tune.search import SearchSettings, search_pair
+from engine.tune.space import SearchSpace, load_tune_spec, parse_space
 
 TARGET = 0.95
 PROMPTS = 64  # binomial noise: n of a realistic trial
@@ -236,7 +236,7 @@ def main() -> None:
     print(f"\n{'surface':14s} {'search':7s} {'reached 95%':>12s} {'median evals':>13s} {'max evals':>10s} "
           f"{'median best':>12s} {'worst best':>11s} {'wall s':>7s}")
     for surface, algorithm, hit, seeds, median, worst, share, low, seconds in rows:
-        print(f"{surface:14s} {algorithm:7s} {f'{hit}/{seeds}':>12s} {str(median):>13s} {str(worst):>10s} "
+        print(f"{surface:14s} {algorithm:7s} {f'{hit}/{seeds}':>12s} {median!s:>13s} {worst!s:>10s} "
               f"{share:>12.1%} {low:>11.1%} {seconds:>7.1f}")
     print(f"(reached 95%: the setting reported after {budget} trials has >= 95% of the optimal true rate; evals: the "
           f"trial that found it, over the seeds that reached; full grid {needed * needed})")

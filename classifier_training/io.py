@@ -27,7 +27,7 @@ def write_metrics(directory: str | Path, concept: str, history: list[dict[str, f
     plot_path = directory / f"{concept}_metrics.png"
     try:
         _plot(history, concept, plot_path)
-    except Exception as exc:  # bookkeeping must never lose a trained classifier
+    except Exception as exc:  # noqa: BLE001 (bookkeeping must never lose a trained classifier)
         logger.warning("could not draw %s: %s", plot_path, exc)
         return csv_path, None
     return csv_path, plot_path

@@ -82,7 +82,7 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     ranks = np.empty(values.size, dtype=np.float64)
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_values)) + 1]
     ends = np.r_[starts[1:], values.size]
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=False):
         ranks[order[start:end]] = (start + 1 + end) / 2.0
     return ranks
 

@@ -146,7 +146,7 @@ class BestOfNProbe(Probe):
 
     def generators(self, params: BestOfNParams, rows: list, candidates: list[dict[str, float]]):
         """(x_T generators, step-noise generators), one of each per candidate of the chunk."""
-        own = [row_generator(row.seed, *self.noise_key(c)) for row, c in zip(rows, candidates)]
+        own = [row_generator(row.seed, *self.noise_key(c)) for row, c in zip(rows, candidates, strict=False)]
         if params.initial_noise == "per_candidate":
             return own, own  # one stream per candidate: x_T first, then the step noise
         return [row_generator(row.seed) for row in rows], own

@@ -21,6 +21,7 @@ over and planned its rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from engine.errors import UserError
@@ -109,7 +110,7 @@ class OutputLock:
             host=socket.gethostname(),
             pid=os.getpid(),
             pid_started=process_start_time(os.getpid()),
-            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
             heartbeat_at=round(time.time()),
             command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) if sys.argv else holder,
         )
@@ -242,10 +243,8 @@ class OutputLock:
         moved = LockInfo.parse(self.location.read_text(aside))
         if stale is not None and (moved is None or moved.token != stale.token):
             # Another run took over in between and this moved its fresh lock: put it back.
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(self.location.local_path() / aside, self.location.local_path() / LOCK_FILE)
-            except FileExistsError:
-                pass
         self.location.delete(aside)
 
     # ------------------------------------------------------------------ heartbeat

@@ -12,9 +12,10 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -205,7 +206,9 @@ class Probe(ABC):
     # and smoke runs use it.
     smoke_params: ClassVar[dict[str, Any]] = {}
 
-    def check_request(self, params: ProbeParams, concepts: list[str], options: dict[str, Any]) -> None:
+    def check_request(  # noqa: B027 (an optional hook: most probes need no extra check)
+        self, params: ProbeParams, concepts: list[str], options: dict[str, Any]
+    ) -> None:
         """Extra checks in the driver, before any work (e.g. a classifier file exists). Raise UserError."""
 
     @abstractmethod

@@ -12,7 +12,7 @@ import json
 import logging
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ def row_columns(output: Output) -> set[str]:
         try:
             with rows.open_input(name) as handle:
                 file_names = set(pq.read_schema(handle).names)
-        except Exception:  # unreadable files are reported by read_rows
+        except Exception:  # noqa: BLE001 (unreadable files are reported by read_rows)
             continue
         names = file_names if names is None else names & file_names
     return names or set()
@@ -142,7 +142,7 @@ def read_rows(output: Output, columns: list[str] | None = None) -> pa.Table:
     for name in parquet_files(output):
         try:
             tables.append(read_rows_file(output, name, columns, schema=ROW_SCHEMA if columns is None else None))
-        except Exception as exc:  # truncated or corrupt file
+        except Exception as exc:  # noqa: BLE001 (truncated or corrupt file)
             logger.warning("skipping unreadable results file %s (%s)", name, exc)
     if not tables:
         schema = ROW_SCHEMA if columns is None else pa.schema([ROW_SCHEMA.field(c) for c in columns])
@@ -164,7 +164,7 @@ def remove_unreadable_files(output: Output) -> list[str]:
         try:
             with rows.open_input(name) as handle:
                 pq.read_metadata(handle)
-        except Exception:
+        except Exception:  # noqa: BLE001 (any read error means a half-written file)
             rows.delete(name)
             removed.append(name)
     return removed
@@ -218,12 +218,12 @@ def git_commit() -> str | None:
         repo = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None
-    except Exception:
+    except Exception:  # noqa: BLE001 (no git or not a checkout: no commit to record)
         return None
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def write_manifest(output: Output, content: dict[str, Any]) -> None:

@@ -307,7 +307,7 @@ def base_reference_images(context, rows, params) -> tuple[list[np.ndarray], list
             generator=[row_generator(rows[i].seed) for i in missing],
             output_type="np",
         )
-        for i, image in zip(missing, to_uint8(result.images)):
+        for i, image in zip(missing, to_uint8(result.images), strict=False):
             # Write then rename: actors of one grid may race on the same key; os.replace is atomic.
             temporary = folder / f"{keys[i]}.{os.getpid()}.tmp"
             Image.fromarray(image).save(temporary, format="PNG")

@@ -98,7 +98,8 @@ def check_classifiers(probe_name: str, classifier_dir: str, concepts: list[str])
 
 class LatentClassifierGuidance:
     """The guidance hook (x_t, t, eps) -> eps_tilde for a batch whose row i has classifier
-    classifiers[concepts[i]] and scale scales[i]."""
+    classifiers[concepts[i]] and scale scales[i].
+    """
 
     def __init__(self, classifiers: dict, concepts: list[str], scales: torch.Tensor, schedule):
         self.classifiers, self.concepts, self.schedule = classifiers, concepts, schedule
@@ -150,6 +151,8 @@ def load_classifiers(cache: dict, classifier_dir: str, concepts, device, latent_
 
 
 class ClassifierGuidanceProbe(BestOfNProbe):
+    """Adds the latent classifier's gradient to the noise prediction; sweeps its scale, keeps one candidate."""
+
     name = "classifier_guidance"
     params_class = ClassifierGuidanceParams
     smoke_params = {"classifier_scales": [0.0, 60.0], "selector": "clip"}

@@ -54,6 +54,8 @@ class DiffusionCompletionParams(ProbeParams):
 
 
 class DiffusionCompletionProbe(Probe):
+    """The base model denoises the first k+1 steps, the erased model finishes; one row per k."""
+
     name = "diffusion_completion"
     params_class = DiffusionCompletionParams
     smoke_params = {"handover_steps": [1]}

@@ -51,13 +51,15 @@ class InpaintingParams(ProbeParams):
 
 
 def reference_folder(reference_dir: str, concept: str) -> Path:
+    """The concept's subfolder of a reference folder when it has one, else the folder itself."""
     root = Path(reference_dir).expanduser()
     return root / concept if (root / concept).is_dir() else root
 
 
 def find_reference(folder: Path, seed: int) -> Path:
     """The image named for `seed` (the original's `<concept>_<i>_seed<seed>.png`), or the folder's
-    only image. Raises UserError otherwise."""
+    only image. Raises UserError otherwise.
+    """
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     matches = [p for p in images if str(seed) in SEED_IN_NAME.findall(p.stem)]
     if len(matches) == 1:
@@ -71,7 +73,8 @@ def find_reference(folder: Path, seed: int) -> Path:
 
 def mask_box(height: int, width: int, mask_size: int, latent_factor: int) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the centre square, side = mask_size/512 of the shorter image
-    side, snapped to the latent grid so the latent mask is exact."""
+    side, snapped to the latent grid so the latent mask is exact.
+    """
     side = round(min(height, width) * mask_size / 512 / latent_factor) * latent_factor
     side = max(latent_factor, side)
     left = (width - side) // 2 // latent_factor * latent_factor
@@ -80,6 +83,8 @@ def mask_box(height: int, width: int, mask_size: int, latent_factor: int) -> tup
 
 
 class InpaintingProbe(Probe):
+    """The erased model repaints a centre square of the base model's image of the same prompt and seed."""
+
     name = "inpainting"
     params_class = InpaintingParams
     smoke_params = {}
@@ -170,7 +175,7 @@ class InpaintingProbe(Probe):
         # 5. Optionally put the exact reference pixels back outside the mask.
         if params.paste_context:
             outside = mask == 0
-            for image, reference in zip(images, references):
+            for image, reference in zip(images, references, strict=False):
                 image[outside] = reference[outside]
         extras = [{"reference": source, "mask_box": list(box)} for source in sources]
         return ProbeOutput(images=images, extras=extras, scoring_regions=[box] * len(batch.rows))

@@ -27,6 +27,8 @@ class InterferenceParams(ProbeParams):
 
 
 class InterferenceProbe(Probe):
+    """The erased model draws the other concepts of its set: what erasure broke (preservation)."""
+
     name = "interference"
     params_class = InterferenceParams
     smoke_params = {}
@@ -39,7 +41,8 @@ class InterferenceProbe(Probe):
 
     def work_prompts(self, concept, concepts, num_images: int, params: InterferenceParams):
         """(other concept, prompt_index, prompt, seed): the first `num_images` rows of every other
-        concept of `concepts` in `concept`'s set, in file order (the original's df.head(n))."""
+        concept of `concepts` in `concept`'s set, in file order (the original's df.head(n)).
+        """
         others = [c for c in concepts.values() if c.name != concept.name and c.concept_set == concept.concept_set]
         if not others:
             raise UserError(
@@ -53,7 +56,8 @@ class InterferenceProbe(Probe):
 
     def reference_prompts(self, concept, num_images: int, params: InterferenceParams):
         """The base model draws the concept's own first `num_images` rows: the reference of every
-        erased model's interference rows that target it."""
+        erased model's interference rows that target it.
+        """
         return [(concept.name, index, prompt, seed) for index, prompt, seed in concept.first_prompts(num_images)]
 
     def run(self, batch: ProbeBatch) -> ProbeOutput:

@@ -56,6 +56,8 @@ class NoiseBasedParams(BestOfNParams):
 
 
 class NoiseBasedProbe(BestOfNProbe):
+    """DDIM with widened noise (eta, v) swept per prompt; a selector keeps one candidate."""
+
     name = "noise_based"
     params_class = NoiseBasedParams
     smoke_params = {"eta_values": [0.0, 1.5], "variance_scales": [1.0, 1.04], "selector": "clip"}

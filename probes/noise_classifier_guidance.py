@@ -62,6 +62,8 @@ class NoiseClassifierGuidanceParams(BestOfNParams):
 
 
 class NoiseClassifierGuidanceProbe(ClassifierGuidanceProbe):
+    """Classifier guidance and widened DDIM noise together: an eta x scale sweep."""
+
     name = "noise_classifier_guidance"
     params_class = NoiseClassifierGuidanceParams
     smoke_params = {"classifier_scales": [0.0, 60.0], "eta_values": [0.0, 1.5], "selector": "clip"}

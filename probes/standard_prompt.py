@@ -19,6 +19,8 @@ class StandardPromptParams(ProbeParams):
 
 
 class StandardPromptProbe(Probe):
+    """The concept's own prompt through the model's own pipeline and scheduler: the baseline."""
+
     name = "standard_prompt"
     params_class = StandardPromptParams
     smoke_params = {}

@@ -87,12 +87,15 @@ def insert_token(prompt: str, concept: ConceptSpec, token: str) -> str:
 
 
 def reference_files(reference_dir: str, concept: str) -> list[Path]:
+    """The training images found in a reference folder (the concept's subfolder when it has one)."""
     root = Path(reference_dir).expanduser()
     folder = root / concept if (root / concept).is_dir() else root
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 class TextualInversionProbe(Probe):
+    """Learns one token on the erased model from base-model images, then prompts with it."""
+
     name = "textual_inversion"
     params_class = TextualInversionParams
     smoke_params = {"max_train_steps": 2, "gradient_accumulation_steps": 1, "num_reference_images": 2}
@@ -193,7 +196,7 @@ class TextualInversionProbe(Probe):
         for name, embedding in embeddings.items():
             index = [i for i, row in enumerate(batch.rows) if row.concept == name]
             encoded = encode_with_token(pipe, [prompts[i] for i in index], embedding.token, embedding.vector)
-            for i, tensor in zip(index, encoded):
+            for i, tensor in zip(index, encoded, strict=False):
                 prompt_embeds[i] = tensor
         prompt_embeds = torch.stack(prompt_embeds)
 
@@ -209,7 +212,7 @@ class TextualInversionProbe(Probe):
             output_type="np",
         )
         extras = []
-        for row, prompt in zip(batch.rows, prompts):
+        for row, prompt in zip(batch.rows, prompts, strict=False):
             embedding = embeddings[row.concept]
             extras.append({
                 "ti_prompt": prompt,

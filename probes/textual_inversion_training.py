@@ -106,6 +106,8 @@ class TextualInversionSettings(BaseModel):
 
 @dataclass
 class LearnedEmbedding:
+    """A trained (or cached) token embedding and what made it."""
+
     token: str
     vector: torch.Tensor  # (hidden,), float32, CPU
     key: str
@@ -118,7 +120,8 @@ class LearnedEmbedding:
 
 class ExtendedEmbedding(nn.Module):
     """The frozen token table, plus rows of `extra` for the ids first_id, first_id + 1, ... (the
-    placeholder tokens a tokenizer copy appended after its vocabulary)."""
+    placeholder tokens a tokenizer copy appended after its vocabulary).
+    """
 
     def __init__(self, base: nn.Embedding, extra: torch.Tensor, first_id: int):
         super().__init__()
@@ -157,13 +160,15 @@ def placeholder_tokenizer(tokenizer, token: str):
 
 
 def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's length, as the pipeline tokenizes prompts."""
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
 
 def encode_with_token(pipe, prompts: list[str], token: str, vector: torch.Tensor) -> torch.Tensor:
     """Prompt embeddings as the pipeline's encode_prompt makes them, with `token` embedded as
-    `vector`. A prompt without the token gets exactly the pipeline's own embedding."""
+    `vector`. A prompt without the token gets exactly the pipeline's own embedding.
+    """
     tokenizer, token_id = placeholder_tokenizer(pipe.tokenizer, token)
     ids = token_ids(tokenizer, prompts).to(pipe.text_encoder.device)
     with extra_token_embedding(pipe.text_encoder, vector.reshape(1, -1), token_id):
@@ -193,6 +198,8 @@ def image_posteriors(pipe, images: list[np.ndarray], resolution: int, flips: boo
 
 @dataclass
 class TrainingOutcome:
+    """What one training produced: the vector and its losses."""
+
     vector: torch.Tensor  # (hidden,), float32, CPU
     losses: list[float]  # one per optimisation step (mean of its accumulated micro-batches)
     # The loss on the same fixed draws (images, flips, templates, t, noise) before and after
@@ -289,6 +296,7 @@ def _micro_batch_loss(pipe, tokenizer, templates, means, stds, scaling, alphas_c
 def embedding_key(
     model_fingerprint: str, concept: str, settings: TextualInversionSettings, image_keys: list[str]
 ) -> str:
+    """The cache key of an embedding: model, concept, settings and the training images' keys."""
     identity = {"model": model_fingerprint, "concept": concept, "settings": settings.model_dump(mode="json"),
                 "images": list(image_keys)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
@@ -299,7 +307,8 @@ def ensure_embedding(
     model_fingerprint: str, cache_dir: str | Path,
 ) -> LearnedEmbedding:
     """The learned embedding of (model, concept, settings, images): from the cache, or trained now
-    and cached. A lock file serialises actors that need the same embedding."""
+    and cached. A lock file serialises actors that need the same embedding.
+    """
     key = embedding_key(model_fingerprint, concept, settings, image_keys)
     folder = Path(cache_dir) / "textual_inversion" / key
     folder.mkdir(parents=True, exist_ok=True)

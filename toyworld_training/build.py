@@ -180,7 +180,7 @@ class ToyWorldBuild:
                       str(path))
         latents = load_file(str(path))
         scaling = train.latent_scaling_factor(latents["mean"])
-        return {"count": int(len(latents["labels"])), "latent_std": float(latents["mean"].std()),
+        return {"count": len(latents["labels"]), "latent_std": float(latents["mean"].std()),
                 "latent_mean": float(latents["mean"].mean()), "scaling_factor": scaling}
 
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, float]:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -200,7 +200,7 @@ def uce(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIP
     tails = _tail(tokenizer, embed(tokenizer, text_encoder, all_prompts).float(), all_prompts)
     n_e = len(concept_prompts)
     pairs = []
-    for concept, anchor in zip(tails[:n_e], tails[n_e:2 * n_e]):
+    for concept, anchor in zip(tails[:n_e], tails[n_e:2 * n_e], strict=False):
         m = min(len(concept), len(anchor))
         pairs.append((concept[:m], anchor[:m]))
     preserved = tails[2 * n_e:]

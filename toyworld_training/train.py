@@ -118,7 +118,7 @@ class EMA:
     def update(self, module: torch.nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for shadow, param in zip(self.shadow.parameters(), module.parameters()):
+        for shadow, param in zip(self.shadow.parameters(), module.parameters(), strict=False):
             shadow.lerp_(param.detach(), 1.0 - decay)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,7 +16,7 @@ def import_classifier(
         ..., help="Original .pt files or hub ids DiffusionConceptErasure/latent-classifier-<concept>."
     ),
     output_dir: Path = typer.Option(Path("classifiers"), "--output-dir", help="Writes <concept>.safetensors/.json."),
-    concept: Optional[str] = typer.Option(
+    concept: str | None = typer.Option(
         None, "--concept", help="Concept slug (default: from the hub id or the file name); one source only."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from engine.cli.app import app, setup_logging, user_errors
@@ -46,7 +44,7 @@ def score(
 @user_errors
 def report(
     run_dirs: list[str] = typer.Argument(..., help="Run folders (paths or URIs); several are merged into one report."),
-    output: Optional[str] = typer.Option(None, "--output", help="Report folder (path or URI); default RUN_DIR/report."),
+    output: str | None = typer.Option(None, "--output", help="Report folder (path or URI); default RUN_DIR/report."),
     max_images: int = typer.Option(12, "--max-images", min=1, help="Images per cell in the contact sheets."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):

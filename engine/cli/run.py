@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,20 +13,20 @@ from engine.cli.validation import check_output_folder, check_run_names
 @app.command()
 @user_errors
 def run(
-    config: Optional[Path] = typer.Argument(None, help="Run file (YAML grid). Flags below build one instead."),
+    config: Path | None = typer.Argument(None, help="Run file (YAML grid). Flags below build one instead."),
     model: list[str] = typer.Option([], "--model", help="Model: built-in, configs/models stem, folder or hub id."),
     concept: list[str] = typer.Option([], "--concept", help="Concept slug (repeatable)."),
     probe: list[str] = typer.Option([], "--probe", help="Probe name (repeatable)."),
-    num_images: Optional[int] = typer.Option(None, "--num-images", help="Prompts per cell."),
-    output: Optional[str] = typer.Option(
+    num_images: int | None = typer.Option(None, "--num-images", help="Prompts per cell."),
+    output: str | None = typer.Option(
         None, "--output", help="Output folder: a local path or a URI (s3://bucket/run, gs://, abfs://, local://)."
     ),
     shared_output: bool = typer.Option(
         False, "--shared-output", help="The local --output is on storage every cluster node sees (NFS...)."
     ),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="The original, un-erased model."),
-    unet: Optional[Path] = typer.Option(None, "--unet", help="Erased UNet on the base model's other parts."),
-    method: Optional[str] = typer.Option(
+    base_model: str | None = typer.Option(None, "--base-model", help="The original, un-erased model."),
+    unet: Path | None = typer.Option(None, "--unet", help="Erased UNet on the base model's other parts."),
+    method: str | None = typer.Option(
         None, "--method", help="Erasure method label of the --model/--unet models (default: theirs, else unknown)."
     ),
     erased: list[str] = typer.Option(
@@ -35,13 +34,13 @@ def run(
     ),
     probe_param: list[str] = typer.Option([], "--probe-param", help="PROBE.KEY=VALUE probe parameter."),
     set_: list[str] = typer.Option([], "--set", help="key.sub=value override of the run config."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per work unit."),
-    cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
-    ship_code: Optional[bool] = typer.Option(
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per work unit."),
+    cluster: str | None = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
+    ship_code: bool | None = typer.Option(
         None, "--ship-code/--no-ship-code", help="Send the engine's code to the workers (default: with --cluster)."
     ),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (unsafe)."),
-    classifier_dir: Optional[Path] = typer.Option(
+    classifier_dir: Path | None = typer.Option(
         None, "--classifier-dir", help="Latent classifiers for the guidance probes (engine train-classifier)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -75,7 +74,7 @@ def print_row_counts(grid) -> None:
         typer.echo(f"  no rows (erased no listed concept): {', '.join(grid.skipped_models)}")
 
 
-def execute_and_print(grid, cluster: Optional[str], ship_code: Optional[bool] = None, on_locked=None) -> None:
+def execute_and_print(grid, cluster: str | None, ship_code: bool | None = None, on_locked=None) -> None:
     """Run the grid and print what happened; exit 3 when rows failed (they are retried by a rerun)."""
     from engine.pipeline.failures import failures_path
     from engine.pipeline.run import execute

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,15 +21,15 @@ def train_classifier(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Clean latents per batch (x7 noised copies)."),
     lr: float = typer.Option(1e-4, "--lr", min=0.0, help="AdamW learning rate."),
     timestep_power: float = typer.Option(3.0, "--timestep-power", min=0.01, help="t = floor(u^(1/p) * 999)."),
-    positive_dir: Optional[Path] = typer.Option(
+    positive_dir: Path | None = typer.Option(
         None, "--positive-dir",
         help="Real positive images (the paper's setting: the class's ImageNet photos): DIR/<concept>/ per label, "
         "or DIR itself for one label.",
     ),
-    negative_dir: Optional[Path] = typer.Option(
+    negative_dir: Path | None = typer.Option(
         None, "--negative-dir", help="Real negative images for every label (the paper: 5,000 photos of other classes)."
     ),
-    model: Optional[str] = typer.Option(
+    model: str | None = typer.Option(
         None, "--model", help="VAE, noise schedule and generated images (default: the base model, SD 1.4)."
     ),
     num_images: int = typer.Option(
@@ -43,7 +42,7 @@ def train_classifier(
     ),
     num_inference_steps: int = typer.Option(50, "--num-inference-steps", min=1, help="Steps when generating."),
     seed: int = typer.Option(42, "--seed", help="Seed of the split, initialisation and noise draws."),
-    cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
+    cluster: str | None = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Train time-conditioned latent classifiers (one per concept, in parallel) for classifier guidance.
@@ -81,7 +80,7 @@ def train_classifier(
 @user_errors
 def toyworld_build(
     output: Path = typer.Option(Path("toyworld-build"), "--output", help="Work folder (stages resume from it)."),
-    minutes: Optional[float] = typer.Option(None, "--minutes", min=1, help="Wall-time cap per stage, from a total."),
+    minutes: float | None = typer.Option(None, "--minutes", min=1, help="Wall-time cap per stage, from a total."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads (1 leaves a core for others)."),
     tiny: bool = typer.Option(False, "--tiny", help="Tiny sizes, a few steps: checks the code in seconds."),
     export: bool = typer.Option(True, "--export/--no-export", help="Write the shipped weights into the package."),

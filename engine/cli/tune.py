@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,20 +13,20 @@ from engine.cli.validation import check_output_folder
 @app.command()
 @user_errors
 def tune(
-    config: Optional[Path] = typer.Argument(None, help="Tune config (YAML); default: configs/tune/<--probe>.yaml."),
+    config: Path | None = typer.Argument(None, help="Tune config (YAML); default: configs/tune/<--probe>.yaml."),
     model: list[str] = typer.Option([], "--model", help="Model to search (repeatable; one search per pair)."),
     concept: list[str] = typer.Option([], "--concept", help="Concept slug (repeatable)."),
-    probe: Optional[str] = typer.Option(None, "--probe", help="Probe whose params are searched."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Trials per (model, concept)."),
-    num_images: Optional[int] = typer.Option(None, "--num-images", min=1, help="Prompts per trial."),
-    algorithm: Optional[str] = typer.Option(None, "--algorithm", help="tpe (default), random or grid."),
-    objective: Optional[str] = typer.Option(None, "--objective", help="judge_top1, judge_target_prob, clip_score."),
-    output: Optional[str] = typer.Option(
+    probe: str | None = typer.Option(None, "--probe", help="Probe whose params are searched."),
+    num_samples: int | None = typer.Option(None, "--num-samples", min=1, help="Trials per (model, concept)."),
+    num_images: int | None = typer.Option(None, "--num-images", min=1, help="Prompts per trial."),
+    algorithm: str | None = typer.Option(None, "--algorithm", help="tpe (default), random or grid."),
+    objective: str | None = typer.Option(None, "--objective", help="judge_top1, judge_target_prob, clip_score."),
+    output: str | None = typer.Option(
         None, "--output", help="Output folder (trials.parquet, best_*.yaml): a local path or a URI (s3://...)."
     ),
     set_: list[str] = typer.Option([], "--set", help="key.sub=value override of the tune config."),
-    cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
-    ship_code: Optional[bool] = typer.Option(
+    cluster: str | None = typer.Option(None, "--cluster", help="Ray address of a running cluster; 'auto'."),
+    ship_code: bool | None = typer.Option(
         None, "--ship-code/--no-ship-code", help="Send the engine's code to the workers (default: with --cluster)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def save_classifier(directory: str | Path, concept: str, model: LatentClassifier
         "concept": concept,
         "architecture": model.architecture(),
         "alphas_cumprod": [float(a) for a in model.alphas_cumprod.cpu()],
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **info,
     }
     # Temporary names then rename: a reader never sees half a classifier.

@@ -83,7 +83,7 @@ def resolve_source(source: str, concept: str | None) -> tuple[Path, str]:
     for name in HUB_FILENAMES:
         try:
             return Path(hf_hub_download(source, name.format(concept=concept), local_files_only=offline)), concept
-        except Exception:  # not in the cache / not in the repo: try the next name, as the original does
+        except Exception:  # noqa: BLE001 (not in the cache / not in the repo: try the next name, as the original does)
             continue
     where = "the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else "the hub"
     names = ", ".join(n.format(concept=concept) for n in HUB_FILENAMES)
@@ -95,7 +95,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     try:
         with torch.serialization.safe_globals(_NUMPY_SCALARS):
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (torch.load raises many types for what is not a weights-only checkpoint)
         raise UserError(f"{path}: refused, not a weights-only torch checkpoint ({_reason(exc)})") from None
     if isinstance(checkpoint, dict) and "model_state_dict" in checkpoint:
         state = checkpoint["model_state_dict"]

@@ -16,7 +16,7 @@ otherwise). A run lists a family by its file stem (all members) or members by na
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,7 @@ def is_family_data(data: dict[str, Any]) -> bool:
     return "methods" in data
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read_family(path: Path, mtime: float) -> ModelFamily:
     data = read_yaml(path)
     data.setdefault("name", path.stem)
@@ -121,7 +121,7 @@ def _read_family(path: Path, mtime: float) -> ModelFamily:
     return validate(ModelFamily, data, str(path))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _members_of(path: Path, mtime: float) -> dict[str, ModelSpec]:
     return _read_family(path, mtime).members()
 
@@ -134,7 +134,7 @@ def model_files() -> tuple[dict[str, Path], dict[str, Path]]:
     return singles, families
 
 
-@lru_cache(maxsize=None)
+@cache
 def _is_family_file(path: Path, mtime: float) -> bool:
     return is_family_data(read_yaml(path))
 

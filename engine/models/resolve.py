@@ -150,7 +150,7 @@ def _check_offline_cache(repo_id: str, revision: str | None) -> None:
 
     try:
         snapshot_download(repo_id, revision=revision, local_files_only=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 (any hub error here means: not in the local cache)
         raise UserError(
             f"hub model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
             "download it first or unset HF_HUB_OFFLINE"

@@ -8,7 +8,7 @@ result row, and a retry that succeeds removes it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -42,7 +42,7 @@ class RowFailure:
 
     @classmethod
     def of(cls, row: WorkRow, error_type: str, message: str) -> RowFailure:
-        return cls(row, error_type, message[:MESSAGE_LIMIT], datetime.now(timezone.utc).replace(microsecond=0))
+        return cls(row, error_type, message[:MESSAGE_LIMIT], datetime.now(UTC).replace(microsecond=0))
 
     def to_record(self) -> dict[str, Any]:
         row = {**asdict(self.row), "erased": list(self.row.erased)}

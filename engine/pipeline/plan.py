@@ -308,13 +308,14 @@ def row_count_lines(grid: RunGrid, counts: dict[str, dict[str, int]] | None = No
     method_width = max([len("method")] + [len(m.method_label) for m in grid.models])
     widths = [max(len(p), 7) for p in probes]
     header = (f"  {'model':{name_width}s}  {'method':{method_width}s}  {'erased':{erased_width}s}  "
-              + "  ".join(f"{p:>{w}s}" for p, w in zip(probes, widths)) + f"  {'total':>8s}")
+              + "  ".join(f"{p:>{w}s}" for p, w in zip(probes, widths, strict=False)) + f"  {'total':>8s}")
     lines = [header]
-    for group, (label, erased) in zip(groups, labels):
+    for group, (label, erased) in zip(groups, labels, strict=False):
         values = [counts[group[0].name][p] for p in probes]
         each = " each" if len(group) > 1 else ""
         lines.append(f"  {label:{name_width}s}  {group[0].method_label:{method_width}s}  {erased:{erased_width}s}  "
-                     + "  ".join(f"{v:>{w},d}" for v, w in zip(values, widths)) + f"  {sum(values):>8,d}{each}")
+                     + "  ".join(f"{v:>{w},d}" for v, w in zip(values, widths, strict=True))
+                     + f"  {sum(values):>8,d}{each}")
     return lines
 
 

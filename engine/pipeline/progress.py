@@ -9,9 +9,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Callable, Iterator, TextIO
+from typing import TextIO
 
 from engine.errors import UserError
 

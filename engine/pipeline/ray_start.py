@@ -53,7 +53,7 @@ def init_ray(cluster: str | None, ship_code: bool | None = None, toy_weights: bo
     code to the workers defaults to on for an existing cluster; `toy_weights`: the toy-world
     weights go too."""
     import ray
-    import ray.data  # noqa: F401  (imported here, beside the start, instead of after it in the driver)
+    import ray.data
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -68,7 +68,7 @@ def init_ray(cluster: str | None, ship_code: bool | None = None, toy_weights: bo
         # on this machine (ray.init() alone would join it).
         context = ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
     if getattr(context, "dashboard_url", None):
-        print(f"Ray dashboard: http://{context.dashboard_url.removeprefix('http://')}", file=sys.stderr)
+        print(f"Ray dashboard: http://{context.dashboard_url.removeprefix('http://')}", file=sys.stderr)  # noqa: T201 (before logging is set up)
     if cluster or ship:
         report_node_engines(ray, shipped=ship)
 
@@ -106,7 +106,7 @@ class RayStart:
     def _run(self, init, cluster, options) -> None:
         try:
             init(cluster, **options)
-        except BaseException as error:  # re-raised in the caller's thread by ready()
+        except BaseException as error:  # noqa: BLE001 (re-raised in the caller's thread by ready())
             self._error = error
         finally:
             self._started.set()

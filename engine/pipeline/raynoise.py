@@ -15,8 +15,9 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, TextIO
+from typing import TextIO
 
 RAY_NOISE = (
     "Progress bars disabled. To enable, set",

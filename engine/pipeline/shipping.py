@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def node_engines(ray, timeout_s: float = VERSION_CHECK_TIMEOUT_S) -> list[NodeEn
         if future in ready:
             try:
                 answer = ray.get(future)
-            except Exception as error:  # the node died, or could not set up the runtime_env
+            except Exception as error:  # noqa: BLE001 (the node died, or could not set up the runtime_env)
                 first_line = (str(error).splitlines() or [""])[0]
                 answer = {"version": None, "engine_file": None, "probes_file": None,
                           "error": f"{type(error).__name__} {first_line}".strip()}

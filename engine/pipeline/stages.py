@@ -221,7 +221,7 @@ class ProbeRunner:
         def load():
             try:
                 self.cache.pipeline(self.config.models[model])
-            except Exception:  # noqa: BLE001 - generate() loads again and reports the error
+            except Exception:
                 logger.exception("background load of %s failed", model)
 
         threading.Thread(target=load, name=f"load-{model}", daemon=True).start()
@@ -271,7 +271,7 @@ class ProbeRunner:
     def _collect(self, rows, output: ProbeOutput, selector, seconds: float, outcome: UnitOutcome) -> None:
         pngs = encode_pngs(output.images)
         for row, image, png, extras, region, candidates in zip(
-            rows, output.images, pngs, output.extras, output.scoring_regions, output.candidates
+            rows, output.images, pngs, output.extras, output.scoring_regions, output.candidates, strict=False
         ):
             problem = image_problem(image)
             if problem is not None:

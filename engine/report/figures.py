@@ -81,9 +81,10 @@ def read_images(run_dirs: list[str | Path], row_ids: set[str]) -> dict[str, byte
         for name in parquet_files(location):
             try:
                 table = read_rows_file(location, name, ["row_id", "image"], filters=[("row_id", "in", sorted(row_ids))])
-            except Exception:  # unreadable files are already reported by read_rows
+            except Exception:  # noqa: BLE001 (unreadable files are already reported by read_rows)
                 continue
-            for row_id, image in zip(table.column("row_id").to_pylist(), table.column("image").to_pylist()):
+            ids, images = table.column("row_id").to_pylist(), table.column("image").to_pylist()
+            for row_id, image in zip(ids, images, strict=True):
                 found.setdefault(row_id, image)
     return found
 
@@ -124,7 +125,7 @@ def contact_sheet(images: list[np.ndarray], captions: list[list[str]], title: st
     sheet = Image.new("RGB", (width, header + rows * tile_height), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((8, 5), title, fill="black", font=font)
-    for index, (image, lines) in enumerate(zip(images, captions)):
+    for index, (image, lines) in enumerate(zip(images, captions, strict=False)):
         left = 8 + (index % columns) * tile_width
         top = header + (index // columns) * tile_height
         thumbnail = Image.fromarray(image)

@@ -102,7 +102,7 @@ def _tile(image: np.ndarray, region) -> Image.Image:
     resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
     picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), resample)
     if region is not None and not (isinstance(region, float) and math.isnan(region)) and len(region) == 4:
-        left, top, right, bottom = (int(round(v * scale)) for v in region)
+        left, top, right, bottom = (round(v * scale) for v in region)
         ImageDraw.Draw(picture).rectangle([left, top, right - 1, bottom - 1], outline="red", width=2)
     return picture
 

@@ -59,7 +59,8 @@ def recovery_table(frame: pd.DataFrame, by_concept: bool = False) -> pd.DataFram
         for key, group in rows.groupby(keys, sort=False):
             if not present_values(group[metric.column]):
                 continue
-            records.append({**dict(zip(keys, key)), "metric": metric.label, "metric_column": metric.column,
+            records.append({**dict(zip(keys, key, strict=True)), "metric": metric.label,
+                            "metric_column": metric.column,
                             **_interval_record(metric, group), "inflated": _inflated(group, metric.column)})
     return _ordered(pd.DataFrame.from_records(records, columns=[*keys, "metric", "metric_column", "n", "value",
                                                                  "ci_low", "ci_high", "inflated"]), by_concept)
@@ -93,7 +94,7 @@ def preservation_table(frame: pd.DataFrame, by_concept: bool = False) -> pd.Data
             ratio = (erased_side["value"] / base_side["value"]
                      if erased_side["value"] is not None and base_side["value"] else None)
             records.append({
-                **dict(zip(keys, key)), "metric": metric.label, "metric_column": metric.column,
+                **dict(zip(keys, key, strict=False)), "metric": metric.label, "metric_column": metric.column,
                 **erased_side, "base_n": base_side["n"], "base_value": base_side["value"],
                 "base_ci_low": base_side["ci_low"], "base_ci_high": base_side["ci_high"], "ratio_to_base": ratio,
             })  # fmt: skip
@@ -130,7 +131,7 @@ def wide(table: pd.DataFrame, index: list[str], scale_of: dict[str, float]) -> p
     methods = method_order(table["method"])
     records = []
     for key, group in table.groupby(index, sort=False):
-        record = dict(zip(index, key if isinstance(key, tuple) else (key,)))
+        record = dict(zip(index, key if isinstance(key, tuple) else (key,), strict=False))
         scale = scale_of[group["metric_column"].iloc[0]]
         for _, line in group.iterrows():
             record[line["method"]] = tuple(None if pd.isna(v) else v * scale

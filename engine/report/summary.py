@@ -29,7 +29,7 @@ def summary_frame(output: str | Path) -> pd.DataFrame:
     for metric in [m for m in present_metrics(frame) if m.plotted] or [m for m in METRICS if m.plotted][:2]:
         columns[f"{metric.label} [95% CI]"] = [
             fmt_interval(v, lo, hi, metric.scale, metric.digits)
-            for v, lo, hi in zip(cells[metric.value], cells[metric.ci_low], cells[metric.ci_high])
+            for v, lo, hi in zip(cells[metric.value], cells[metric.ci_low], cells[metric.ci_high], strict=False)
         ]
     return pd.DataFrame(columns)
 

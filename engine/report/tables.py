@@ -121,7 +121,7 @@ def _weighted_candidate_mean(group: pd.DataFrame, column: str) -> float | None:
     """Mean over every candidate of the cell: per-row means weighted by their candidate counts."""
     pairs = [
         (float(v), int(c))
-        for v, c in zip(group[column].tolist(), group["candidate_count"].tolist())
+        for v, c in zip(group[column].tolist(), group["candidate_count"].tolist(), strict=False)
         if v is not None and not pd.isna(v) and c is not None and not pd.isna(c) and c > 0
     ]
     total = sum(c for _, c in pairs)
@@ -152,7 +152,7 @@ def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
     """One line per cell, keys first, in a stable order."""
     keys = CELL_GROUP
     records = [
-        {**dict(zip(keys, key)), **group_stats(group)}
+        {**dict(zip(keys, key, strict=False)), **group_stats(group)}
         for key, group in frame.groupby(keys, sort=True, dropna=False)
     ]
     return pd.DataFrame.from_records(records)

@@ -9,8 +9,9 @@ Default ViT-B-32 with OpenAI weights, the original's CLIP (its
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ TINY_CONFIG = Path(__file__).resolve().parent / "tiny-clip.json"
 TINY_MODEL = "tiny-clip"  # the model name TINY_CONFIG registers
 
 
-@lru_cache(maxsize=None)
+@cache
 def register_tiny_config() -> None:
     """Make open_clip know `tiny-clip`. The file stays in the package: open_clip rescans every
     registered path whenever a config is added, so a deleted temp file would drop the model."""
@@ -53,7 +54,7 @@ class ClipJudge(Judge):
     name = "clip"
     slot = "clip"
     options_class = ClipJudgeOptions
-    presets = {"tiny": {"model": TINY_MODEL, "pretrained": None}}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {"model": TINY_MODEL, "pretrained": None}}
 
     @classmethod
     def check_available(cls, options: ClipJudgeOptions) -> None:
@@ -80,7 +81,7 @@ class ClipJudge(Judge):
         # it only looks in the cache and fails at once.
         try:
             open_clip.download_pretrained(config)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (open_clip raises several types for missing weights)
             if hub_offline():
                 why = "HF_HUB_OFFLINE=1 and they are not in the local Hugging Face cache; download them once online"
             else:

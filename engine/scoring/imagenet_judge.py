@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class ImagenetJudge(ClassifierJudge):
     classes_key = "imagenet"
     num_classes = 1000
     options_class = ImagenetJudgeOptions
-    presets = {"tiny": {"arch": TINY_ARCH, "weights": None}}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {"arch": TINY_ARCH, "weights": None}}
 
     @classmethod
     def check_available(cls, options: ImagenetJudgeOptions) -> None:
@@ -103,7 +104,7 @@ class ImagenetJudge(ClassifierJudge):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(path), progress=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any download error becomes one line)
             raise UserError(f"imagenet judge: could not download {weights.url} ({exc})") from None
 
     @property

@@ -58,11 +58,11 @@ class Judge(ABC):
         self._loaded = False
         self._load_lock = threading.Lock()  # a background prefetch and the first score call never both load
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook: most judges need no check)
     def check_available(cls, options: JudgeOptions) -> None:
         """Driver-side, before any work: raise UserError if the weights cannot be had."""
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook)
     def check_concepts(cls, options: JudgeOptions, concepts: dict[str, ConceptSpec]) -> None:
         """Driver-side, before any work: raise UserError if a concept cannot be judged."""
 

@@ -12,9 +12,9 @@ The folder is the probe context's option `classifier_dir`, else ./classifiers.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import torch

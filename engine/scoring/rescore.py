@@ -80,7 +80,7 @@ def _rescore_locked(output: OutputLocation, requests: list[JudgeRequest], concep
     for name in parquet_files(output):
         try:
             table = read_rows_file(output, name)
-        except Exception as exc:  # damaged; the next resume regenerates its rows
+        except Exception as exc:  # noqa: BLE001 (damaged; the next resume regenerates its rows)
             logger.warning("skipping unreadable results file %s (%s)", name, exc)
             continue
         chunks = [scorer.score_table(table.slice(s, ROWS_PER_CHUNK)) for s in range(0, table.num_rows, ROWS_PER_CHUNK)]

@@ -66,7 +66,7 @@ class Scorer:
             for judge in self.judges:
                 try:
                     judge.ensure_loaded()
-                except Exception:  # noqa: BLE001 - score_table loads again and reports the error
+                except Exception:
                     logger.exception("background load of judge %s failed", judge.name)
 
         thread = threading.Thread(target=load, name="load-judges", daemon=True)
@@ -90,7 +90,7 @@ class Scorer:
         """Per row, the mean of each candidate-reduced column over all its candidates (None without)."""
         reductions = CANDIDATE_COLUMNS[judge.slot]
         means: dict[str, list[Any]] = {name: [] for name in reductions}
-        for row, concept in zip(rows, concepts):
+        for row, concept in zip(rows, concepts, strict=False):
             encoded = row.get(CANDIDATE_IMAGES) or []
             if not encoded:
                 for values in means.values():

@@ -14,7 +14,8 @@ Every row records the selector and its model in column `selector`, e.g. `clip=cl
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Literal, get_args
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -133,7 +134,8 @@ class SelectorBank:
         if concept_name not in self.concepts:
             raise KeyError(f"selector asked about concept {concept_name!r}, which is not in this run")
         concept = self.concepts[concept_name]
-        crops = [crop_to_region(image, region) for image, region in zip(images, regions or [None] * len(images))]
+        crops = [crop_to_region(image, region)
+                 for image, region in zip(images, regions or [None] * len(images), strict=False)]
         if selector == "none":
             self._used.add("none")
             return [0.0] * len(images)
@@ -159,7 +161,8 @@ class SelectorBank:
         if concept_name not in self.concepts:
             raise KeyError(f"judge hits asked about concept {concept_name!r}, which is not in this run")
         judge = self._judge("judge")
-        crops = [crop_to_region(image, region) for image, region in zip(images, regions or [None] * len(images))]
+        crops = [crop_to_region(image, region)
+                 for image, region in zip(images, regions or [None] * len(images), strict=False)]
         return judge.top1_hits(crops, self.concepts[concept_name])
 
     def take_used(self) -> str | None:

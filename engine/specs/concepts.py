@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -30,13 +30,13 @@ class PythonRandomSeeds(Frozen):
         return list(_python_random_seeds(self.seed, self.count, self.low, self.high))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _python_random_seeds(seed: int, count: int, low: int, high: int) -> tuple[int, ...]:
     rng = random.Random(seed)
     return tuple(rng.randint(low, high) for _ in range(count))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _permutation(random_state: int, length: int) -> tuple[int, ...]:
     """numpy RandomState(random_state).permutation(length), as pandas' sample(n, random_state) draws."""
     return tuple(int(i) for i in np.random.RandomState(random_state).permutation(length))
@@ -91,7 +91,7 @@ class ConceptSpec(Frozen):
         return [(i, self.prompt, seeds[i]) for i in range(n)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_concept_file(path: Path) -> ConceptSpec:
     data = read_yaml(path)
     data.setdefault("name", path.stem)

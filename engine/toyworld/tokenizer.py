@@ -16,7 +16,7 @@ from transformers import CLIPTokenizer
 from engine.toyworld.render import CONCEPTS
 
 MODEL_MAX_LENGTH = 16
-WORDS: tuple[str, ...] = ("a", "picture", "of", "photo", "drawing", "the", "an", "shape", "image") + CONCEPTS
+WORDS: tuple[str, ...] = ("a", "picture", "of", "photo", "drawing", "the", "an", "shape", "image", *CONCEPTS)
 
 
 def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:

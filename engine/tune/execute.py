@@ -132,7 +132,7 @@ def _collect(ray, futures: dict, tune_run: TuneRun, records: list[dict[str, Any]
         job = futures.pop(done[0])
         try:
             trials = ray.get(done[0])
-        except Exception as error:  # a failed search (not a failed trial: those are recorded)
+        except Exception as error:  # noqa: BLE001 (a failed search (not a failed trial: those are recorded))
             raise RuntimeError(f"search {job.model.name} x {job.concept.name} failed: {error}") from None
         role = "recovery" if job.concept.name in job.model.erased else "unpaired"
         for trial in trials:
@@ -199,7 +199,7 @@ def _run_held_out(ray, tune_run: TuneRun, searched, setups, resources: dict[str,
     for future, (job, best) in futures.items():
         try:
             result = ray.get(future)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 (a failed re-run is reported with its pair)
             raise RuntimeError(f"held-out re-run of {job.model.name} x {job.concept.name} failed: {error}") from None
         best.update({
             "heldout_objective": _finite(result.get("objective")), "heldout_ci_low": _finite(result.get("ci_low")),

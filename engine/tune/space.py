@@ -229,7 +229,7 @@ class SearchDimension:
         else:
             raw = [self.low + (self.high - self.low) * i / (points - 1) for i in range(points)]
         if self.distribution in ("int", "logint"):
-            return sorted({int(round(v)) for v in raw})
+            return sorted({round(v) for v in raw})
         return [round(v, 10) for v in raw]
 
 
@@ -386,7 +386,7 @@ def _check_corners(space: SearchSpace, where: str) -> None:
         raise UserError(f"{where}: the search space has {corners} corners to check (more than {MAX_GRID_POINTS}); "
                         "list fewer choice values")
     for corner in itertools.product(*bounds):
-        config = {dim.key: value for dim, value in zip(space.dimensions, corner)}
+        config = {dim.key: value for dim, value in zip(space.dimensions, corner, strict=False)}
         _check_point(space, config, where, "the search space")
 
 
@@ -396,7 +396,7 @@ def _check_grid(space: SearchSpace, points: int, where: str) -> None:
     if size > MAX_GRID_POINTS:
         raise UserError(f"{where}: the grid has {size} points (more than {MAX_GRID_POINTS}); shorten `grid:` lists")
     for values in itertools.product(*grid.values()):
-        _check_point(space, dict(zip(grid, values)), where, "the grid")
+        _check_point(space, dict(zip(grid, values, strict=False)), where, "the grid")
 
 
 def _check_point(space: SearchSpace, config: dict[str, Any], where: str, what: str) -> None:

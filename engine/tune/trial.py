@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -195,7 +196,7 @@ def held_out_trial(config: dict[str, Any], setup: TrialSetup) -> dict[str, Any]:
     params = setup.space.params_for(config)
     rows = evaluator.held_out_rows(params)
     metrics: dict[str, Any] = {}
-    for metrics in evaluator.evaluate(params, rows):
+    for metrics in evaluator.evaluate(params, rows):  # noqa: B007 (the last report is the result)
         pass
     return {**metrics, "seconds": time.perf_counter() - started,
             "prompt_indices": sorted({r.prompt_index for r in rows}), "seeds": sorted({r.seed for r in rows})}

@@ -136,7 +136,7 @@ def test_hub_ids_resolve_through_the_local_cache(tmp_path, monkeypatch):
     original = write_original_checkpoint(repo / "snapshots" / commit / "airliner.pt", (4, 8, 8), seed=5)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    model, config = load_classifier(tmp_path, "airliner")
+    model, _ = load_classifier(tmp_path, "airliner")
     latents, timesteps = torch.randn(3, 4, 8, 8), torch.tensor([5, 400, 990])
     with torch.no_grad():
         torch.testing.assert_close(model(latents, timesteps), original(latents, timesteps).squeeze(-1),

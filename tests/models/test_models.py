@@ -42,7 +42,7 @@ def test_builtin_tiny_is_seeded_and_reproducible(tiny_pipe):
     from engine.models.builtin import build_tiny
 
     again = build_tiny()
-    for (name, a), (_, b) in zip(tiny_pipe.unet.state_dict().items(), again.unet.state_dict().items()):
+    for (name, a), (_, b) in zip(tiny_pipe.unet.state_dict().items(), again.unet.state_dict().items(), strict=False):
         assert torch.equal(a, b), name
     assert tiny_pipe.safety_checker is None
 
@@ -83,7 +83,7 @@ def test_pickle_only_pipeline_folder_refused(tmp_path, tiny_pipe):
 def test_missing_and_unknown_models_fail_clearly(tmp_path):
     with pytest.raises(UserError, match="model folder not found"):
         resolve_model(str(tmp_path / "nope"))
-    with pytest.raises(UserError, match="unknown model 'tinyy'.*tiny"):
+    with pytest.raises(UserError, match=r"unknown model 'tinyy'.*tiny"):
         resolve_model("tinyy")
     with pytest.raises(UserError, match="not a diffusers pipeline folder"):
         resolve_model(str(tmp_path))

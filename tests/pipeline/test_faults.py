@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +154,7 @@ def _row(n: int) -> WorkRow:
 
 
 def _failure(n: int, second: int = 0) -> RowFailure:
-    return RowFailure(_row(n), "ValueError", f"boom {n}", datetime(2026, 1, 1, 0, 0, second, tzinfo=timezone.utc))
+    return RowFailure(_row(n), "ValueError", f"boom {n}", datetime(2026, 1, 1, 0, 0, second, tzinfo=UTC))
 
 
 def test_failures_file_round_trips_and_vanishes_when_empty(tmp_path):

@@ -174,7 +174,7 @@ def test_the_toy_family_is_the_shipped_built_ins():
         "uce_toy_circle": ("toy-uce-circle", "uce", ["toy_circle"]),
         "uce_toy_triangle": ("toy-uce-triangle", "uce", ["toy_triangle"]),
     }
-    for name, member in members.items():  # the built-ins declare the same
+    for member in members.values():  # the built-ins declare the same
         builtin = resolve_model(member.pretrained)
         assert (builtin.method, builtin.erased) == (member.method, member.erased)
 
@@ -257,7 +257,7 @@ def test_method_and_erased_flags_label_the_command_line_models(tiny_folders, pla
               "--output", str(tmp_path / "o"), "--base-model", "tiny"]
     result = _run("--model", str(tiny_folders / "tiny"), "--method", "uce", "--erased", "church", *common)
     _run("--unet", str(tiny_folders / "unet"), "--method", "esdx", "--erased", "church", *common)
-    for grid, method in zip(planned, ["uce", "esdx"]):
+    for grid, method in zip(planned, ["uce", "esdx"], strict=False):
         assert {r.method for r in grid.rows} == {method} and {r.erased for r in grid.rows} == {("church",)}
         assert {(r.probe, r.role) for r in grid.rows} == {("standard_prompt", "recovery"),
                                                          ("interference", "preservation")}

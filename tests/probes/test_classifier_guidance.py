@@ -54,7 +54,7 @@ def test_guidance_raises_the_classifiers_logit_of_the_final_latent(tiny_pipe, cl
     params = ClassifierGuidanceParams(classifier_scales=[0.0, 40.0, 120.0], classifier_dir=str(classifier_dir),
                                       num_inference_steps=STEPS, **SIZE)
     output = _run(ClassifierGuidanceProbe(), params, tiny_pipe, _rows([7]), tmp_path)
-    for extras, candidates in zip(output.extras, output.candidates):
+    for extras, candidates in zip(output.extras, output.candidates, strict=False):
         unguided, mild, strong = extras["candidate_classifier_logits"]
         assert unguided < mild < strong  # same seed, same x_T: only the guidance differs
         assert len(candidates) == 3 and extras["selected_candidate"] == int(np.argmax(extras["candidate_scores"]))
@@ -171,7 +171,7 @@ def test_latent_classifier_selector_scores_candidates_with_the_concepts_classifi
     scores = bank.scores("latent_classifier", images, "church")
     classifier = load_classifier(classifier_dir, "church")[0]
     with torch.no_grad():
-        for image, score in zip(images, scores):
+        for image, score in zip(images, scores, strict=False):
             small = torch.from_numpy(np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR),
                                                 dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
             latent = tiny_pipe.vae.encode(small).latent_dist.mean * tiny_pipe.vae.config.scaling_factor

@@ -21,6 +21,7 @@ import hashlib
 import json
 from itertools import groupby
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def work_rows(name: str, num_images: int = 1):
 class Runs:
     """Each probe's rows run three ways (batch, batch again, one row at a time), once per session."""
 
-    done: dict[str, dict] = {}
+    done: ClassVar[dict[str, dict]] = {}
 
     @classmethod
     def get(cls, name, model_pipe, base_pipe, cache_dir: Path) -> dict:
@@ -200,7 +201,7 @@ def test_every_param_is_typed_and_described(name):
 def test_same_seed_gives_the_same_image(name, tiny_erased_pipe, tiny_pipe, cache_dir):
     result = Runs.get(name, tiny_erased_pipe, tiny_pipe, cache_dir)
     assert len(result["batch"]) == len(result["rows"]) >= 2
-    for first, again in zip(result["batch"], result["again"]):
+    for first, again in zip(result["batch"], result["again"], strict=False):
         assert first.dtype == np.uint8 and first.shape == (32, 32, 3)
         np.testing.assert_array_equal(first, again)
 
@@ -208,7 +209,7 @@ def test_same_seed_gives_the_same_image(name, tiny_erased_pipe, tiny_pipe, cache
 @pytest.mark.parametrize("name", PROBES)
 def test_batch_output_equals_single_row_outputs(name, tiny_erased_pipe, tiny_pipe, cache_dir):
     result = Runs.get(name, tiny_erased_pipe, tiny_pipe, cache_dir)
-    for row, batched, single in zip(result["rows"], result["batch"], result["single"]):
+    for row, batched, single in zip(result["rows"], result["batch"], result["single"], strict=False):
         difference = np.abs(batched.astype(int) - single.astype(int)).max()
         assert difference <= TOLERANCE, f"{name} row {row.prompt!r}/{row.seed} differs by {difference} alone"
 

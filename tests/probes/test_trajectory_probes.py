@@ -88,7 +88,7 @@ def test_noise_eta_zero_v_one_is_plain_deterministic_ddim(tiny_pipe, tmp_path):
     params = parse_params("noise_based", {**FAST, "eta_values": [0.0], "variance_scales": [1.0], "selector": "clip",
                                           "initial_noise": "shared"})
     output = run(NoiseBasedProbe(), params, tiny_pipe, tiny_pipe, tmp_path)
-    for image, reference in zip(output.images, ddim(tiny_pipe, [7, 11])):
+    for image, reference in zip(output.images, ddim(tiny_pipe, [7, 11]), strict=False):
         assert_close(image, reference)
 
 
@@ -149,7 +149,7 @@ def test_noise_candidates_of_one_prompt_start_from_different_latents(tiny_erased
 def test_noise_selector_keeps_the_argmax_and_records_every_score(tiny_erased_pipe, tmp_path):
     params = parse_params("noise_based", {**FAST, "eta_values": [0.5, 1.5], "variance_scales": [1.0, 1.04]})
     output = run(NoiseBasedProbe(), params, tiny_erased_pipe, None, tmp_path)
-    for image, extras, candidates in zip(output.images, output.extras, output.candidates):
+    for image, extras, candidates in zip(output.images, output.extras, output.candidates, strict=False):
         scores = [float(c.astype(np.float64).mean()) for c in candidates]
         assert extras["candidate_scores"] == pytest.approx(scores)
         chosen = int(np.argmax(scores))
@@ -211,14 +211,14 @@ def completion(k, erased, base, tmp_path, seeds=(7, 11)):
 def test_completion_handing_over_after_the_last_step_is_the_base_ddim_image(tiny_erased_pipe, tiny_pipe, tmp_path):
     output = completion(STEPS - 1, tiny_erased_pipe, tiny_pipe, tmp_path)
     assert output.extras[0]["base_steps"] == STEPS and output.extras[0]["erased_steps"] == 0
-    for image, reference in zip(output.images, ddim(tiny_pipe, [7, 11])):
+    for image, reference in zip(output.images, ddim(tiny_pipe, [7, 11]), strict=False):
         assert_close(image, reference)
 
 
 def test_completion_with_no_base_step_is_the_erased_ddim_image(tiny_erased_pipe, tiny_pipe, tmp_path):
     output = completion(-1, tiny_erased_pipe, tiny_pipe, tmp_path)
     assert output.extras[0]["base_steps"] == 0 and output.extras[0]["erased_steps"] == STEPS
-    for image, reference in zip(output.images, ddim(tiny_erased_pipe, [7, 11])):
+    for image, reference in zip(output.images, ddim(tiny_erased_pipe, [7, 11]), strict=False):
         assert_close(image, reference)
     # ... and the hand-over point matters when the models differ.
     assert differ(output.images[0], completion(STEPS - 1, tiny_erased_pipe, tiny_pipe, tmp_path).images[0]) > 0.5
@@ -279,7 +279,8 @@ def test_inpainting_keeps_the_context_and_repaints_the_mask(tiny_erased_pipe, ti
     left, top, right, bottom = 8, 8, 24, 24
     inside = np.zeros((32, 32), bool)
     inside[top:bottom, left:right] = True
-    for image, reference, region, extras in zip(output.images, references, output.scoring_regions, output.extras):
+    outputs = zip(output.images, references, output.scoring_regions, output.extras, strict=True)
+    for image, reference, region, extras in outputs:
         assert region == (left, top, right, bottom) and extras["mask_box"] == [left, top, right, bottom]
         assert_close(image[~inside], reference[~inside])
         assert differ(image[inside], reference[inside]) > 5
@@ -320,7 +321,7 @@ def test_inpainting_reads_a_reference_folder(tiny_erased_pipe, tmp_path):
     output = run(InpaintingProbe(), params, tiny_erased_pipe, None, tmp_path)  # no base model needed
     outside = np.ones((32, 32), bool)
     outside[8:24, 8:24] = False
-    for image, seed in zip(output.images, [7, 11]):
+    for image, seed in zip(output.images, [7, 11], strict=False):
         np.testing.assert_array_equal(image[outside], references[seed][outside])
     concept = load_concept("church")
     with pytest.raises(UserError, match="no reference image for seed"):

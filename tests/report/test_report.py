@@ -268,7 +268,7 @@ def test_terminal_summary_uses_the_same_numbers(hand_run):
 
 
 def test_merged_runs_count_each_row_once(hand_run, tmp_path):
-    extra = _records("A")[:1] + [{**_records("A")[1], "row_id": "A-new", "clip_score": 34.0}]
+    extra = [*_records("A")[:1], {**_records("A")[1], "row_id": "A-new", "clip_score": 34.0}]
     second = _write_run(tmp_path / "second", extra)
     content = build_report([hand_run, second], tmp_path / "merged")
     cell = _cell(content.cells, "sd", "church", "standard_prompt")
@@ -316,7 +316,7 @@ def _paired_records() -> list[dict]:
     records = []
 
     def add(model, method, concept, target, probe, params, role, top1, clip, seed_base=100):
-        for index, (hit, score) in enumerate(zip(top1, clip)):
+        for index, (hit, _) in enumerate(zip(top1, clip, strict=True)):
             image = np.full((16, 16, 3), (30 * index) % 256, np.uint8)
             records.append({
                 "row_id": f"{model}-{concept}-{target}-{probe}-{params}-{index}", "model": model, "method": method,
@@ -364,7 +364,7 @@ def test_recovery_table_pools_erased_concepts_and_matches_the_rows(tmp_path):
         assert line["n"] == len(values) and line["value"] == pytest.approx(values.mean())
     assert set(recovery.metric_column) == {"judge_top1", "judge_top5", "judge_target_prob"}  # no CLIP judge ran
     standard = recovery[(recovery.probe_label == "standard_prompt") & (recovery.metric_column == "judge_top1")]
-    assert dict(zip(standard.method, standard.value)) == {"none": 1.0, "esdx": 0.25, "uce": 0.0}
+    assert dict(zip(standard.method, standard.value, strict=False)) == {"none": 1.0, "esdx": 0.25, "uce": 0.0}
     assert list(dict.fromkeys(recovery.probe_label)) == [
         "standard_prompt", "noise_based[eta=2]", "noise_based[eta=10]"]  # numeric order
     assert list(content.paper.columns[:5]) == ["probe", "metric", "none", "none low", "none high"]

@@ -120,7 +120,7 @@ def test_top1_hits_follow_judge_top1_and_are_none_for_a_style():
 
 def test_object_concept_without_classes_is_refused_before_work():
     concepts = {"x": _concept("x", None)}
-    with pytest.raises(UserError, match="concept 'x' has no judge_classes.imagenet"):
+    with pytest.raises(UserError, match=r"concept 'x' has no judge_classes\.imagenet"):
         check_judges([parse_judge_ref("imagenet:tiny")], concepts)
 
 

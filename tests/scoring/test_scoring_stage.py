@@ -72,7 +72,7 @@ def test_stream_scores_equal_scoring_the_stored_images_again(scored_run):
     requests = [parse_judge_ref("clip:tiny"), parse_judge_ref("imagenet:tiny")]
     table = read_rows(scored_run)
     again = Scorer.from_requests(requests, concepts, torch.device("cpu"), 8).score_table(table).to_pylist()
-    for stored, fresh in zip(table.to_pylist(), again):
+    for stored, fresh in zip(table.to_pylist(), again, strict=False):
         assert fresh["clip_score"] == pytest.approx(stored["clip_score"], abs=1e-4)
         assert fresh["judge_top5"] == stored["judge_top5"] and fresh["judge_top1"] == stored["judge_top1"]
 
@@ -183,7 +183,7 @@ def test_best_of_n_rows_record_selector_and_candidate_means(best_of_three, tmp_p
     church = load_concept("church")
     clip = build_judge(parse_judge_ref("clip:tiny"), torch.device("cpu"))
     imagenet = build_judge(parse_judge_ref("imagenet:tiny"), torch.device("cpu"))
-    for record, row in zip(records, scored.to_pylist()):
+    for record, row in zip(records, scored.to_pylist(), strict=False):
         options = [crop_to_region(decode_png(png), REGION) for png in record[CANDIDATE_IMAGES]]
         clip_scores = clip.concept_scores(options, church)
         verdicts = imagenet.score(options, [church] * 3)
@@ -200,7 +200,7 @@ def test_best_of_n_rows_record_selector_and_candidate_means(best_of_three, tmp_p
     (tmp_path / "run" / "rows").mkdir(parents=True)
     pq.write_table(scored, tmp_path / "run" / "rows" / "part.parquet")
     rescore_run(tmp_path / "run", ["clip:tiny"], "cpu")
-    for old, new in zip(scored.to_pylist(), read_rows(tmp_path / "run").to_pylist()):
+    for old, new in zip(scored.to_pylist(), read_rows(tmp_path / "run").to_pylist(), strict=False):
         assert new["candidate_clip_mean"] is None and new["candidate_count"] == 3
         assert new["candidate_top1_rate"] == old["candidate_top1_rate"]
         assert new["clip_score"] == pytest.approx(old["clip_score"], abs=1e-4)

@@ -213,7 +213,7 @@ def test_toy_judge_is_registered_and_scores_toy_concepts():
     assert all(scores["judge_top1"]) and min(scores["judge_target_prob"]) > 0.5
     assert judge.model_id.startswith("toy:toy-judge-v1/file:judge.safetensors@")
     check_judges([request], {c.name: c for c in concepts})
-    with pytest.raises(UserError, match="judge_classes.toy"):
+    with pytest.raises(UserError, match=r"judge_classes\.toy"):
         check_judges([request], {"church": load_concept("church")})
 
 
