@@ -23,7 +23,7 @@ from engine.errors import format_validation_error, unknown_choice
 JUDGE_REGISTRY: dict[str, str] = {
     "clip": "engine.scoring.clip_judge:ClipJudge",
     "imagenet": "engine.scoring.imagenet_judge:ImagenetJudge",
-    "toy": "engine.toyworld.scoring_judge:ToyClassifierJudge",
+    "toy": "engine.scoring.toy_judge:ToyClassifierJudge",
 }
 
 DEFAULT_JUDGES = ["clip", "imagenet"]
