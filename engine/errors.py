@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,8 +15,17 @@ class UserError(Exception):
 
 
 def unknown_choice(kind: str, value: str, choices: Iterable[str]) -> UserError:
-    valid = ", ".join(sorted(choices)) or "(none)"
-    return UserError(f"unknown {kind} {value!r}; valid choices: {valid}")
+    choices = sorted(choices)
+    valid = ", ".join(choices) or "(none)"
+    return UserError(f"unknown {kind} {value!r}{did_you_mean(value, choices)}; valid choices: {valid}")
+
+
+def did_you_mean(value: object, choices: Iterable[str]) -> str:
+    """` (did you mean 'church'?)` for the closest choices to a misspelt name, or nothing."""
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, list(choices), n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def format_validation_error(
@@ -36,7 +46,7 @@ def format_validation_error(
         if item["type"] == "extra_forbidden":
             valid = _valid_keys(model, item["loc"][:-1])
             hint = f"; valid keys: {', '.join(valid)}" if valid else ""
-            part = f"unknown key {location!r}{hint}"
+            part = f"unknown key {location!r}{did_you_mean(item['loc'][-1], valid)}{hint}"
         elif item["type"] == "missing":
             part = f"{location}: {item['msg']}"
         else:

@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from engine.errors import UserError
+from engine.errors import UserError, did_you_mean
 from engine.models.builtin import BUILTIN_MODELS
 from engine.models.families import family_members, model_families, model_files
 from engine.specs.base import validate
@@ -63,7 +63,7 @@ def resolve_model(ref: str | ModelSpec, check_source: bool = True) -> ModelSpec:
         spec = ModelSpec(name=ref, pretrained=ref)
     else:
         raise UserError(
-            f"unknown model {ref!r}; use a built-in ({', '.join(sorted(BUILTIN_MODELS))}), a configs/models "
+            f"unknown model {ref!r}{did_you_mean(ref, available_models())}; use a built-in ({', '.join(sorted(BUILTIN_MODELS))}), a configs/models "
             f"entry ({', '.join(sorted(find_config_files('models'))) or 'none'}), a family member, a local folder "
             "or a hub id org/name"
         )
