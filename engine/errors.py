@@ -38,11 +38,14 @@ def format_validation_error(
     place it was written. Unknown keys are the most common mistake (a misspelling), so when there
     are any, only they are reported, with the keys that would have been valid.
     """
-    items = error.errors()
+    # The tag of a discriminated union is not a key the user wrote: tags are written `<kind>`.
+    items = [{**item, "loc": tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("<")))}
+             for item in error.errors()]
     unknown = [i for i in items if i["type"] == "extra_forbidden"]
     by_source: dict[str, list[str]] = {}
     for item in unknown or _merge_union_branches(items):
         location = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        whole_entry = isinstance(item.get("input"), dict) and item["type"] == "value_error"
         if item["type"] == "extra_forbidden":
             valid = _valid_keys(model, item["loc"][:-1])
             hint = f"; valid keys: {', '.join(valid)}" if valid else ""
@@ -50,8 +53,17 @@ def format_validation_error(
         elif item["type"] == "missing":
             part = f"{location}: {item['msg']}"
         else:
-            part = f"{location}: {item['msg']} (got {_short_repr(item.get('input'))})"
-        source = where(tuple(item["loc"])) if callable(where) else where
+            # A validator's ValueError is already written for the user: no "Value error, " before it.
+            message = item["msg"].removeprefix("Value error, ")
+            got = "" if whole_entry else f" (got {_short_repr(item.get('input'))})"
+            part = f"{location}: {message}{got}"
+        loc = tuple(item["loc"])
+        if not callable(where):
+            source = where
+        elif whole_entry and hasattr(where, "of"):  # a check of a whole entry may fail on any of its parts
+            source = where.of(loc, deep=True)
+        else:
+            source = where(loc)
         by_source.setdefault(source, []).append(part)
     return UserError("; ".join(f"{source}: " + "; ".join(parts) for source, parts in by_source.items()))
 

@@ -26,7 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from engine.toyworld import judge
 from engine.toyworld.render import CONCEPTS, caption, render_dataset
-from engine.toyworld.shipped import cross_attention_kv_names
+from engine.toyworld.shipped import (
+    WEIGHTS_DIR,  # the build exports into what the engine ships
+    cross_attention_kv_names,
+)
 from engine.toyworld.tokenizer import build_toy_tokenizer
 from toyworld_training import erase, evaluate, judge_training, models, train
 
@@ -34,7 +37,6 @@ logger = logging.getLogger(__name__)
 # The build's log file gets the trainers' lines and the runtime judge's.
 LOGGED_PACKAGES = ("toyworld_training", "engine.toyworld")
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ def resolve_model(ref: str | ModelSpec, check_source: bool = True) -> ModelSpec:
         spec = ModelSpec(name=ref, pretrained=ref)
     else:
         raise UserError(
-            f"unknown model {ref!r}{did_you_mean(ref, available_models())}; use a built-in ({', '.join(sorted(BUILTIN_MODELS))}), a configs/models "
+            f"unknown model {ref!r}{did_you_mean(ref, available_models())}; "
+            f"use a built-in ({', '.join(sorted(BUILTIN_MODELS))}), a configs/models "
             f"entry ({', '.join(sorted(find_config_files('models'))) or 'none'}), a family member, a local folder "
             "or a hub id org/name"
         )

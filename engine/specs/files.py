@@ -31,7 +31,7 @@ def shipped_config_dir() -> Path | None:
         folder = Path(str(importlib.resources.files(package)))
         if folder.is_dir():
             return folder
-    source_tree = Path(__file__).resolve().parent.parent / "configs"
+    source_tree = Path(__file__).resolve().parents[2] / "configs"  # engine/specs/files.py
     return source_tree if source_tree.is_dir() else None
 
 

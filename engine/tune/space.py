@@ -31,9 +31,9 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from engine.errors import UserError, unknown_choice
 from engine.metrics.columns import METRICS
@@ -44,31 +44,107 @@ from engine.specs.runs import DEFAULT_BASE_MODEL, ModelSpec, apply_overrides, no
 from engine.specs.sources import Sources
 from engine.specs.yaml_reader import read_yaml_with_sources
 
-DISTRIBUTIONS = ("choice", "int", "logint", "loguniform", "uniform")
+RANGE_DISTRIBUTIONS = ("int", "logint", "loguniform", "uniform")
+DISTRIBUTIONS = ("choice", *RANGE_DISTRIBUTIONS)
 # Objective column -> (how rows reduce to the metric, the judge slot that fills the column).
 OBJECTIVES: dict[str, tuple[str, str]] = {m.column: (m.kind, m.slot) for m in METRICS}
 MAX_GRID_POINTS = 10_000
 
 
-class Dimension(Frozen):
-    distribution: str | None = Field(
-        None, description="uniform, loguniform, int, logint or choice; default: choice with `values`, "
-        "int for integer fields, else uniform."
-    )
-    low: float | None = Field(None, description="Lower bound (inclusive).")
-    high: float | None = Field(None, description="Upper bound (inclusive).")
-    values: list[Any] | None = Field(None, description="The options of a choice dimension.")
+class _Dimension(Frozen):
     grid: list[Any] | None = Field(None, description="Points of the grid algorithm (default: grid_points spaced).")
 
-    @field_validator("values", "grid")
+    @field_validator("grid")
     @classmethod
-    def _finite(cls, value: list[Any] | None) -> list[Any] | None:
-        # Their items are any type (a choice may list strings), so Frozen's finite-float rule
-        # does not reach them.
-        for item in value or ():
-            if isinstance(item, float) and not math.isfinite(item):
-                raise ValueError(f"{item} is not a finite number")
+    def _grid_points(cls, value: list[Any] | None) -> list[Any] | None:
+        if value is not None and not value:
+            raise ValueError("a `grid:` list must not be empty")
+        return _finite_items(value)
+
+
+class ChoiceDimension(_Dimension):
+    """One of the listed values (any type: numbers, strings, lists)."""
+
+    distribution: Literal["choice"] = Field("choice", description="choice: one of `values`.")
+    values: list[Any] = Field(min_length=1, description="The options.")
+
+    @field_validator("values")
+    @classmethod
+    def _finite_values(cls, value: list[Any]) -> list[Any]:
+        return _finite_items(value)
+
+
+class RangeDimension(_Dimension):
+    """A number from low to high. Whether the searched field is an integer is checked against the
+    probe's params class (parse_space), which this model does not know."""
+
+    distribution: str | None = Field(
+        None, description="uniform, loguniform, int or logint; default: int for integer fields, else uniform."
+    )
+    low: float = Field(description="Lower bound (inclusive).")
+    high: float = Field(description="Upper bound (inclusive).")
+
+    @field_validator("distribution")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        if value is not None and value not in RANGE_DISTRIBUTIONS:
+            raise ValueError(str(unknown_choice("distribution", value, DISTRIBUTIONS)))
         return value
+
+    @model_validator(mode="after")
+    def _range(self) -> RangeDimension:
+        low, high = self.low, self.high
+        if low > high:
+            raise ValueError(f"low {_fmt(low)} > high {_fmt(high)}")
+        if low == high:
+            raise ValueError(f"low equals high ({_fmt(low)}); fix the value in params instead")
+        if not math.isfinite(high - low):
+            raise ValueError(f"the range {_fmt(low)} to {_fmt(high)} is too wide to step through")
+        if self.distribution in ("loguniform", "logint") and low <= 0:
+            raise ValueError(f"a {self.distribution} range needs low > 0 (got {_fmt(low)}); log(0) is undefined")
+        if self.distribution in ("int", "logint"):
+            _whole_bounds(self.distribution, low, high)
+        return self
+
+    def resolved(self, field: str, kind: str) -> str:
+        """The distribution for a field of `kind` ('int', 'float' or 'other'). Raises ValueError."""
+        if kind == "other":
+            raise ValueError(f"{field!r} is not a number; search it with distribution choice and values")
+        distribution = self.distribution or ("int" if kind == "int" else "uniform")
+        if kind == "int" and distribution in ("uniform", "loguniform"):
+            raise ValueError(f"{field!r} is an integer; use distribution int or logint")
+        if distribution in ("int", "logint"):
+            _whole_bounds(distribution, self.low, self.high)
+        return distribution
+
+
+def _dimension_kind(data: Any) -> str:
+    """Which model reads a dimension: a choice when it says so or lists `values`, else a range. The
+    tags are in angle brackets so error messages leave them out of the key's path (engine.errors)."""
+    if isinstance(data, dict):
+        distribution = data.get("distribution")
+        return "<choice>" if distribution == "choice" or (distribution is None and "values" in data) else "<range>"
+    return "<choice>" if isinstance(data, ChoiceDimension) else "<range>"
+
+
+# A searched key: a discriminated union, each kind validating its own fields.
+Dimension = Annotated[
+    Annotated[ChoiceDimension, Tag("<choice>")] | Annotated[RangeDimension, Tag("<range>")],
+    Discriminator(_dimension_kind),
+]
+
+
+def _finite_items(value: list[Any] | None) -> list[Any] | None:
+    # Items of any type (a choice may list strings), so Frozen's finite-float rule does not reach them.
+    for item in value or ():
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{item} is not a finite number")
+    return value
+
+
+def _whole_bounds(distribution: str, low: float, high: float) -> None:
+    if not (float(low).is_integer() and float(high).is_integer()):
+        raise ValueError(f"{distribution} bounds must be whole numbers (got {_fmt(low)}, {_fmt(high)})")
 
 
 class SchedulerSpec(Frozen):
@@ -281,7 +357,7 @@ def parse_space(spec: TuneSpec, where: str | Sources) -> SearchSpace:
         if field in [d.field for d in dimensions]:
             raise UserError(f"{at}: space sets {field!r} twice; keep one key for it")
         kind = _element_kind(params_class.model_fields[field].annotation)
-        dimensions.append(_check_dimension(key, field, as_list, kind, dimension, f"{at}: space.{key}"))
+        dimensions.append(_search_dimension(key, field, as_list, kind, dimension, f"{at}: space.{key}"))
     where = str(where)
     space = SearchSpace(spec.probe, dict(spec.params), tuple(dimensions))
     _check_corners(space, where)
@@ -329,47 +405,16 @@ def _element_kind(annotation) -> str:
     return "other"
 
 
-def _check_dimension(key, field, as_list, kind, dimension: Dimension, where: str) -> SearchDimension:
-    distribution = dimension.distribution
-    if distribution is None:
-        distribution = "choice" if dimension.values is not None else ("int" if kind == "int" else "uniform")
-    if distribution not in DISTRIBUTIONS:
-        raise UserError(f"{where}: unknown distribution {distribution!r}; valid choices: {', '.join(DISTRIBUTIONS)}")
-    if distribution == "choice":
-        if dimension.low is not None or dimension.high is not None:
-            raise UserError(f"{where}: a choice takes `values`, not low/high")
-        if not dimension.values:
-            raise UserError(f"{where}: a choice needs a non-empty `values` list")
-        return SearchDimension(key, field, as_list, distribution, None, None, tuple(dimension.values),
-                               _tuple(dimension.grid, where))
-    if dimension.values is not None:
-        raise UserError(f"{where}: `values` belongs to distribution choice; {distribution} takes low and high")
-    if dimension.low is None or dimension.high is None:
-        raise UserError(f"{where}: {distribution} needs both low and high")
-    low, high = dimension.low, dimension.high
-    if kind == "other":
-        raise UserError(f"{where}: {field!r} is not a number; search it with distribution choice and values")
-    if kind == "int" and distribution in ("uniform", "loguniform"):
-        raise UserError(f"{where}: {field!r} is an integer; use distribution int or logint")
-    if low > high:
-        raise UserError(f"{where}: low {_fmt(low)} > high {_fmt(high)}")
-    if low == high:
-        raise UserError(f"{where}: low equals high ({_fmt(low)}); fix the value in params instead")
-    if not math.isfinite(high - low):
-        raise UserError(f"{where}: the range {_fmt(low)} to {_fmt(high)} is too wide to step through")
-    if distribution.startswith("log") and low <= 0:
-        raise UserError(f"{where}: a {distribution} range needs low > 0 (got {_fmt(low)}); log(0) is undefined")
-    if distribution in ("int", "logint") and not (float(low).is_integer() and float(high).is_integer()):
-        raise UserError(f"{where}: {distribution} bounds must be whole numbers (got {_fmt(low)}, {_fmt(high)})")
-    return SearchDimension(key, field, as_list, distribution, low, high, None, _tuple(dimension.grid, where))
-
-
-def _tuple(values: list[Any] | None, where: str) -> tuple[Any, ...] | None:
-    if values is None:
-        return None
-    if not values:
-        raise UserError(f"{where}: a `grid:` list must not be empty")
-    return tuple(values)
+def _search_dimension(key: str, field: str, as_list: bool, kind: str, dimension: ChoiceDimension | RangeDimension,
+                      where: str) -> SearchDimension:
+    grid = tuple(dimension.grid) if dimension.grid is not None else None
+    if isinstance(dimension, ChoiceDimension):
+        return SearchDimension(key, field, as_list, "choice", None, None, tuple(dimension.values), grid)
+    try:
+        distribution = dimension.resolved(field, kind)
+    except ValueError as error:
+        raise UserError(f"{where}: {error}") from None
+    return SearchDimension(key, field, as_list, distribution, dimension.low, dimension.high, None, grid)
 
 
 def _fmt(value: float) -> str:

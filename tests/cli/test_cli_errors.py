@@ -194,8 +194,8 @@ def test_nan_in_a_run_file_names_file_and_line(tmp_path):
     [
         ("eta: {low: .nan, high: 3}", "space.eta.low: Input should be a finite number"),
         ("eta: {low: 0, high: .inf}", "space.eta.high: Input should be a finite number"),
-        ("eta: {values: [1.0, .nan]}", "space.eta.values: Value error, nan is not a finite number"),
-        ("eta: {low: 0, high: 3, grid: [-.inf]}", "space.eta.grid: Value error, -inf is not a finite number"),
+        ("eta: {values: [1.0, .nan]}", "space.eta.values: nan is not a finite number"),
+        ("eta: {low: 0, high: 3, grid: [-.inf]}", "space.eta.grid: -inf is not a finite number"),
         ("guidance_scale: {low: -1.0e308, high: 1.0e308}", "the range -1e+308 to 1e+308 is too wide"),
     ],
 )
@@ -216,9 +216,9 @@ def test_every_params_and_options_class_rejects_nan():
     classes = [get_probe_class(name).params_class for name in probe_names()]
     classes += [get_judge_class(name).options_class for name in judge_names()]
     from engine.specs.runs import RunSpec
-    from engine.tune.space import Dimension, TuneSpec
+    from engine.tune.space import ChoiceDimension, RangeDimension, TuneSpec
 
-    classes += [RunSpec, TuneSpec, Dimension]
+    classes += [RunSpec, TuneSpec, ChoiceDimension, RangeDimension]
     for model in classes:
         assert model.model_config.get("allow_inf_nan") is False, model.__name__
     assert issubclass(RunSpec, Frozen) and issubclass(TuneSpec, Frozen)
@@ -271,7 +271,7 @@ def test_run_file_errors_name_the_line_and_flags_name_the_flag(tmp_path):
     "args, expected",
     [
         (["--algorithm", "nonsense"], "error: --algorithm: algorithm: Input should be 'tpe', 'random' or 'grid'"),
-        (["--objective", "best"], "error: --objective: objective: Value error, unknown objective 'best'"),
+        (["--objective", "best"], "error: --objective: objective: unknown objective 'best'"),
         (["--set", "num_samples=0"], "error: --set num_samples=0: num_samples: Input should be greater than"),
         (["--set", "space.eta.low=nan"], "error: --set space.eta.low=nan: space.eta.low: Input should be a finite"),
         (["--set", "params.guidance_scale=-.inf"],

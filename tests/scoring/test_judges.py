@@ -127,7 +127,7 @@ def test_object_concept_without_classes_is_refused_before_work():
 @pytest.mark.parametrize(
     "ref, message",
     [
-        ("clipp", "unknown judge 'clipp'; valid choices: clip, imagenet"),
+        ("clipp", "unknown judge 'clipp' (did you mean 'clip'?); valid choices: clip, imagenet"),
         ("clip:huge", "unknown preset for judge clip 'huge'; valid choices: tiny"),
         ({"name": "clip", "options": {"modle": "x"}}, "unknown key 'modle'"),
         ({"name": "clip", "options": {"model": "tiny-clip", "pretrained": "openai"}}, "pretrained tag of tiny-clip"),

@@ -106,7 +106,7 @@ def test_engine_report_on_a_run(scored_run, tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["score", "{run}", "--judge", "clipp"], "unknown judge 'clipp'; valid choices: clip, imagenet"),
+    (["score", "{run}", "--judge", "clipp"], "'clipp' (did you mean 'clip'?); valid choices: clip, imagenet"),
     (["score", "{run}", "--judge", "clip:tiny", "--judge-option", "clip.modle=x"], "unknown key 'modle'"),
     (["score", "{run}", "--judge", "clip:tiny", "--judge-option", "imagenet.seed=1"], "not given with --judge"),
     (["score", "{run}", "--judge", "clip:tiny", "--judge-option", "seed=1"], "expects JUDGE.KEY=VALUE"),
