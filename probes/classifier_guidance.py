@@ -154,7 +154,8 @@ class ClassifierGuidanceProbe(BestOfNProbe):
     """Adds the latent classifier's gradient to the noise prediction; sweeps its scale, keeps one candidate."""
 
     name = "classifier_guidance"
-    params_class = ClassifierGuidanceParams
+    # Declared wide: noise_classifier_guidance subclasses this probe with its own params class.
+    params_class: ClassVar[type[BestOfNParams]] = ClassifierGuidanceParams
     smoke_params = {"classifier_scales": [0.0, 60.0], "selector": "clip"}
     requires = frozenset({"latent_classifier"})
 
