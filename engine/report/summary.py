@@ -52,7 +52,8 @@ def paper_summary(output: str | Path) -> str | None:
     return "\n".join(parts)
 
 
-def _text(table: Table) -> str:
+def _text(table: Table | None) -> str:
+    assert table is not None  # recovery and preservation sections always hold a table
     return pd.DataFrame(table.rows, columns=table.headers).to_string(index=False)
 
 

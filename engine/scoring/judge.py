@@ -137,8 +137,10 @@ class ClassifierJudge(Judge[OptionsT]):
                 for values in columns.values():
                     values.append(None)
                 continue
-            p = probs[rows[index]]
             classes = self.target_classes(concept)
+            # Rows in `rows` were judged: probabilities exist and the concept has classes.
+            assert probs is not None and classes is not None
+            p = probs[rows[index]]
             # Stable sort on -p: equal probabilities keep class order, so ties resolve reproducibly.
             ranking = np.argsort(-p, kind="stable")
             columns["judge_top1"].append(bool(int(ranking[0]) in classes))
