@@ -21,7 +21,7 @@ from engine.errors import UserError
 from engine.metrics.columns import CANDIDATE_COLUMNS, METRICS, MODEL_COLUMNS, SCORE_COLUMNS, Metric
 from engine.metrics.stats import mean_interval, rate_interval
 from engine.probe import UNPAIRED, baseline_probes
-from engine.results import read_rows, require_run_folder, row_columns
+from engine.results import Output, read_rows, require_run_folder, row_columns
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ CELL_GROUP = [*CELL_KEYS, "probe_label", "role"]
 # --------------------------------------------------------------------------- loading
 
 
-def load_rows(run_dirs: Sequence[str | Path], single_judge: bool = True) -> pd.DataFrame:
+def load_rows(run_dirs: Sequence[Output], single_judge: bool = True) -> pd.DataFrame:
     """Every row of the runs without images, plus `run` and `probe_label` columns. With
     `single_judge`, rows scored by different judge models are refused."""
     frames = []
