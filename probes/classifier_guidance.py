@@ -159,7 +159,7 @@ class ClassifierGuidanceProbe(BestOfNProbe):
     smoke_params = {"classifier_scales": [0.0, 60.0], "selector": "clip"}
     requires = frozenset({"latent_classifier"})
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._classifiers: dict = {}  # loaded once per actor
 
     def check_request(self, params, concepts, options) -> None:
