@@ -25,7 +25,7 @@ holds the rest, once:
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -86,7 +86,11 @@ class BestOfNParams(ProbeParams):
         """One dict per candidate, in sweep order; its keys are those of `sweep_fields`."""
 
 
-class BestOfNProbe(Probe):
+# The params class of one best-of-N probe.
+BestOfNParamsT = TypeVar("BestOfNParamsT", bound=BestOfNParams)
+
+
+class BestOfNProbe(Probe[BestOfNParamsT], Generic[BestOfNParamsT]):
     """Base of the best-of-N probes. Subclasses set `name` and `params_class` and may override the
     hooks `prepare_params`, `step_noise`, `noise_key`, `guidance` and `candidate_extras`."""
 
@@ -97,15 +101,15 @@ class BestOfNProbe(Probe):
     base_reference = False
     baseline = False
 
-    params_class: ClassVar[type[BestOfNParams]] = BestOfNParams
+    params_class = BestOfNParams
 
     # --------------------------------------------------------------- hooks
 
-    def prepare_params(self, params: BestOfNParams) -> BestOfNParams:
+    def prepare_params(self, params: BestOfNParamsT) -> BestOfNParamsT:
         """Params as they enter the row identity (e.g. a folder made absolute). Default: unchanged."""
         return params
 
-    def step_noise(self, params: BestOfNParams, candidate: dict[str, float]) -> tuple[float, float]:
+    def step_noise(self, params: BestOfNParamsT, candidate: dict[str, float]) -> tuple[float, float]:
         """(eta, noise multiplier v) of a candidate's DDIM steps. Default: deterministic DDIM."""
         return 0.0, 1.0
 
@@ -113,7 +117,8 @@ class BestOfNProbe(Probe):
         """What a candidate's own generator is derived from, with the row's seed."""
         return tuple(candidate.values())
 
-    def guidance(self, batch: ProbeBatch, rows: list, candidates: list[dict[str, float]], latents, schedule):
+    def guidance(self, batch: ProbeBatch[BestOfNParamsT], rows: list, candidates: list[dict[str, float]], latents,
+                 schedule):
         """A hook (x_t, t, eps) -> eps for one chunk of candidates, or None (no guidance)."""
         return None
 
@@ -123,7 +128,7 @@ class BestOfNProbe(Probe):
 
     # --------------------------------------------------------------- shared machinery
 
-    def expand_params(self, params: BestOfNParams) -> list[BestOfNParams]:
+    def expand_params(self, params: BestOfNParamsT) -> list[BestOfNParamsT]:
         params = self.prepare_params(params)
         if not params.keep_all_candidates:
             return [params]
@@ -131,29 +136,31 @@ class BestOfNProbe(Probe):
         # and does not enter the row's identity; expanding twice changes nothing.
         base = params.model_dump()
         return [
-            self.params_class.model_validate(
+            # params_class is this probe's BestOfNParamsT (a ClassVar cannot name a type variable).
+            cast(BestOfNParamsT, self.params_class.model_validate(
                 {**base, **{field: [candidate[key]] for key, field in params.sweep_fields.items()}, "selector": "none"}
-            )
+            ))
             for candidate in params.candidates()
         ]
 
-    def check_candidates(self, batch: ProbeBatch, candidates: list[dict[str, float]]) -> None:
-        params: BestOfNParams = batch.params
+    def check_candidates(self, batch: ProbeBatch[BestOfNParamsT], candidates: list[dict[str, float]]) -> None:
+        params = batch.params
         if params.keep_all_candidates and len(candidates) != 1:
             raise ValueError("keep_all_candidates rows hold one candidate each; expand the params first")
         if not params.keep_all_candidates and batch.context.selector_scores is None:
             raise UserError(f"selector {params.selector!r} is not available in this run (no scoring context)")
 
-    def generators(self, params: BestOfNParams, rows: list, candidates: list[dict[str, float]]):
+    def generators(self, params: BestOfNParamsT, rows: list, candidates: list[dict[str, float]]):
         """(x_T generators, step-noise generators), one of each per candidate of the chunk."""
         own = [row_generator(row.seed, *self.noise_key(c)) for row, c in zip(rows, candidates, strict=False)]
         if params.initial_noise == "per_candidate":
             return own, own  # one stream per candidate: x_T first, then the step noise
         return [row_generator(row.seed) for row in rows], own
 
-    def denoise_candidates(self, batch: ProbeBatch, rows: list, candidates: list[dict[str, float]], schedule):
+    def denoise_candidates(self, batch: ProbeBatch[BestOfNParamsT], rows: list, candidates: list[dict[str, float]],
+                           schedule):
         """Images and per-candidate extras of one chunk of (row, candidate) pairs."""
-        params: BestOfNParams = batch.params
+        params = batch.params
         pipe = batch.pipeline
         embeddings = sampling.encode_prompts(pipe, [row.prompt for row in rows], params.negative_prompt,
                                              params.guidance_scale)
@@ -175,8 +182,8 @@ class BestOfNProbe(Probe):
         return sampling.decode(pipe, latents), self.candidate_extras(guidance, latents)
 
     @torch.no_grad()
-    def run(self, batch: ProbeBatch) -> ProbeOutput:
-        params: BestOfNParams = batch.params
+    def run(self, batch: ProbeBatch[BestOfNParamsT]) -> ProbeOutput:
+        params = batch.params
         candidates = params.candidates()
         self.check_candidates(batch, candidates)
         # 1. Every (row, candidate) pair in sweep order, rows one after another, denoised in chunks;
@@ -198,19 +205,22 @@ class BestOfNProbe(Probe):
         return select(batch, candidates, images, extras)
 
 
-def select(batch: ProbeBatch, candidates: list[dict[str, float]], images: list[np.ndarray],
+def select(batch: ProbeBatch[Any], candidates: list[dict[str, float]], images: list[np.ndarray],
            extras: list[dict[str, Any]]) -> ProbeOutput:
     """The selector's argmax among each row's candidates; every candidate goes along for the
     all-candidates mean. Extras: the kept candidate's settings and values, every candidate's score,
     and every candidate's value of each per-candidate extra (`candidate_<key>s`)."""
     selector = batch.params.selector
     per_row = len(candidates)
-    out_images, out_extras, row_candidates = [], [], []
+    selector_scores = batch.context.selector_scores
+    assert selector_scores is not None  # check_candidates refused a selecting batch without a scoring context
+    out_images: list[np.ndarray] = []
+    out_extras: list[dict[str, Any]] = []
+    row_candidates: list[list[np.ndarray] | None] = []
     for index, row in enumerate(batch.rows):
         row_images = images[index * per_row : (index + 1) * per_row]
         row_extras = extras[index * per_row : (index + 1) * per_row]
-        scores = [float(s) for s in batch.context.selector_scores(selector, row_images, row.target_concept,
-                                                                    [None] * per_row)]
+        scores = [float(s) for s in selector_scores(selector, row_images, row.target_concept, [None] * per_row)]
         if len(scores) != per_row:
             raise RuntimeError(f"selector {selector!r} returned {len(scores)} scores for {per_row} images")
         chosen = int(np.argmax(scores))

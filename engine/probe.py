@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -77,6 +77,10 @@ class ProbeParams(BaseModel):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
+# A probe's own params class: Probe and ProbeBatch are generic over it, so a probe's hooks take its params.
+ParamsT = TypeVar("ParamsT", bound=ProbeParams)
+
+
 @dataclass(frozen=True)
 class WorkRow:
     """The identity of one output row; `row_id` hashes the fields from `model` to `seed` (and the
@@ -119,9 +123,9 @@ class ProbeContext:
 
 
 @dataclass
-class ProbeBatch:
+class ProbeBatch(Generic[ParamsT]):
     rows: list[WorkRow]
-    params: ProbeParams
+    params: ParamsT
     pipeline: Any  # the model under test (a diffusers StableDiffusionPipeline)
     context: ProbeContext
 
@@ -180,7 +184,7 @@ PROBE_ROLES = (RECOVERY, PRESERVATION)
 PROBE_FACTS = ("sampler", "role", "needs_base_reference", "best_of_n", "base_reference", "baseline")
 
 
-class Probe(ABC):
+class Probe(ABC, Generic[ParamsT]):
     """Base class. Subclasses set `name`, `params_class`, `requires`, the facts below, and implement `run`."""
 
     name: ClassVar[str]
@@ -206,37 +210,37 @@ class Probe(ABC):
     # and smoke runs use it.
     smoke_params: ClassVar[dict[str, Any]] = {}
 
-    def check_request(  # noqa: B027 (an optional hook: most probes need no extra check)
-        self, params: ProbeParams, concepts: list[str], options: dict[str, Any]
+    def check_request(  # an optional hook: most probes need no extra check
+        self, params: ParamsT, concepts: list[str], options: dict[str, Any]
     ) -> None:
         """Extra checks in the driver, before any work (e.g. a classifier file exists). Raise UserError."""
 
     @abstractmethod
-    def run(self, batch: ProbeBatch) -> ProbeOutput:
+    def run(self, batch: ProbeBatch[ParamsT]) -> ProbeOutput:
         """Generate one image per row of `batch`."""
 
-    def expand_params(self, params: ProbeParams) -> list[ProbeParams]:
+    def expand_params(self, params: ParamsT) -> list[ParamsT]:
         """The params of the rows this request becomes. Default: one. A best-of-N probe asked to
         keep every candidate returns one single-candidate params per candidate, so each candidate
         is its own row (and reproducible alone)."""
         return [params]
 
-    def work_prompts(self, concept, concepts: dict[str, Any], num_images: int, params: ProbeParams):
+    def work_prompts(self, concept, concepts: dict[str, Any], num_images: int, params: ParamsT):
         """(target_concept, prompt_index, prompt, seed) for each row this probe makes for `concept`.
         Default: the concept's own prompts, sampled as the original does."""
         return [(concept.name, i, prompt, seed) for i, prompt, seed in concept.sample_prompts(num_images)]
 
-    def base_reference_requests(self, row: WorkRow, concept, params: ProbeParams) -> list[tuple[str, int]]:
+    def base_reference_requests(self, row: WorkRow, concept, params: ParamsT) -> list[tuple[str, int]]:
         """The (prompt, seed) base-model images a row needs (probes with `needs_base_reference`);
         equal requests are generated once. `engine plan` counts them."""
         return []
 
-    def training_passes(self, params: ProbeParams) -> int:
+    def training_passes(self, params: ParamsT) -> int:
         """UNet forward + backward passes the probe trains for once per (model, concept) before
         generating (textual inversion's embedding); 0 when it trains nothing. `engine plan` counts them."""
         return 0
 
-    def reference_prompts(self, concept, num_images: int, params: ProbeParams):
+    def reference_prompts(self, concept, num_images: int, params: ParamsT):
         """The rows on which the base model gives this probe's reference number for `concept` (the
         same prompts and seeds the erased models' rows use). Default: the probe's own rows."""
         return self.work_prompts(concept, {concept.name: concept}, num_images, params)

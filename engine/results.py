@@ -204,7 +204,7 @@ PACKAGES = ["torch", "diffusers", "transformers", "ray", "open_clip_torch", "pya
 
 
 def package_versions() -> dict[str, str | None]:
-    versions = {"python": platform.python_version()}
+    versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)

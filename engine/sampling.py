@@ -194,6 +194,7 @@ def denoise(
             eps = guidance(latents, t, eps)
         noise = None
         if stochastic:
+            assert generators is not None  # checked before the loop: one generator per row
             noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in generators])
             noise = noise.to(latents.device)
         latents, _ = ddim_step(

@@ -154,11 +154,12 @@ class ClassifierGuidanceProbe(BestOfNProbe):
     """Adds the latent classifier's gradient to the noise prediction; sweeps its scale, keeps one candidate."""
 
     name = "classifier_guidance"
-    params_class = ClassifierGuidanceParams
+    # Declared wide: noise_classifier_guidance subclasses this probe with its own params class.
+    params_class: ClassVar[type[BestOfNParams]] = ClassifierGuidanceParams
     smoke_params = {"classifier_scales": [0.0, 60.0], "selector": "clip"}
     requires = frozenset({"latent_classifier"})
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._classifiers: dict = {}  # loaded once per actor
 
     def check_request(self, params, concepts, options) -> None:

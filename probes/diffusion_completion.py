@@ -53,7 +53,7 @@ class DiffusionCompletionParams(ProbeParams):
         return self
 
 
-class DiffusionCompletionProbe(Probe):
+class DiffusionCompletionProbe(Probe[DiffusionCompletionParams]):
     """The base model denoises the first k+1 steps, the erased model finishes; one row per k."""
 
     name = "diffusion_completion"

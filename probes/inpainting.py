@@ -82,7 +82,7 @@ def mask_box(height: int, width: int, mask_size: int, latent_factor: int) -> tup
     return left, top, left + side, top + side
 
 
-class InpaintingProbe(Probe):
+class InpaintingProbe(Probe[InpaintingParams]):
     """The erased model repaints a centre square of the base model's image of the same prompt and seed."""
 
     name = "inpainting"
@@ -190,4 +190,4 @@ def _fit(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Resize to the generation size (LANCZOS, as the notebook resized its base image)."""
     if image.shape[:2] == (height, width):
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS))

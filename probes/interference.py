@@ -26,7 +26,7 @@ class InterferenceParams(ProbeParams):
     """Only the shared generation parameters; the prompts are the other concepts' first n rows."""
 
 
-class InterferenceProbe(Probe):
+class InterferenceProbe(Probe[InterferenceParams]):
     """The erased model draws the other concepts of its set: what erasure broke (preservation)."""
 
     name = "interference"
@@ -49,7 +49,7 @@ class InterferenceProbe(Probe):
                 f"interference generates the other concepts' prompts; concept set {concept.concept_set!r} of "
                 f"{concept.name} has no other concept here: add one to the run or to configs/concepts"
             )
-        rows = []
+        rows: list[tuple[str, int, str, int]] = []
         for other in others:
             rows.extend((other.name, index, prompt, seed) for index, prompt, seed in other.first_prompts(num_images))
         return rows

@@ -55,7 +55,7 @@ class NoiseBasedParams(BestOfNParams):
         return [{"eta": eta, "variance_scale": v} for eta in self.eta_values for v in self.variance_scales]
 
 
-class NoiseBasedProbe(BestOfNProbe):
+class NoiseBasedProbe(BestOfNProbe[NoiseBasedParams]):
     """DDIM with widened noise (eta, v) swept per prompt; a selector keeps one candidate."""
 
     name = "noise_based"

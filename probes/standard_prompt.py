@@ -18,7 +18,7 @@ class StandardPromptParams(ProbeParams):
     """Only the shared generation parameters."""
 
 
-class StandardPromptProbe(Probe):
+class StandardPromptProbe(Probe[StandardPromptParams]):
     """The concept's own prompt through the model's own pipeline and scheduler: the baseline."""
 
     name = "standard_prompt"

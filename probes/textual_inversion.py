@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ def reference_files(reference_dir: str, concept: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-class TextualInversionProbe(Probe):
+class TextualInversionProbe(Probe[TextualInversionParams]):
     """Learns one token on the erased model from base-model images, then prompts with it."""
 
     name = "textual_inversion"
@@ -192,13 +192,14 @@ class TextualInversionProbe(Probe):
 
         # 3. Prompt embeddings with the learned vector, one call per concept (the shared text
         #    encoder is restored after each).
-        prompt_embeds = [None] * len(batch.rows)
+        row_embeds: list[torch.Tensor | None] = [None] * len(batch.rows)
         for name, embedding in embeddings.items():
             index = [i for i, row in enumerate(batch.rows) if row.concept == name]
             encoded = encode_with_token(pipe, [prompts[i] for i in index], embedding.token, embedding.vector)
             for i, tensor in zip(index, encoded, strict=False):
-                prompt_embeds[i] = tensor
-        prompt_embeds = torch.stack(prompt_embeds)
+                row_embeds[i] = tensor
+        # Every row's concept is one of `concepts`, so every entry was filled above.
+        prompt_embeds = torch.stack(cast(list[torch.Tensor], row_embeds))
 
         # 4. The standard probe's generation: the model's scheduler, one CPU generator per row.
         result = pipe(

@@ -184,7 +184,9 @@ def image_posteriors(pipe, images: list[np.ndarray], resolution: int, flips: boo
     """VAE posterior (mean, std) of each image (and its mirror image when `flips`), float32."""
     pixels = []
     for image in images:
-        resized = np.asarray(Image.fromarray(image).convert("RGB").resize((resolution, resolution), Image.BICUBIC))
+        resized = np.asarray(
+            Image.fromarray(image).convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
+        )
         tensor = torch.from_numpy(resized.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         pixels.extend([tensor, tensor.flip(-1)] if flips else [tensor])
     means, stds = [], []

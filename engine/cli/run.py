@@ -114,4 +114,4 @@ def demo(
     grid = expand_run(run_spec_from_dict(demo_spec(str(output), num_images, random_models), "demo"))
     execute_and_print(grid, None)
     content = build_report([output])
-    typer.echo(f"\nreport: {content.output / 'report.html'} (and report.md beside it)")
+    typer.echo(f"\nreport: {Path(content.output) / 'report.html'} (and report.md beside it)")

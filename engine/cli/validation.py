@@ -4,6 +4,7 @@ names the flag or file the bad value came from."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,7 +67,12 @@ def check_run_names(spec: RunSpec, sources: Sources) -> None:
         _blamed(sources.of(("concepts", index)), load_concept, name)
     for index, request in enumerate(probe_requests(spec)):
         _blamed(sources.of(("probes", index)), get_probe_class, request.name)
-        parse_params(request.name, request.params, lambda loc, i=index: sources.of(("probes", i, "params", *loc)))
+        parse_params(request.name, request.params, _param_source(sources, index))
+
+
+def _param_source(sources: Sources, index: int) -> Callable[[tuple], str]:
+    """Where the value at `loc` of probe `index`'s params was written."""
+    return lambda loc: sources.of(("probes", index, "params", *loc))
 
 
 def _blamed(source: str, check, *args):

@@ -28,6 +28,8 @@ def default_hidden_size(latent_shape: tuple[int, ...]) -> int:
 
 
 class LatentClassifier(nn.Module):
+    alphas_cumprod: torch.Tensor  # a registered buffer (nn.Module's __getattr__ is typed Tensor | Module)
+
     def __init__(
         self,
         latent_shape: tuple[int, int, int],

@@ -23,12 +23,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy._core.multiarray import scalar as numpy_scalar
 
 from engine.errors import UserError
 from engine.guidance.latent_classifier import LatentClassifier
@@ -54,9 +56,9 @@ HUB_FILENAMES = ("model.pt", "{concept}.pt", "classifier.pt")
 ORIGINAL_MODEL = "CompVis/stable-diffusion-v1-4"
 
 # numpy scalars (the checkpoint's metrics): reconstructed from a dtype and raw bytes, no code runs.
-_NUMPY_SCALARS = [
-    (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
-    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),  # pickled by numpy 1.x
+_NUMPY_SCALARS: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+    (numpy_scalar, "numpy._core.multiarray.scalar"),
+    (numpy_scalar, "numpy.core.multiarray.scalar"),  # pickled by numpy 1.x
     np.dtype,
     *(type(np.dtype(code)) for code in ("float16", "float32", "float64", "int32", "int64", "bool")),
 ]

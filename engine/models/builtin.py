@@ -11,6 +11,7 @@ imported when it is built.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:  # the builders import torch, diffusers and transformers when 
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    build: callable
+    build: Callable[[], StableDiffusionPipeline]
     method: str
     description: str
     erased: tuple[str, ...] = ()  # concept slugs the model erased (empty: it declares nothing)
@@ -231,7 +232,10 @@ def _toy_model(method: str | None = None, concept: str | None = None):
     def build() -> StableDiffusionPipeline:
         from engine.toyworld.shipped import load_toy_base, load_toy_erased
 
-        return load_toy_base() if method is None else load_toy_erased(method, concept)
+        if method is None:
+            return load_toy_base()
+        assert concept is not None  # every erased toy model in BUILTIN_MODELS names its concept
+        return load_toy_erased(method, concept)
 
     return build
 

@@ -128,7 +128,8 @@ def _members_of(path: Path, mtime: float) -> dict[str, ModelSpec]:
 
 def model_files() -> tuple[dict[str, Path], dict[str, Path]]:
     """configs/models files split into (single models, families), by stem."""
-    singles, families = {}, {}
+    singles: dict[str, Path] = {}
+    families: dict[str, Path] = {}
     for stem, path in find_config_files("models").items():
         (families if _is_family_file(path, path.stat().st_mtime) else singles)[stem] = path
     return singles, families

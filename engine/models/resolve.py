@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from engine.errors import UserError, did_you_mean
@@ -33,8 +34,10 @@ def expand_model_refs(refs: list[str | ModelSpec]) -> list[str | ModelSpec]:
     families = model_families()
     expanded: list[str | ModelSpec] = []
     for ref in refs:
-        is_family = isinstance(ref, str) and ref in families and ref not in BUILTIN_MODELS
-        expanded.extend(families[ref].members() if is_family else [ref])
+        if isinstance(ref, str) and ref in families and ref not in BUILTIN_MODELS:
+            expanded.extend(families[ref].members())
+        else:
+            expanded.append(ref)
     return expanded
 
 
@@ -74,7 +77,7 @@ def resolve_model(ref: str | ModelSpec, check_source: bool = True) -> ModelSpec:
 
 
 def unet_override_spec(unet_path: str, base_model: str, method: str | None = None,
-                       erased: list[str] = ()) -> ModelSpec:
+                       erased: Sequence[str] = ()) -> ModelSpec:
     """`--unet PATH`: the erased UNet on the base model's other components. Without a method it is
     labelled `unknown` explicitly (so its rows hash as they always did)."""
     path = Path(unet_path).expanduser()

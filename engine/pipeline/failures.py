@@ -51,7 +51,9 @@ class RowFailure:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RowFailure:
         identity = {f.name: record[f.name] for f in IDENTITY_FIELDS}
-        pairing = {"role": record.get("role") or "unpaired", "erased": tuple(record.get("erased") or ())}
+        pairing: dict[str, Any] = {
+            "role": record.get("role") or "unpaired", "erased": tuple(record.get("erased") or ())
+        }
         return cls(WorkRow(**identity, **pairing), record["error_type"], record["message"], record["failed_at"])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import groupby, product
 from typing import Any
@@ -50,7 +51,7 @@ class RunGrid:
         }
 
 
-def expand_run(spec: RunSpec, extra_models: list[ModelSpec] = (), strict: bool = True) -> RunGrid:
+def expand_run(spec: RunSpec, extra_models: Sequence[ModelSpec] = (), strict: bool = True) -> RunGrid:
     """Validate every name in the spec and expand the grid. Raises UserError on bad input.
 
     `strict=False` (engine plan) never looks for weights and records failed prerequisite checks
@@ -180,12 +181,12 @@ def work_units(rows: list[WorkRow], batch_size: int) -> list[list[WorkRow]]:
     """Rows sharing (model, probe, params) cut into units of at most `batch_size`. The units are
     fixed in the driver, so the same command always batches the same rows together and gives
     byte-identical images. Units of one model stay adjacent so an actor loads it once."""
-    units = []
+    units: list[list[WorkRow]] = []
 
     def key(r: WorkRow):
         return (r.model, r.probe, r.params)
 
-    for _, group in groupby(sorted(rows, key=key), key=key):
-        group = list(group)
+    for _, grouped in groupby(sorted(rows, key=key), key=key):
+        group = list(grouped)
         units.extend(group[start : start + batch_size] for start in range(0, len(group), batch_size))
     return units

@@ -320,7 +320,7 @@ def row_count_lines(grid: RunGrid, counts: dict[str, dict[str, int]] | None = No
 
 
 def summary_header(grid: RunGrid) -> str:
-    roles = defaultdict(int)
+    roles: defaultdict[str, int] = defaultdict(int)
     for row in grid.rows:
         roles[row.role] += 1
     parts = ", ".join(f"{role} {roles[role]:,d}" for role in ("recovery", "preservation", "base", "unpaired")

@@ -4,6 +4,7 @@ on made-up clusters (no GPU, one, four) without Ray."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from engine.errors import UserError
 from engine.specs.judges import judge_requests
@@ -17,10 +18,10 @@ DEFAULT_SCORE_GPU_SHARE = 0.1
 class StageResources:
     probe_actors: int
     gpus_per_probe_actor: float
-    probe_device: str  # "cpu" or "cuda"
+    probe_device: Literal["cpu", "cuda"]
     score_actors: int  # 0: the run has no judges, so no score stage
     gpus_per_score_actor: float
-    score_device: str
+    score_device: Literal["cpu", "cuda"]
 
     def gpus_wanted(self) -> float:
         return self.probe_actors * self.gpus_per_probe_actor + self.score_actors * self.gpus_per_score_actor

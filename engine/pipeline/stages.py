@@ -80,7 +80,8 @@ class ProbeStageConfig(Frozen):
 
     @classmethod
     def from_grid(
-        cls, grid: RunGrid, device: str, attention: str, torch_threads: int | None, cache_dir: str
+        cls, grid: RunGrid, device: Device, attention: Literal["sdpa", "xformers"], torch_threads: int | None,
+        cache_dir: str,
     ) -> ProbeStageConfig:
         return cls(
             models={m.name: m for m in grid.models},
@@ -107,7 +108,7 @@ class ScoreStageConfig(Frozen):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads; default: 1 (a light stage).")
 
     @classmethod
-    def from_grid(cls, grid: RunGrid, device: str, torch_threads: int | None) -> ScoreStageConfig:
+    def from_grid(cls, grid: RunGrid, device: Device, torch_threads: int | None) -> ScoreStageConfig:
         return cls(
             judges=judge_requests(grid.spec.judges),
             concepts=dict(grid.concepts),
@@ -270,6 +271,8 @@ class ProbeRunner:
 
     def _collect(self, rows, output: ProbeOutput, selector, seconds: float, outcome: UnitOutcome) -> None:
         pngs = encode_pngs(output.images)
+        # ProbeOutput.__post_init__ filled every per-row list.
+        assert output.extras is not None and output.scoring_regions is not None and output.candidates is not None
         for row, image, png, extras, region, candidates in zip(
             rows, output.images, pngs, output.extras, output.scoring_regions, output.candidates, strict=False
         ):

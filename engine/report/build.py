@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 RunDir = str | Path
 
 
-def default_report_dir(run_dirs: list[RunDir], output: RunDir | None) -> Path | OutputLocation:
+def default_report_dir(run_dirs: Sequence[RunDir], output: RunDir | None) -> Path | OutputLocation:
     """A local folder (Path) or a remote one (OutputLocation)."""
     if output is None and len(run_dirs) > 1:
         raise UserError("several run folders are merged into one report: give --output DIR")
@@ -93,7 +94,9 @@ def inflated_cells(cells: pd.DataFrame) -> dict[int, set[str]]:
     return marks
 
 
-def build_report(run_dirs: list[RunDir], output: RunDir | None = None, max_images_per_cell: int = 12) -> ReportContent:
+def build_report(
+    run_dirs: Sequence[RunDir], output: RunDir | None = None, max_images_per_cell: int = 12
+) -> ReportContent:
     """Read the runs, aggregate, and write every report file. Raises UserError on bad input."""
     if not run_dirs:
         raise UserError("give at least one run folder")
@@ -105,9 +108,10 @@ def build_report(run_dirs: list[RunDir], output: RunDir | None = None, max_image
         uploaded = {path: _upload(Path(staging), path, target) for path in sorted(Path(staging).rglob("*"))
                     if path.is_file()}
     return dataclasses.replace(
-        content, output=target.uri, plots=[(title, uploaded[path]) for title, path in content.plots],
-        sheets=[(cell, uploaded[path]) for cell, path in content.sheets],
-        paired_sheets=[(title, uploaded[path]) for title, path in content.paired_sheets],
+        # _build wrote local files: every path is a Path (Path() only tells the checker so).
+        content, output=target.uri, plots=[(title, uploaded[Path(path)]) for title, path in content.plots],
+        sheets=[(cell, uploaded[Path(path)]) for cell, path in content.sheets],
+        paired_sheets=[(title, uploaded[Path(path)]) for title, path in content.paired_sheets],
     )
 
 
@@ -117,7 +121,7 @@ def _upload(staging: Path, path: Path, target: OutputLocation) -> str:
     return target.display(*parts)
 
 
-def _build(run_dirs: list[RunDir], report_dir: Path, max_images_per_cell: int) -> ReportContent:
+def _build(run_dirs: Sequence[RunDir], report_dir: Path, max_images_per_cell: int) -> ReportContent:
     frame = load_rows(run_dirs)
     cells = cell_stats(frame)
     judges = sorted({str(v) for c in MODEL_COLUMNS.values() for v in present_values(frame[c])})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def write_recovery_plots(pooled: pd.DataFrame, folder: Path, scope: str) -> list
 # --------------------------------------------------------------------------- contact sheets
 
 
-def read_images(run_dirs: list[str | Path], row_ids: set[str]) -> dict[str, bytes]:
+def read_images(run_dirs: Sequence[str | Path], row_ids: set[str]) -> dict[str, bytes]:
     """PNG bytes of the given rows only, so a large run's images are never all in memory."""
     found: dict[str, bytes] = {}
     for run_dir in run_dirs:
@@ -141,7 +142,7 @@ def contact_sheet(images: list[np.ndarray], captions: list[list[str]], title: st
 
 
 def write_contact_sheets(
-    run_dirs: list[str | Path], frame: pd.DataFrame, cells: pd.DataFrame, folder: Path, max_images: int
+    run_dirs: Sequence[str | Path], frame: pd.DataFrame, cells: pd.DataFrame, folder: Path, max_images: int
 ) -> list[tuple[dict[str, Any], Path]]:
     """A PNG per cell (same order as `cells`) with its first `max_images` rows by prompt index and seed."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ A row's scoring region (inpainting's mask box) is outlined in red.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ FONT_SIZE = 11
 
 
 def write_paired_sheets(
-    run_dirs: list[Path], frame: pd.DataFrame, folder: Path, max_seeds: int
+    run_dirs: Sequence[str | Path], frame: pd.DataFrame, folder: Path, max_seeds: int
 ) -> list[tuple[str, Path]]:
     recovery = frame[frame["role"] == RECOVERY]
     if recovery.empty:

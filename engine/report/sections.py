@@ -56,7 +56,7 @@ class Section:
     level: int = 2
     note: str | None = None
     table: Table | None = None
-    images: list[tuple[str, Path]] = field(default_factory=list)
+    images: list[tuple[str, Path | str]] = field(default_factory=list)  # local paths, or URIs of an upload
 
 
 def missing(value: Any) -> bool:
@@ -80,7 +80,8 @@ def _fmt_triple(triple: Any, digits: int) -> str:
     """(value, low, high[, "inflated"]) -> "v [low, high]", marked * when selection-inflated."""
     if not isinstance(triple, tuple):
         return "–"
-    text = fmt_interval(*triple[:3], digits=digits)
+    value, low, high = triple[:3]
+    text = fmt_interval(value, low, high, digits=digits)
     return text + " *" if len(triple) > 3 and text != "–" else text
 
 

@@ -3,8 +3,6 @@ preservation tables when the run's models declare erased concepts, else one line
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import typer
 
@@ -12,9 +10,10 @@ from engine.metrics.columns import METRICS
 from engine.report.paper import has_roles, preservation_table, recovery_table
 from engine.report.sections import Table, fmt_interval, fmt_number, preservation_section, recovery_section
 from engine.report.tables import cell_stats, load_rows, present_metrics
+from engine.results import Output
 
 
-def summary_frame(output: str | Path) -> pd.DataFrame:
+def summary_frame(output: Output) -> pd.DataFrame:
     """One line per (model, concept, probe) cell: n, seconds per image, each judged metric with its 95% CI."""
     # A resumed run may mix judges; the terminal summary still shows it (`engine report` refuses).
     frame = load_rows([output], single_judge=False)
@@ -34,7 +33,7 @@ def summary_frame(output: str | Path) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def paper_summary(output: str | Path) -> str | None:
+def paper_summary(output: Output) -> str | None:
     """The recovery table (and the preservation table, if any) as text; None for unpaired runs."""
     frame = load_rows([output], single_judge=False)
     if not has_roles(frame):
@@ -52,10 +51,11 @@ def paper_summary(output: str | Path) -> str | None:
     return "\n".join(parts)
 
 
-def _text(table: Table) -> str:
+def _text(table: Table | None) -> str:
+    assert table is not None  # recovery and preservation sections always hold a table
     return pd.DataFrame(table.rows, columns=table.headers).to_string(index=False)
 
 
-def print_summary(output: str | Path) -> None:
+def print_summary(output: Output) -> None:
     typer.echo("")
     typer.echo(paper_summary(output) or summary_frame(output).to_string(index=False))

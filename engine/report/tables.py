@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from engine.errors import UserError
 from engine.metrics.columns import CANDIDATE_COLUMNS, METRICS, MODEL_COLUMNS, SCORE_COLUMNS, Metric
 from engine.metrics.stats import mean_interval, rate_interval
 from engine.probe import UNPAIRED, baseline_probes
-from engine.results import read_rows, require_run_folder, row_columns
+from engine.results import Output, read_rows, require_run_folder, row_columns
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ CELL_GROUP = [*CELL_KEYS, "probe_label", "role"]
 # --------------------------------------------------------------------------- loading
 
 
-def load_rows(run_dirs: list[str | Path], single_judge: bool = True) -> pd.DataFrame:
+def load_rows(run_dirs: Sequence[Output], single_judge: bool = True) -> pd.DataFrame:
     """Every row of the runs without images, plus `run` and `probe_label` columns. With
     `single_judge`, rows scored by different judge models are refused."""
     frames = []
@@ -108,6 +109,7 @@ def metric_stats(metric: Metric, group: pd.DataFrame) -> dict[str, Any]:
     """n, value and 95% interval of one metric over a group of rows (its column's non-null values)."""
     values = present_values(group[metric.column])
     if metric.kind == "rate":
+        assert metric.hits is not None  # every rate metric has its hits column
         hits = sum(bool(v) for v in values)
         low, high = rate_interval(hits, len(values), metric.interval)
         stats = {metric.hits: hits, metric.value: hits / len(values) if values else None}
@@ -214,9 +216,9 @@ class ReportContent:
     cells: pd.DataFrame
     paper: pd.DataFrame  # what paper_table.csv holds
     # Paths inside `output`; for a report uploaded to an object store, the files' URIs.
-    plots: list[tuple[str, Path | str]] = field(default_factory=list)
-    sheets: list[tuple[dict[str, Any], Path | str]] = field(default_factory=list)
-    paired_sheets: list[tuple[str, Path | str]] = field(default_factory=list)
+    plots: Sequence[tuple[str, Path | str]] = field(default_factory=list)
+    sheets: Sequence[tuple[dict[str, Any], Path | str]] = field(default_factory=list)
+    paired_sheets: Sequence[tuple[str, Path | str]] = field(default_factory=list)
     # Per cell position: score columns whose best-of-N pick was made by the model that judges them.
     inflated: dict[int, set[str]] = field(default_factory=dict)
 

@@ -50,7 +50,7 @@ class ClipJudgeOptions(JudgeOptions):
     seed: int = Field(0, description="Initialisation seed when pretrained is null.")
 
 
-class ClipJudge(Judge):
+class ClipJudge(Judge[ClipJudgeOptions]):
     name = "clip"
     slot = "clip"
     options_class = ClipJudgeOptions

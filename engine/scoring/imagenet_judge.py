@@ -72,7 +72,7 @@ class ImagenetJudgeOptions(JudgeOptions):
     seed: int = Field(0, description="Initialisation seed when weights is null.")
 
 
-class ImagenetJudge(ClassifierJudge):
+class ImagenetJudge(ClassifierJudge[ImagenetJudgeOptions]):
     name = "imagenet"
     classes_key = "imagenet"
     num_classes = 1000

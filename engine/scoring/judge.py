@@ -15,7 +15,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -44,7 +44,11 @@ class JudgeOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-class Judge(ABC):
+# A judge's own options class: Judge is generic over it, so `self.options` has its fields.
+OptionsT = TypeVar("OptionsT", bound=JudgeOptions)
+
+
+class Judge(ABC, Generic[OptionsT]):
     """Scores uint8 HxWx3 images (already cropped to their scoring region) against concepts."""
 
     name: ClassVar[str]
@@ -52,18 +56,18 @@ class Judge(ABC):
     options_class: ClassVar[type[JudgeOptions]] = JudgeOptions
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, options: JudgeOptions, device: torch.device):
+    def __init__(self, options: OptionsT, device: torch.device):
         self.options = options
         self.device = device
         self._loaded = False
         self._load_lock = threading.Lock()  # a background prefetch and the first score call never both load
 
-    @classmethod  # noqa: B027 (an optional hook: most judges need no check)
-    def check_available(cls, options: JudgeOptions) -> None:
+    @classmethod  # an optional hook: most judges need no check
+    def check_available(cls, options: OptionsT) -> None:
         """Driver-side, before any work: raise UserError if the weights cannot be had."""
 
-    @classmethod  # noqa: B027 (an optional hook)
-    def check_concepts(cls, options: JudgeOptions, concepts: dict[str, ConceptSpec]) -> None:
+    @classmethod  # an optional hook
+    def check_concepts(cls, options: OptionsT, concepts: dict[str, ConceptSpec]) -> None:
         """Driver-side, before any work: raise UserError if a concept cannot be judged."""
 
     @property
@@ -90,7 +94,7 @@ class Judge(ABC):
                 self._loaded = True
 
 
-class ClassifierJudge(Judge):
+class ClassifierJudge(Judge[OptionsT]):
     """A classifier whose classes are listed per concept in `judge_classes[classes_key]`."""
 
     slot = "classifier"
@@ -102,7 +106,7 @@ class ClassifierJudge(Judge):
         """N x num_classes softmax probabilities."""
 
     @classmethod
-    def check_concepts(cls, options: JudgeOptions, concepts: dict[str, ConceptSpec]) -> None:
+    def check_concepts(cls, options: OptionsT, concepts: dict[str, ConceptSpec]) -> None:
         for concept in concepts.values():
             classes = concept.judge_classes.get(cls.classes_key)
             if classes is None:
@@ -133,8 +137,10 @@ class ClassifierJudge(Judge):
                 for values in columns.values():
                     values.append(None)
                 continue
-            p = probs[rows[index]]
             classes = self.target_classes(concept)
+            # Rows in `rows` were judged: probabilities exist and the concept has classes.
+            assert probs is not None and classes is not None
+            p = probs[rows[index]]
             # Stable sort on -p: equal probabilities keep class order, so ties resolve reproducibly.
             ranking = np.argsort(-p, kind="stable")
             columns["judge_top1"].append(bool(int(ranking[0]) in classes))

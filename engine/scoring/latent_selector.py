@@ -82,7 +82,8 @@ def latent_classifier_selector(concept, context):
         if not images:
             return []
         pixels = torch.stack([
-            torch.from_numpy(np.asarray(Image.fromarray(image).convert("RGB").resize((width, height), Image.BILINEAR),
+            torch.from_numpy(np.asarray(Image.fromarray(image).convert("RGB").resize((width, height),
+                                                                                     Image.Resampling.BILINEAR),
                                         dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
             for image in images
         ]).to(vae.device, vae.dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class RescoreSummary:
 
 
 def rescore_run(
-    output: str | Path | OutputLocation, refs: list[str | JudgeRequest | dict[str, Any]], device: str = "auto",
+    output: str | Path | OutputLocation, refs: Sequence[str | JudgeRequest | dict[str, Any]], device: str = "auto",
     batch_size: int = 32,
 ) -> RescoreSummary:
     output = output_location(output)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from engine.probe import ProbeContext
-    from engine.scoring.judge import Judge
+    from engine.scoring.judge import ClassifierJudge, Judge
     from engine.scoring.latent_selector import SelectorModel
     from engine.specs.concepts import ConceptSpec
 
@@ -160,7 +160,8 @@ class SelectorBank:
             return None
         if concept_name not in self.concepts:
             raise KeyError(f"judge hits asked about concept {concept_name!r}, which is not in this run")
-        judge = self._judge("judge")
+        # The `judge` selector's slot is `classifier`, which only a ClassifierJudge fills.
+        judge = cast("ClassifierJudge[Any]", self._judge("judge"))
         crops = [crop_to_region(image, region)
                  for image, region in zip(images, regions or [None] * len(images), strict=False)]
         return judge.top1_hits(crops, self.concepts[concept_name])

@@ -25,7 +25,7 @@ class ToyJudgeOptions(JudgeOptions):
     weights: str | None = Field(None, description="A .safetensors file of the toy judge; null = the shipped one.")
 
 
-class ToyClassifierJudge(ClassifierJudge):
+class ToyClassifierJudge(ClassifierJudge[ToyJudgeOptions]):
     name = "toy"
     classes_key = "toy"
     num_classes = len(CONCEPTS)

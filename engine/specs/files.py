@@ -27,7 +27,7 @@ def shipped_config_dir() -> Path | None:
         package = importlib.import_module("configs")
     except ImportError:
         package = None
-    if getattr(package, "ENGINE_SHIPPED_CONFIGS", False):  # not some other project's `configs`
+    if package is not None and getattr(package, "ENGINE_SHIPPED_CONFIGS", False):  # not some other project's `configs`
         folder = Path(str(importlib.resources.files(package)))
         if folder.is_dir():
             return folder

@@ -13,6 +13,7 @@ judge; engine.scoring.registry loads the classes.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -49,7 +50,7 @@ def judge_names() -> list[str]:
     return sorted(JUDGE_REGISTRY)
 
 
-def default_judge_refs() -> list[str]:
+def default_judge_refs() -> list[str | JudgeRequest]:
     raw = os.environ.get(JUDGES_ENV)
     if raw is None:
         return list(DEFAULT_JUDGES)
@@ -73,5 +74,5 @@ def parse_judge_ref(ref: str | JudgeRequest | dict[str, Any]) -> JudgeRequest:
     return request
 
 
-def judge_requests(refs: list[str | JudgeRequest | dict[str, Any]]) -> list[JudgeRequest]:
+def judge_requests(refs: Sequence[str | JudgeRequest | dict[str, Any]]) -> list[JudgeRequest]:
     return [parse_judge_ref(ref) for ref in refs]

@@ -6,6 +6,7 @@ describes a grid; engine.pipeline.grid expands it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,7 +168,7 @@ def probe_requests(spec: RunSpec) -> list[ProbeRequest]:
     return [ProbeRequest(name=p) if isinstance(p, str) else p for p in spec.probes]
 
 
-def load_run_file(path: Path, overrides: list[str] = ()) -> RunSpec:
+def load_run_file(path: Path, overrides: Sequence[str] = ()) -> RunSpec:
     data, sources = read_yaml_with_sources(path)
     return run_spec_from_dict(apply_overrides(data, overrides, sources), sources)
 
@@ -176,7 +177,7 @@ def run_spec_from_dict(data: dict[str, Any], where: str | Sources = "run config"
     return validate(RunSpec, data, where)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], sources: Sources | None = None) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], sources: Sources | None = None) -> dict[str, Any]:
     """`key.sub=value` overrides; values are parsed as YAML (so 1e-3 is a string, as in files).
     Each key set is recorded in `sources` as `--set key=value`, so an error blames the flag."""
     data = _deep_copy(data)

@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import yaml
@@ -144,7 +144,7 @@ def _collect(ray, futures: dict, tune_run: TuneRun, records: list[dict[str, Any]
     return searched
 
 
-def _trial_resources(ray, spec: TuneSpec) -> tuple[dict[str, float], str, int | None, int]:
+def _trial_resources(ray, spec: TuneSpec) -> tuple[dict[str, float], Literal["cpu", "cuda"], int | None, int]:
     cluster = ray.cluster_resources()
     total_gpus, total_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
     gpus = (1.0 if total_gpus else 0.0) if spec.gpus_per_trial == "auto" else float(spec.gpus_per_trial)
@@ -310,6 +310,9 @@ def summary_lines(summary: TuneSummary) -> list[str]:
     lines = []
     for pair in summary.pairs:
         best = pair.best
+        if best is None:  # no trial of the pair completed: there is no best setting to print
+            lines.append(f"{pair.model} x {pair.concept}: no trial completed of {pair.trials}; no best setting")
+            continue
         interval = f"[{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}]"
         lines.append(
             f"{pair.model} x {pair.concept}: best {best['objective_name']} {_fmt(best['objective'])} {interval} "

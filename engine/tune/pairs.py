@@ -132,7 +132,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 
-def _check_objective(spec: TuneSpec, grid, where: str) -> None:
+def _check_objective(spec: TuneSpec, grid, where: str | Sources) -> None:
     slot = OBJECTIVES[spec.objective][1]
     requests = [r for r in judge_requests(grid.spec.judges) if get_judge_class(r.name).slot == slot]
     if not requests:

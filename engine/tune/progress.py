@@ -23,7 +23,7 @@ def trials_per_search(algorithm: str, num_samples: int, space: SearchSpace, grid
 class TrialBoard:
     """Finished trials and the best complete objective of each search."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.done: dict[str, int] = {}
         self.best: dict[str, float] = {}
 
