@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.metrics.columns import METRICS
 from engine.tune.pairs import METRIC, slug
-from engine.tune.space import SearchSpace
+from engine.tune.space import SearchDimension, SearchSpace
 from engine.tune.trial import TrialSetup, tune_trial
 
 
@@ -62,18 +62,19 @@ def build_search(space: SearchSpace, settings: SearchSettings):
     return param_space, OptunaSearch(sampler=sampler), settings.num_samples, settings.max_concurrent
 
 
-def ray_domain(dim):
+def ray_domain(dim: SearchDimension) -> Any:
     from ray import tune
 
     if dim.distribution == "choice":
-        return tune.choice(list(dim.values))
+        return tune.choice(dim.choices())
+    low, high = dim.span()
     if dim.distribution == "int":
-        return tune.randint(int(dim.low), int(dim.high) + 1)  # Tune's upper bound is exclusive
+        return tune.randint(int(low), int(high) + 1)  # Tune's upper bound is exclusive
     if dim.distribution == "logint":
-        return tune.lograndint(int(dim.low), int(dim.high) + 1)
+        return tune.lograndint(int(low), int(high) + 1)
     if dim.distribution == "loguniform":
-        return tune.loguniform(dim.low, dim.high)
-    return tune.uniform(dim.low, dim.high)
+        return tune.loguniform(low, high)
+    return tune.uniform(low, high)
 
 
 def search_pair(setup: TrialSetup, settings: SearchSettings, trainable=None, board=None,

@@ -59,7 +59,8 @@ class _Dimension(Frozen):
     def _grid_points(cls, value: list[Any] | None) -> list[Any] | None:
         if value is not None and not value:
             raise ValueError("a `grid:` list must not be empty")
-        return _finite_items(value)
+        _finite_items(value)
+        return value
 
 
 class ChoiceDimension(_Dimension):
@@ -71,7 +72,8 @@ class ChoiceDimension(_Dimension):
     @field_validator("values")
     @classmethod
     def _finite_values(cls, value: list[Any]) -> list[Any]:
-        return _finite_items(value)
+        _finite_items(value)
+        return value
 
 
 class RangeDimension(_Dimension):
@@ -134,12 +136,11 @@ Dimension = Annotated[
 ]
 
 
-def _finite_items(value: list[Any] | None) -> list[Any] | None:
+def _finite_items(value: list[Any] | None) -> None:
     # Items of any type (a choice may list strings), so Frozen's finite-float rule does not reach them.
     for item in value or ():
         if isinstance(item, float) and not math.isfinite(item):
             raise ValueError(f"{item} is not a finite number")
-    return value
 
 
 def _whole_bounds(distribution: str, low: float, high: float) -> None:
@@ -240,7 +241,9 @@ def tune_spec_from_dict(data: dict[str, Any], where: str | Sources) -> TuneSpec:
 FLAG_NAMES = {"models": "--model", "concepts": "--concept"}
 
 
-def load_tune_spec(config: Path | None, flags: dict[str, Any], overrides: list[str] = ()) -> tuple[TuneSpec, Sources]:
+def load_tune_spec(
+    config: Path | None, flags: dict[str, Any], overrides: typing.Sequence[str] = ()
+) -> tuple[TuneSpec, Sources]:
     """CONFIG.yaml (or, with only --probe, the shipped configs/tune/<probe>.yaml), then the CLI
     flags that were given (models, concepts, probe, num_samples...), then --set overrides.
 
@@ -286,24 +289,38 @@ class SearchDimension:
     values: tuple[Any, ...] | None
     grid: tuple[Any, ...] | None
 
+    def span(self) -> tuple[float, float]:
+        """(low, high) of a range dimension."""
+        if self.low is None or self.high is None:
+            raise TypeError(f"space.{self.key} is a choice; it has no low and high")
+        return self.low, self.high
+
+    def choices(self) -> list[Any]:
+        """The values of a choice dimension."""
+        if self.values is None:
+            raise TypeError(f"space.{self.key} is a range; it has no values")
+        return list(self.values)
+
     def bounds(self) -> list[Any]:
         """The values every trial value lies between (low, high), or all choices."""
         if self.distribution == "choice":
-            return list(self.values)
+            return self.choices()
+        low, high = self.span()
         if self.distribution in ("int", "logint"):
-            return [int(self.low), int(self.high)]
-        return [self.low, self.high]
+            return [int(low), int(high)]
+        return [low, high]
 
     def grid_values(self, points: int) -> list[Any]:
         if self.grid is not None:
             return list(self.grid)
         if self.distribution == "choice":
-            return list(self.values)
+            return self.choices()
+        low, high = self.span()
         if self.distribution in ("loguniform", "logint"):
-            ratio = (self.high / self.low) ** (1 / (points - 1))
-            raw = [self.low * ratio**i for i in range(points)]
+            ratio = (high / low) ** (1 / (points - 1))
+            raw = [low * ratio**i for i in range(points)]
         else:
-            raw = [self.low + (self.high - self.low) * i / (points - 1) for i in range(points)]
+            raw = [low + (high - low) * i / (points - 1) for i in range(points)]
         if self.distribution in ("int", "logint"):
             return sorted({round(v) for v in raw})
         return [round(v, 10) for v in raw]
@@ -348,7 +365,7 @@ def parse_space(spec: TuneSpec, where: str | Sources) -> SearchSpace:
     sources = where if isinstance(where, Sources) else Sources(where)
     params_class = get_probe_class(spec.probe).params_class
     parse_params(spec.probe, spec.params, lambda loc: sources.of(("params", *loc)))  # fixed params alone valid
-    dimensions = []
+    dimensions: list[SearchDimension] = []
     for key, dimension in spec.space.items():
         at = sources.of(("space", key), deep=True)
         field, as_list = _resolve_key(key, params_class, spec.probe, at)
