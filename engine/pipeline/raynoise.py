@@ -7,6 +7,7 @@
   to file descriptor 2, past Python's logging, so `filtered_stderr` filters that descriptor.
 - "SIGTERM handler is not set because current thread is not the main thread": ray.init in the
   engine's background start thread; the engine sets the same handler itself (ray_start).
+- Ray Data's error dump when a stream fails (without -v): the engine prints one line instead.
 """
 
 from __future__ import annotations
@@ -37,11 +38,26 @@ class RayNoiseFilter(logging.Filter):
         return not is_noise(record.getMessage())
 
 
+class RayDataErrorFilter(logging.Filter):
+    """Ray Data's own account of a failed stream: tracebacks and "please open an issue on the Ray
+    project" (hundreds of lines). The engine says what failed in one line (engine.pipeline.faults);
+    Ray Data's log file keeps the whole account, and -v shows it on the terminal too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
 def filter_ray_loggers() -> None:
     for name in RAY_NOISY_LOGGERS:
         target = logging.getLogger(name)
         if not any(isinstance(f, RayNoiseFilter) for f in target.filters):
             target.addFilter(RayNoiseFilter())
+    if not logging.getLogger().isEnabledFor(logging.INFO):  # without -v
+        # Ray Data logs through its own handlers (console and file, not propagated): quiet the console's.
+        for handler in logging.getLogger("ray.data").handlers:
+            is_console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            if is_console and not any(isinstance(f, RayDataErrorFilter) for f in handler.filters):
+                handler.addFilter(RayDataErrorFilter())
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from engine.lock import OutputLock
 from engine.pipeline.batching import batching_record, unit_rows
 from engine.pipeline.failures import merge_failures, read_failures, write_failures
+from engine.pipeline.fault_exit import stopping_cleanly
 from engine.pipeline.grid import RunGrid, pending_rows, work_units
 from engine.pipeline.progress import Progress, progress_seconds, watched
 from engine.pipeline.provenance import command_line, model_source
@@ -85,7 +86,10 @@ def execute(
     with OutputLock(output, "engine run") as lock:
         if on_locked is not None:
             on_locked()
-        return _execute_locked(grid, cluster, ship_code, output, lock)
+        # A fault mid-run (disk full, output or store gone, model gone, node lost, a bug) becomes
+        # one RunFault with its class and exit code; the output is left for the same command.
+        with stopping_cleanly(grid, output, lock):
+            return _execute_locked(grid, cluster, ship_code, output, lock)
 
 
 def _execute_locked(
