@@ -263,6 +263,7 @@ class OutputLock:
         self._thread.start()
 
     def _beat(self) -> None:
+        failing = False  # warn once per streak: an output gone for good would repeat it every beat
         while not self._stop.wait(self.heartbeat_seconds):
             try:
                 if not holds_lock(self.location, self.token):
@@ -271,8 +272,10 @@ class OutputLock:
                     return
                 self.info = LockInfo(**{**asdict(self.info), "heartbeat_at": round(time.time())})
                 self.location.atomic_write(self._content(), LOCK_FILE)
+                failing = False
             except OSError as error:  # a storage hiccup: try again at the next beat
-                logger.warning("lock heartbeat failed: %s", error)
+                (logger.info if failing else logger.warning)("lock heartbeat failed: %s", error)
+                failing = True
 
 
 def read_lock(location: OutputLocation, attempts: int = 4) -> LockInfo | None:

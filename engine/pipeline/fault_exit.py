@@ -39,20 +39,14 @@ def stopping_cleanly(grid: RunGrid, output: OutputLocation, lock: OutputLock) ->
     A UserError (bad input found late), Ctrl-C and SIGTERM pass through unchanged."""
     started = time.perf_counter()
     try:
-        already_done = len(finished_row_ids(output))
-    except Exception:  # noqa: BLE001 (unreadable output: the body reports it, as a fault or a user error)
-        already_done = 0
-    try:
         yield
     except (UserError, KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:
-        raise settle(error, grid, output, lock, already_done, time.perf_counter() - started) from error
+        raise settle(error, grid, output, lock, time.perf_counter() - started) from error
 
 
-def settle(
-    error: Exception, grid: RunGrid, output: OutputLocation, lock: OutputLock, already_done: int, seconds: float
-) -> RunFault:
+def settle(error: Exception, grid: RunGrid, output: OutputLocation, lock: OutputLock, seconds: float) -> RunFault:
     """Leave the output resumable after `error` and describe it (see engine.pipeline.faults)."""
     _quietly("remove the temporaries", lambda: remove_temporaries(output))  # on a full disk: frees their space
     probe = probe_output(output)
@@ -60,6 +54,7 @@ def settle(
     trace = "".join(traceback.format_exception(error))
     saved = _quietly("count the rows saved", lambda: finished_row_ids(output))
     planned = len(grid.rows)
+    already_done = _already_done(output, saved)
     if probe is None:
         done = saved or set()
         _quietly("update failures.parquet",
@@ -108,6 +103,15 @@ def _model_named(grid: RunGrid, trace: str) -> str:
         return "a model of the run"
     _, name, source = named[0]
     return f"model {name}" + (f" ({source})" if source != name else "")
+
+
+def _already_done(output: OutputLocation, saved: set[str] | None) -> int:
+    """Rows done before this run: the count its manifest recorded at the start. A fault before that
+    manifest was written (its status is not `running`) came before any row of this run."""
+    manifest = _quietly("read the manifest", lambda: read_manifest(output)) or {}
+    if manifest.get("status") == "running" and isinstance(manifest.get("counts", {}).get("already_done"), int):
+        return manifest["counts"]["already_done"]
+    return len(saved or ())
 
 
 def _record_fault(output: OutputLocation, diagnosis: Diagnosis, planned: int, already_done: int,

@@ -5,7 +5,8 @@ units (driver) -> ray.data.from_items -> map_batches(ProbeActor, ActorPoolStrate
 The run holds the output's lock throughout (engine.lock); finished rows are skipped (resume). Rows
 that fail on their own go to <output>/failures.parquet (reported through the run's log actor, never
 through the stream) and are retried by the same command. The manifest records config, versions,
-provenance, times, counts, faults and where files were written (engine.storage). A local Ray
+provenance, times, counts, faults and where files were written (engine.storage). A fault that stops
+the stream (disk, output, store, model, node, bug) is settled by engine.pipeline.fault_exit. A local Ray
 starts in the background (engine.pipeline.ray_start) while the driver imports the stages.
 """
 

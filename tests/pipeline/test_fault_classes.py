@@ -114,13 +114,13 @@ def test_an_engine_bug_leaves_a_log_a_failed_manifest_and_no_lock(tmp_path):
     output = tmp_path / "out"
     grid = _grid(output)
     with OutputLock(output_location(output), "engine run") as lock:
-        write_manifest(output, {"status": "running", "counts": {"planned": NUM_IMAGES}})
+        write_manifest(output, {"status": "running", "counts": {"planned": NUM_IMAGES, "already_done": 0}})
         (output / "rows").mkdir()
         (output / "rows" / ".tmp-abc-x.parquet").write_bytes(b"half")
         try:
             raise RuntimeError("boom")
         except RuntimeError as error:
-            fault = settle(error, grid, output_location(output), lock, 0, 1.0)
+            fault = settle(error, grid, output_location(output), lock, 1.0)
     assert fault.fault is ENGINE_BUG and fault.exit_code == 15
     logs = list((output / "logs").glob("*.log"))
     assert len(logs) == 1 and "RuntimeError: boom" in logs[0].read_text()
