@@ -8,6 +8,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from engine.errors import UserError
 from engine.lock import OutputLock
@@ -50,7 +51,11 @@ def settle(error: Exception, grid: RunGrid, output: OutputLocation, lock: Output
     """Leave the output resumable after `error` and describe it (see engine.pipeline.faults)."""
     _quietly("remove the temporaries", lambda: remove_temporaries(output))  # on a full disk: frees their space
     probe = probe_output(output)
-    diagnosis = diagnose(error, output, probe)
+    models = [*grid.models, *([grid.base] if grid.base else [])]
+    # Local folders and files as absolute paths (a hub id or built-in name is no path).
+    sources = [str(Path(source).expanduser().resolve()) for m in models for source in (m.pretrained, m.unet)
+               if source and source.startswith(("/", ".", "~"))]
+    diagnosis = diagnose(error, output, probe, model_sources=sources)
     trace = "".join(traceback.format_exception(error))
     saved = _quietly("count the rows saved", lambda: finished_row_ids(output))
     planned = len(grid.rows)

@@ -23,8 +23,9 @@ import errno
 import logging
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.storage import OutputLocation
 
@@ -63,9 +64,9 @@ DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded")
 STORE_TEXT = ("aws error", "curlcode", "couldn't connect to server", "could not connect to the endpoint",
               "access_denied", "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "nosuchbucket",
               "connection refused", "unable to locate credentials", "network_connection")
-MODEL_TEXT = ("huggingface.co", "from_pretrained", "does not appear to have a file named", "no file named",
-              "is not a local folder and is not a valid model identifier", "engine/models/loading.py",
-              "hub_offline", "local hugging face cache", "neither a valid local path nor a valid repo id",
+MODEL_TEXT = ("huggingface.co", "does not appear to have a file named", "no file named",
+              "is not a local folder and is not a valid model identifier", "hf_hub_offline", "local hugging face cache",
+              "neither a valid local path nor a valid repo id",
               "repository not found", "we couldn't connect to")
 # Ray's exceptions for a process, actor, node or object that is gone (by name: imported lazily).
 LOST_TYPES = {"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
@@ -134,10 +135,14 @@ def _module_of(error: BaseException) -> str:
     return type(error).__module__ or ""
 
 
-def diagnose(error: BaseException, output: OutputLocation, output_probe: int | None = None) -> Diagnosis:
+def diagnose(
+    error: BaseException, output: OutputLocation, output_probe: int | None = None, model_sources: Iterable[str] = ()
+) -> Diagnosis:
     """The fault class of a stream that raised `error`. `output_probe`: the errno of a test write
     into the output made after the fault (None: it worked), the plainest evidence of a full disk or
-    an output gone read-only whatever the wrapped error says."""
+    an output gone read-only whatever the wrapped error says. `model_sources`: the run's local model
+    paths; a file missing under one of them is a model gone. Ray passes a remote error on as text
+    (its traceback) more often than as an object, so the text is read too."""
     chain = list(exception_chain(error))
     texts = [str(e).lower() for e in chain]
     text = "\n".join(texts) + "\n" + "".join(traceback.format_exception(error)).lower()
@@ -149,7 +154,9 @@ def diagnose(error: BaseException, output: OutputLocation, output_probe: int | N
     if full is not None or output_probe in DISK_FULL_ERRNOS:
         return Diagnosis(DISK_FULL, full or error, "no space left on device")
     hub = first(lambda e: _module_of(e).startswith("huggingface_hub"))
-    if hub is not None or (any(t in text for t in MODEL_TEXT) and first(_is_lost_or_io) is not None):
+    missing_file = "no such file or directory" in text or "filenotfounderror" in text
+    model_file_gone = missing_file and any(source in text for source in _local_sources(model_sources))
+    if hub is not None or model_file_gone or any(t in text for t in MODEL_TEXT):
         root = hub or first(lambda e: any(t in str(e).lower() for t in MODEL_TEXT)) or error
         return Diagnosis(MODEL_UNAVAILABLE, root, "a model could not be loaded")
     if not output.is_local:
@@ -179,9 +186,9 @@ _UNWRITABLE_WHAT = {
 }
 
 
-def _is_lost_or_io(error: BaseException) -> bool:
-    """An actor that died in its constructor, or an OSError (a model file missing)."""
-    return isinstance(error, OSError | ValueError) or bool(_type_names(error) & LOST_TYPES)
+def _local_sources(sources: Iterable[str]) -> list[str]:
+    """The model sources that are absolute local paths, lower-cased like the text searched."""
+    return [source.lower() for source in sources if source and Path(source).is_absolute()]
 
 
 def _lost_what(error: BaseException) -> str:

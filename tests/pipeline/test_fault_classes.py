@@ -83,6 +83,9 @@ def test_diagnoses_each_class_from_rays_wrapped_exceptions(tmp_path):
     folder = _ray_wrapped(ValueError('The provided pretrained_model_name_or_path "/m" is neither a valid local path '
                                      "nor a valid repo id."))
     assert diagnose(folder, local).fault is MODEL_UNAVAILABLE
+    gone = _ray_wrapped(FileNotFoundError(errno.ENOENT, "No such file or directory", "/models/esd/unet.safetensors"))
+    assert diagnose(gone, local, model_sources=["/models/esd"]).fault is MODEL_UNAVAILABLE
+    assert diagnose(gone, local).fault is ENGINE_BUG  # a missing file of no model and not of the output
     assert diagnose(WorkerCrashedError(), local).fault is WORKER_LOST
     assert diagnose(ActorDiedError(), local).fault is WORKER_LOST
     try:
