@@ -52,6 +52,8 @@ from engine.storage import OutputLocation, Placement, output_location, placement
 
 logger = logging.getLogger(__name__)
 
+WRITE_RETRIES = 3  # a write task's worker may die this many times (then: engine.pipeline.faults WORKER_LOST)
+
 @dataclass
 class RunSummary:
     output: OutputLocation
@@ -235,7 +237,10 @@ def _stream(
             with watched(progress, fetch):
                 # Writes pinned to the driver's node reserve no CPU: a head node started with
                 # --num-cpus 0 (common) must still take them, and a write is light next to generation.
-                dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0} if sink.driver_only else None)
+                # Finite retries: Ray Data retries a task whose worker died forever by default, and a
+                # write that keeps killing its worker (the OOM killer, a bad node) would hang the run.
+                write_args = {"max_retries": WRITE_RETRIES, **({"num_cpus": 0} if sink.driver_only else {})}
+                dataset.write_datasink(sink, ray_remote_args=write_args)
         return StreamResult(ray.get(log.snapshot.remote()), resources.pool_sizes(), (spec.batch_size, on_gpu))
     finally:
         ray.kill(log)
