@@ -340,3 +340,22 @@ def test_object_store_stopped_mid_run():
     finally:
         server.stop()
 
+
+
+def test_raylet_retry_lines_leave_stdout_only_without_verbose(capsys):
+    import logging
+
+    from engine.pipeline.raynoise import filtered_stderr
+
+    died = "\x1b[33m(raylet)\x1b[0m A worker died or was killed while executing a task by an unexpected system error.\n"
+    root = logging.getLogger()
+    level = root.level
+    try:
+        for verbose in (False, True):
+            root.setLevel(logging.INFO if verbose else logging.WARNING)
+            with filtered_stderr():
+                sys.stdout.write(died + "a line of the engine\n")
+            out = capsys.readouterr().out
+            assert "a line of the engine" in out and ("A worker died" in out) == verbose
+    finally:
+        root.setLevel(level)
