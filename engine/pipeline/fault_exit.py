@@ -25,6 +25,7 @@ from engine.pipeline.faults import (
     diagnose,
     first_line,
     probe_output,
+    user_error_in,
     write_bug_log,
 )
 from engine.pipeline.grid import RunGrid
@@ -44,6 +45,9 @@ def stopping_cleanly(grid: RunGrid, output: OutputLocation, lock: OutputLock) ->
     except (UserError, KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:
+        message = user_error_in(error)
+        if message is not None:  # bad input a worker found: one line and exit 2, like the driver's
+            raise UserError(message) from error
         raise settle(error, grid, output, lock, time.perf_counter() - started) from error
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -113,6 +114,21 @@ def exception_chain(error: BaseException) -> Iterator[BaseException]:
         for behind in (getattr(current, "cause", None), current.__cause__, current.__context__):
             if isinstance(behind, BaseException):
                 queue.append(behind)
+
+
+_USER_ERROR_LINE = re.compile(r"^(?:engine\.errors\.)?UserError: (.+)$", re.MULTILINE)
+
+
+def user_error_in(error: BaseException) -> str | None:
+    """The message of a UserError raised in a worker (bad input found there, e.g. an attention kernel
+    the device lacks), which reaches the driver wrapped by Ray (as an object or only as text)."""
+    from engine.errors import UserError
+
+    for current in exception_chain(error):
+        if isinstance(current, UserError) and not hasattr(current, "cause"):
+            return str(current)
+    found = _USER_ERROR_LINE.search("\n".join(str(e) for e in exception_chain(error)))
+    return found.group(1).strip() if found else None
 
 
 def _errno(error: BaseException) -> int | None:

@@ -98,6 +98,17 @@ def test_diagnoses_each_class_from_rays_wrapped_exceptions(tmp_path):
     assert diagnosis.fault is ENGINE_BUG and isinstance(diagnosis.root, KeyError)
 
 
+def test_a_user_error_raised_in_a_worker_is_found_behind_rays_wrappers():
+    from engine.errors import UserError
+    from engine.pipeline.faults import user_error_in
+
+    assert user_error_in(_ray_wrapped(UserError("attention 'xformers' needs a CUDA device"))) == (
+        "attention 'xformers' needs a CUDA device")
+    as_text = RuntimeError("ray::MapWorker()\nengine.errors.UserError: device cuda requested but none\n")
+    assert user_error_in(as_text) == "device cuda requested but none"
+    assert user_error_in(OSError("disk")) is None
+
+
 def test_exit_codes_are_distinct_and_documented():
     codes = [f.exit_code for f in FAULT_CLASSES]
     assert len(set(codes)) == len(codes) and not set(codes) & {0, 1, 2, 3, 143}
