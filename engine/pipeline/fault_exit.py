@@ -15,6 +15,7 @@ from engine.lock import OutputLock
 from engine.pipeline.failures import read_failures, write_failures
 from engine.pipeline.faults import (
     DISK_FULL,
+    DISK_FULL_ERRNOS,
     ENGINE_BUG,
     MODEL_UNAVAILABLE,
     OBJECT_STORE,
@@ -70,7 +71,7 @@ def settle(error: Exception, grid: RunGrid, output: OutputLocation, lock: Output
                  lambda: write_failures(output, [f for f in read_failures(output) if f.row.row_id not in done]))
         _quietly("record the fault in the manifest",
                  lambda: _record_fault(output, diagnosis, planned, already_done, saved))
-    else:
+    elif probe not in DISK_FULL_ERRNOS:  # a full disk still lets the lock be deleted
         # The lock cannot be removed either: it stays, held by this (soon dead) process, and the
         # next run takes it over (engine.lock: a holder whose process is gone is stale).
         lock.abandon()

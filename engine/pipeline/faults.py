@@ -13,7 +13,8 @@ What each class leaves behind (engine.pipeline.run calls `settle` under the lock
   that failed in the stopped run are not listed: the same command runs them again anyway);
 - temporaries: removed when the output can be written (on a full disk that frees the space of the
   half-written file), else left for the next start's clean-up, which runs under the lock;
-- the lock: released, except where the output cannot be written (unwritable, object store gone):
+- the lock: released (on a full disk too: deleting needs no space), except where the output cannot
+  be written (read-only, gone, object store unreachable):
   it is left, with this process's id, for the next run's takeover (engine.lock: a dead holder).
 """
 
