@@ -164,8 +164,12 @@ def diagnose(
     texts = [str(e).lower() for e in chain]
     text = "\n".join(texts) + "\n" + "".join(traceback.format_exception(error)).lower()
 
+    # Ray's wrappers (RayTaskError(X) holds X as `cause`) repeat their cause's text: look at them last,
+    # so the error named is the one raised, not its wrapper.
+    unwrapped_first = sorted(chain, key=lambda e: isinstance(getattr(e, "cause", None), BaseException))
+
     def first(predicate) -> BaseException | None:
-        return next((e for e in chain if predicate(e)), None)
+        return next((e for e in unwrapped_first if predicate(e)), None)
 
     full = first(lambda e: _errno(e) in DISK_FULL_ERRNOS or any(t in str(e).lower() for t in DISK_FULL_TEXT))
     if full is not None or output_probe in DISK_FULL_ERRNOS:

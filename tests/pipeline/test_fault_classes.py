@@ -59,7 +59,8 @@ def _ray_wrapped(cause: BaseException):
     """The exception Ray hands the driver for a task that raised `cause` (RayTaskError(<type>))."""
     from ray.exceptions import RayTaskError
 
-    return RayTaskError("Write", "Traceback: ray::Write() in publish_rows", cause).as_instanceof_cause()
+    remote_traceback = f"Traceback: ray::Write() in publish_rows\n{type(cause).__name__}: {cause}"
+    return RayTaskError("Write", remote_traceback, cause).as_instanceof_cause()
 
 
 def test_diagnoses_each_class_from_rays_wrapped_exceptions(tmp_path):
@@ -68,6 +69,7 @@ def test_diagnoses_each_class_from_rays_wrapped_exceptions(tmp_path):
 
     local, s3 = output_location(tmp_path), output_location("memory://engine-test/faults")  # not local
     full = _ray_wrapped(OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left"))
+    assert "No space left" in str(full)  # the wrapper repeats its cause's text, as Ray's do
     assert diagnose(full, local).fault is DISK_FULL
     root = diagnose(full, local).root
     assert isinstance(root, OSError) and "RayTaskError" not in type(root).__name__  # unwrapped
