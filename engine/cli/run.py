@@ -95,11 +95,13 @@ def execute_and_print(grid, cluster: str | None, ship_code: bool | None = None, 
     10-15 when a fault stopped the run (engine.pipeline.faults; the README's exit code table)."""
     from engine.pipeline.failures import failures_path
     from engine.pipeline.faults import RunFault
+    from engine.pipeline.raynoise import quiet_retry_lines
     from engine.pipeline.run import execute
     from engine.report.summary import print_summary
 
     try:
-        summary = execute(grid, cluster=cluster, ship_code=ship_code, on_locked=on_locked)
+        with quiet_retry_lines():
+            summary = execute(grid, cluster=cluster, ship_code=ship_code, on_locked=on_locked)
     except RunFault as fault:
         # One line and the counts; the whole trace only with -v (an engine bug's is in OUTPUT/logs).
         if logging.getLogger().isEnabledFor(logging.INFO):

@@ -51,13 +51,17 @@ def is_retry_noise(text: str) -> bool:
 
 
 class _RetryNoiseFilter(io.TextIOBase):
-    """sys.stdout less the raylet's worker-died lines (Ray prints them there with print())."""
+    """sys.stdout less the raylet's worker-died lines (Ray prints them there with print(), which
+    writes the text and its newline separately: whole lines are buffered before deciding)."""
 
     def __init__(self, target: TextIO):
         self.target = target
+        self.pending = ""
 
     def write(self, text: str) -> int:
-        kept = "".join(line for line in text.splitlines(keepends=True) if not is_retry_noise(line))
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        kept = "".join(line + "\n" for line in lines if not is_retry_noise(line))
         if kept:
             self.target.write(kept)
         return len(text)
@@ -65,11 +69,34 @@ class _RetryNoiseFilter(io.TextIOBase):
     def flush(self) -> None:
         self.target.flush()
 
+    def close_filter(self) -> None:
+        if self.pending and not is_retry_noise(self.pending):
+            self.target.write(self.pending)
+        self.pending = ""
+        self.target.flush()
+
     def isatty(self) -> bool:
         return self.target.isatty()
 
     def fileno(self) -> int:
         return self.target.fileno()
+
+
+@contextmanager
+def quiet_retry_lines() -> Iterator[None]:
+    """Without -v, while the body runs (a whole run: Ray prints them until it shuts down), sys.stdout
+    drops the raylet's "a worker died ... will be retried" lines."""
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        yield
+        return
+    stdout = sys.stdout
+    quiet = _RetryNoiseFilter(stdout)
+    sys.stdout = quiet
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
+        quiet.close_filter()
 
 
 class RayNoiseFilter(logging.Filter):
@@ -102,22 +129,9 @@ def filter_ray_loggers() -> None:
 @contextmanager
 def filtered_stderr() -> Iterator[TextIO]:
     """While the body runs, file descriptor 2 goes through a pipe; a thread passes every line on
-    to the real stderr except Ray's noise; without -v, sys.stdout drops the raylet's retry lines.
-    Yields a stream onto the real stderr, for a live progress bar (it measures the terminal's width,
-    which a pipe has not)."""
-    quiet_retries = not logging.getLogger().isEnabledFor(logging.INFO)  # without -v
-    stdout = sys.stdout
-    if quiet_retries:
-        sys.stdout = _RetryNoiseFilter(stdout)
-    try:
-        with _filtered_fd2() as terminal:
-            yield terminal
-    finally:
-        sys.stdout = stdout
-
-
-@contextmanager
-def _filtered_fd2() -> Iterator[TextIO]:
+    to the real stderr except Ray's noise (and, without -v, the raylet's retry lines). Yields a
+    stream onto the real stderr, for a live progress bar (it measures the terminal's width, which a
+    pipe has not)."""
     sys.stderr.flush()
     try:
         real = os.dup(2)
