@@ -117,6 +117,7 @@ class OutputLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.took_over: LockInfo | None = None  # the stale lock this one replaced, if any
+        self._abandoned = False
 
     @property
     def token(self) -> str:
@@ -158,10 +159,18 @@ class OutputLock:
             raise UserError(f"cannot write to {self.location}: {str(error).splitlines()[0]}") from None
         raise UserError(f"could not take the lock {self.location.display(LOCK_FILE)}: other runs keep taking it")
 
+    def abandon(self) -> None:
+        """Stop the heartbeat and leave the lock file: for an output that can no longer be written
+        (read-only, gone, store unreachable). The next run takes it over once this process is gone."""
+        self._abandoned = True
+        self._stop.set()
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._abandoned:
+            return
         try:
             if holds_lock(self.location, self.token):
                 self.location.delete(LOCK_FILE)
@@ -254,6 +263,7 @@ class OutputLock:
         self._thread.start()
 
     def _beat(self) -> None:
+        failing = False  # warn once per streak: an output gone for good would repeat it every beat
         while not self._stop.wait(self.heartbeat_seconds):
             try:
                 if not holds_lock(self.location, self.token):
@@ -262,8 +272,10 @@ class OutputLock:
                     return
                 self.info = LockInfo(**{**asdict(self.info), "heartbeat_at": round(time.time())})
                 self.location.atomic_write(self._content(), LOCK_FILE)
+                failing = False
             except OSError as error:  # a storage hiccup: try again at the next beat
-                logger.warning("lock heartbeat failed: %s", error)
+                (logger.info if failing else logger.warning)("lock heartbeat failed: %s", error)
+                failing = True
 
 
 def read_lock(location: OutputLocation, attempts: int = 4) -> LockInfo | None:

@@ -23,11 +23,16 @@ def plan(
     from engine.errors import UserError
     from engine.pipeline.grid import expand_run
     from engine.pipeline.plan import GPUS, estimate, plan_lines
+    from engine.pipeline.space import check_room, room_lines
     from engine.specs.runs import load_run_file
 
     setup_logging(verbose)
     if gpu.lower() not in GPUS:
         raise UserError(f"unknown --gpu {gpu!r}; valid choices: {', '.join(GPUS)}")
-    cost = estimate(expand_run(load_run_file(config, set_), strict=False))
+    grid = expand_run(load_run_file(config, set_), strict=False)
+    cost = estimate(grid)
     for line in plan_lines(cost, gpu.lower()):
+        typer.echo(line)
+    typer.echo("")
+    for line in room_lines(check_room(grid, grid.rows), len(grid.rows)):
         typer.echo(line)

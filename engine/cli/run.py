@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
 
-from engine.cli.app import app, setup_logging, user_errors
+from engine.cli.app import app, one_line, setup_logging, user_errors
 from engine.cli.validation import check_output_folder, check_run_names
 
 
@@ -43,6 +44,9 @@ def run(
     classifier_dir: Path | None = typer.Option(
         None, "--classifier-dir", help="Latent classifiers for the guidance probes (engine train-classifier)."
     ),
+    no_space_check: bool = typer.Option(
+        False, "--no-space-check", help="Start even if the output's estimated size exceeds its free space."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Generate (and score) every row of a grid into OUTPUT/rows/*.parquet."""
@@ -53,13 +57,25 @@ def run(
     flags = RunFlags(model=model, concept=concept, probe=probe, num_images=num_images, output=output,
                      shared_output=shared_output, base_model=base_model, unet=unet, method=method, erased=erased,
                      probe_param=probe_param, set_=set_, batch_size=batch_size, allow_pickle=allow_pickle,
-                     classifier_dir=classifier_dir)
+                     classifier_dir=classifier_dir, no_space_check=no_space_check)
     spec, sources = run_spec_from_flags(config, flags)
     check_output_folder(spec.output, sources.of(("output",)))
     check_run_names(spec, sources)
     extra = unet_override_models(spec, flags)
     grid = expand_run(spec, extra_models=extra)
+    if spec.space_check:
+        require_room_for(grid)
     execute_and_print(grid, cluster, ship_code, on_locked=lambda: print_row_counts(grid))
+
+
+def require_room_for(grid) -> None:
+    """A local output without room for the run's pending rows stops here, before any work."""
+    from engine.pipeline.grid import pending_rows
+    from engine.pipeline.space import check_room, require_room
+    from engine.results import finished_row_ids
+
+    pending = pending_rows(grid.rows, finished_row_ids(grid.spec.output))
+    require_room(check_room(grid, pending), len(pending))
 
 
 def print_row_counts(grid) -> None:
@@ -75,12 +91,24 @@ def print_row_counts(grid) -> None:
 
 
 def execute_and_print(grid, cluster: str | None, ship_code: bool | None = None, on_locked=None) -> None:
-    """Run the grid and print what happened; exit 3 when rows failed (they are retried by a rerun)."""
+    """Run the grid and print what happened; exit 3 when rows failed (they are retried by a rerun),
+    10-15 when a fault stopped the run (engine.pipeline.faults; the README's exit code table)."""
     from engine.pipeline.failures import failures_path
+    from engine.pipeline.faults import RunFault
+    from engine.pipeline.raynoise import quiet_retry_lines
     from engine.pipeline.run import execute
     from engine.report.summary import print_summary
 
-    summary = execute(grid, cluster=cluster, ship_code=ship_code, on_locked=on_locked)
+    try:
+        with quiet_retry_lines():
+            summary = execute(grid, cluster=cluster, ship_code=ship_code, on_locked=on_locked)
+    except RunFault as fault:
+        # One line and the counts; the whole trace only with -v (an engine bug's is in OUTPUT/logs).
+        if logging.getLogger().isEnabledFor(logging.INFO):
+            typer.echo(fault.trace, err=True)
+        typer.echo(f"error: {one_line(fault.line)}", err=True)
+        typer.echo(fault.counts, err=True)
+        raise typer.Exit(code=fault.exit_code) from None
     failed = f", {summary.failed} failed ({failures_path(summary.output)})" if summary.failed else ""
     typer.echo(
         f"{summary.generated} rows generated, {summary.skipped} already done{failed}, "

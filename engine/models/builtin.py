@@ -28,6 +28,7 @@ class BuiltinModel:
     description: str
     erased: tuple[str, ...] = ()  # concept slugs the model erased (empty: it declares nothing)
     scheduler: str = "DDIMScheduler"  # the pipeline's own scheduler class (engine plan counts its steps)
+    image_side: int = 512  # pixels per side of its images (engine.pipeline.space sizes the output by it)
 
 
 def byte_symbols() -> dict[int, str]:
@@ -241,24 +242,27 @@ def _toy_model(method: str | None = None, concept: str | None = None):
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "tiny": BuiltinModel(build_tiny, "none", "random tiny SD pipeline (64x64), seeded, for tests"),
+    "tiny": BuiltinModel(build_tiny, "none", "random tiny SD pipeline (64x64), seeded, for tests",
+                         image_side=64),
     # Declares no erased concept: a random stand-in, so it runs the full grid of whatever a run lists.
     "tiny-erased": BuiltinModel(
-        build_tiny_erased, "random-kv", "tiny with re-drawn cross-attention k/v (a stand-in erased model)"
+        build_tiny_erased, "random-kv", "tiny with re-drawn cross-attention k/v (a stand-in erased model)",
+        image_side=64,
     ),
     "sd14-random": BuiltinModel(build_sd14_random, "none", "full SD 1.4 architecture, random weights",
                                 scheduler="PNDMScheduler"),
     "sd14-small": BuiltinModel(
         build_sd14_small, "none", "SD 1.4's layout at small width, 16x16 latents, PNDM (CPU benchmarks)",
-        scheduler="PNDMScheduler",
+        scheduler="PNDMScheduler", image_side=128,
     ),
-    "toy-base": BuiltinModel(_toy_model(), "none", "toy world: trained 32x32 shapes model (engine/toyworld)"),
+    "toy-base": BuiltinModel(_toy_model(), "none", "toy world: trained 32x32 shapes model (engine/toyworld)",
+                             image_side=32),
     "toy-esdx-circle": BuiltinModel(_toy_model("esdx", "circle"), "esd-x", "toy-base with circle erased by ESD-x",
-                                    ("toy_circle",)),
+                                    ("toy_circle",), image_side=32),
     "toy-esdx-triangle": BuiltinModel(_toy_model("esdx", "triangle"), "esd-x", "toy-base, triangle erased by ESD-x",
-                                      ("toy_triangle",)),
+                                      ("toy_triangle",), image_side=32),
     "toy-uce-circle": BuiltinModel(_toy_model("uce", "circle"), "uce", "toy-base with circle erased by UCE",
-                                   ("toy_circle",)),
+                                   ("toy_circle",), image_side=32),
     "toy-uce-triangle": BuiltinModel(_toy_model("uce", "triangle"), "uce", "toy-base with triangle erased by UCE",
-                                     ("toy_triangle",)),
+                                     ("toy_triangle",), image_side=32),
 }

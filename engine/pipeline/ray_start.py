@@ -32,6 +32,7 @@ WORKER_ENV_DEFAULTS = {
 }
 WORKER_ENV_PASSTHROUGH = [
     "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "ENGINE_CONFIG_DIR", "RAY_AUTH_MODE", "OMP_WAIT_POLICY",
+    "ENGINE_FAULT_INJECT",  # engine.pipeline.sink's fault hook, for tests
 ]
 # Object-store endpoints and credentials: write tasks on every node open the output themselves.
 STORAGE_ENV_PASSTHROUGH = [

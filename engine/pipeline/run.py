@@ -5,7 +5,8 @@ units (driver) -> ray.data.from_items -> map_batches(ProbeActor, ActorPoolStrate
 The run holds the output's lock throughout (engine.lock); finished rows are skipped (resume). Rows
 that fail on their own go to <output>/failures.parquet (reported through the run's log actor, never
 through the stream) and are retried by the same command. The manifest records config, versions,
-provenance, times, counts, faults and where files were written (engine.storage). A local Ray
+provenance, times, counts, faults and where files were written (engine.storage). A fault that stops
+the stream (disk, output, store, model, node, bug) is settled by engine.pipeline.fault_exit. A local Ray
 starts in the background (engine.pipeline.ray_start) while the driver imports the stages.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from engine.lock import OutputLock
 from engine.pipeline.batching import batching_record, unit_rows
 from engine.pipeline.failures import merge_failures, read_failures, write_failures
+from engine.pipeline.fault_exit import stopping_cleanly
 from engine.pipeline.grid import RunGrid, pending_rows, work_units
 from engine.pipeline.progress import Progress, progress_seconds, watched
 from engine.pipeline.provenance import command_line, model_source
@@ -49,6 +51,8 @@ from engine.scoring.preflight import check_run_scoring
 from engine.storage import OutputLocation, Placement, output_location, placement
 
 logger = logging.getLogger(__name__)
+
+WRITE_RETRIES = 3  # a write task's worker may die this many times (then: engine.pipeline.faults WORKER_LOST)
 
 @dataclass
 class RunSummary:
@@ -85,7 +89,10 @@ def execute(
     with OutputLock(output, "engine run") as lock:
         if on_locked is not None:
             on_locked()
-        return _execute_locked(grid, cluster, ship_code, output, lock)
+        # A fault mid-run (disk full, output or store gone, model gone, node lost, a bug) becomes
+        # one RunFault with its class and exit code; the output is left for the same command.
+        with stopping_cleanly(grid, output, lock):
+            return _execute_locked(grid, cluster, ship_code, output, lock)
 
 
 def _execute_locked(
@@ -230,7 +237,10 @@ def _stream(
             with watched(progress, fetch):
                 # Writes pinned to the driver's node reserve no CPU: a head node started with
                 # --num-cpus 0 (common) must still take them, and a write is light next to generation.
-                dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0} if sink.driver_only else None)
+                # Finite retries: Ray Data retries a task whose worker died forever by default, and a
+                # write that keeps killing its worker (the OOM killer, a bad node) would hang the run.
+                write_args = {"max_retries": WRITE_RETRIES, **({"num_cpus": 0} if sink.driver_only else {})}
+                dataset.write_datasink(sink, ray_remote_args=write_args)
         return StreamResult(ray.get(log.snapshot.remote()), resources.pool_sizes(), (spec.batch_size, on_gpu))
     finally:
         ray.kill(log)

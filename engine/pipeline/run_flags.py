@@ -38,6 +38,7 @@ class RunFlags:
     batch_size: int | None = None
     allow_pickle: bool = False
     classifier_dir: Path | None = None
+    no_space_check: bool = False
 
 
 def run_spec_from_flags(config: Path | None, flags: RunFlags) -> tuple[RunSpec, Sources]:
@@ -80,6 +81,9 @@ def run_spec_from_flags(config: Path | None, flags: RunFlags) -> tuple[RunSpec, 
     if flags.shared_output:
         data["shared_output"] = True
         sources.record("shared_output", "--shared-output")
+    if flags.no_space_check:
+        data["space_check"] = False
+        sources.record("space_check", "--no-space-check")
     for required, flag in [("output", "--output"), ("num_images", "--num-images"), ("concepts", "--concept"),
                            ("probes", "--probe")]:
         if required not in data and not config:

@@ -10,12 +10,17 @@ Before publishing, the task checks the output's lock still carries its run's tok
 Each file records where it was written (Ray node id, host, pid) in its Parquet metadata under
 `engine.writer`, so tests and users can see which node wrote what. With `driver_only` (a local
 output on a multi-node cluster) Ray runs every write task on the driver's node.
+
+Fault hook, for tests only: with ENGINE_FAULT_INJECT=kill-writer in the driver's environment (it is
+passed on to Ray's workers), every write task kills its own worker process with SIGKILL before
+writing, so Ray's task retries run out (tests/pipeline/test_fault_classes.py: a worker lost).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 import uuid
@@ -32,6 +37,7 @@ from engine.results import ROWS_DIR, Output, table_bytes
 from engine.storage import OutputLocation, output_location, temporary_name
 
 WRITER_KEY = b"engine.writer"
+FAULT_ENV = "ENGINE_FAULT_INJECT"
 
 
 class LockLost(RuntimeError):
@@ -97,6 +103,9 @@ class RowsDatasink(Datasink[list[dict]]):
 
     def write(self, blocks: Iterable[Block], ctx) -> list[dict]:
         import ray
+
+        if os.environ.get(FAULT_ENV) == "kill-writer":
+            os.kill(os.getpid(), signal.SIGKILL)
 
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]

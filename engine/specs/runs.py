@@ -110,6 +110,10 @@ class RunSpec(Frozen):
         description="Rows generated together. auto: 4 on CPU; on a GPU the largest batch its free memory holds, "
         "measured once per actor and model (recorded in the manifest). An integer fixes the units, and so the bits.",
     )
+    space_check: bool = Field(
+        True, description="Check the room before work: the rows' estimated size against the free space of a local "
+        "output (and the model downloads' against the Hugging Face cache's). false: --no-space-check.",
+    )
     compile: bool = Field(False, description="torch.compile the UNet (faster after a compile of minutes per shape).")
     actors: int | Literal["auto"] = Field("auto", description="Probe actors: auto = one per GPU, else 1.")
     gpus_per_actor: float | Literal["auto"] = Field(
