@@ -139,6 +139,8 @@ def _execute_locked(
         faults=stream.events.fault_counts(stream.pool_sizes),
         provenance=_provenance(grid, stream.events),
     )
+    if stream.events.model_caches:
+        manifest["model_cache"] = stream.events.model_cache_record()
     if stream.batching is not None:
         manifest["batching"] = batching_record(*stream.batching, stream.events.batch_sizes)
     manifest["history"].append({"finished_at": manifest["finished_at"], "generated": generated, "failed": failed})

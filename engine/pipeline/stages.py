@@ -34,6 +34,7 @@ from pydantic import Field
 
 from engine import __version__
 from engine.errors import UserError
+from engine.models.budget import model_memory_bytes
 from engine.models.cache import ModelCache
 from engine.models.loading import resolve_device
 from engine.pipeline.batching import AutoBatcher
@@ -77,6 +78,7 @@ class ProbeStageConfig(Frozen):
     auto_batch_size: bool = Field(False, description="batch_size auto: on a GPU, units run in measured batches.")
     compile: bool = Field(False, description="torch.compile the UNet.")
     prefetch_model: str | None = Field(None, description="Model to load in the background as the actor starts.")
+    model_memory: float | Literal["auto"] = Field("auto", description="The model cache's budget, GB or auto.")
 
     @classmethod
     def from_grid(
@@ -94,6 +96,7 @@ class ProbeStageConfig(Frozen):
             judges=judge_requests(grid.spec.judges),
             auto_batch_size=grid.spec.batch_size == "auto",
             compile=grid.spec.compile,
+            model_memory=grid.spec.model_memory,
         )
 
 
@@ -164,9 +167,9 @@ class UnitOutcome:
     oom_splits: int = 0
     isolation_splits: int = 0
 
-    def report(self, key: str) -> UnitReport:
+    def report(self, key: str, actor: str = "", model_cache: dict | None = None) -> UnitReport:
         return UnitReport(key, [r["row_id"] for r in self.records], self.failures, self.oom_splits,
-                          self.isolation_splits)
+                          self.isolation_splits, actor, model_cache)
 
 
 class ProbeRunner:
@@ -177,9 +180,11 @@ class ProbeRunner:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
-        self.cache = ModelCache(self.device, config.attention, compile=config.compile)
+        budget = model_memory_bytes(config.model_memory, self.device)
+        self.cache = ModelCache(self.device, config.attention, memory_budget=budget, compile=config.compile)
         self.cache_dir = cache_folder(config.cache_dir)  # OUTPUT/cache, or this node's temp folder
-        self.batcher = AutoBatcher(config.auto_batch_size, self.device)
+        # batch_size auto measures with the model budget's unused part kept free for later loads.
+        self.batcher = AutoBatcher(config.auto_batch_size, self.device, reserved_bytes=self.cache.reserved_bytes)
         self.unit_options: dict[str, Any] = {}
         self.probes: dict[str, Any] = {}
         self.selectors = SelectorBank(config.judges, config.concepts, self.device, self.context)
@@ -332,7 +337,8 @@ class ProbeActor:
             outcome = self.runner.generate(rows)
             if self.log is not None:
                 # Before the rows go on: the driver must know of every failure before the run ends.
-                _tell(self.log.unit_finished, outcome.report(rows[0].row_id))
+                _tell(self.log.unit_finished, outcome.report(rows[0].row_id, f"{socket.gethostname()}:{os.getpid()}",
+                                                             self.runner.cache.stats.record()))
             records.extend(outcome.records)
         return rows_table(records, self.runner.output_schema)
 
