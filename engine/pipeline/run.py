@@ -171,7 +171,16 @@ def _stream(
     from ray.data import ActorPoolStrategy, DataContext
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from engine.pipeline.stages import ProbeActor, ProbeStageConfig, ScoreActor, ScoreStageConfig, encode_units
+    from engine.pipeline.affinity import UnitScheduler
+    from engine.pipeline.stages import (
+        TICKET_COLUMN,
+        UNIT_COLUMN,
+        ProbeActor,
+        ProbeStageConfig,
+        ScoreActor,
+        ScoreStageConfig,
+        encode_units,
+    )
 
     spec = grid.spec
     live = sys.stderr.isatty()  # before filtered_stderr turns stderr into a pipe
@@ -193,13 +202,19 @@ def _stream(
     log = ray.remote(num_cpus=0, max_restarts=0)(RunLog).options(scheduling_strategy=here).remote()
     probe_config = ProbeStageConfig.from_grid(grid, resources.probe_device, spec.attention, spec.torch_threads,
                                               cache_dir)
-    # The first unit's model loads while Ray Data hands the actor its first unit.
-    probe_config = probe_config.model_copy(update={"prefetch_model": units[0][0].model})
-    dataset = ray.data.from_items(encode_units(units), override_num_blocks=len(units))
+    # Model affinity (engine.pipeline.affinity): the stream carries tickets; the scheduler, beside
+    # the log, hands each actor the units of its own slice of models. Each actor's first model
+    # loads while Ray Data hands it its first ticket.
+    scheduler = ray.remote(num_cpus=0, max_restarts=0)(UnitScheduler).options(scheduling_strategy=here).remote(
+        [item[UNIT_COLUMN] for item in encode_units(units)], [u[0].model for u in units], [len(u) for u in units],
+        resources.probe_actors)
+    dataset = ray.data.from_items([{TICKET_COLUMN: i} for i in range(len(units))], override_num_blocks=len(units))
     dataset = dataset.map_batches(
         ProbeActor,
-        fn_constructor_kwargs={"config": probe_config, "log": log},
-        compute=ActorPoolStrategy(size=resources.probe_actors),
+        fn_constructor_kwargs={"config": probe_config, "log": log, "scheduler": scheduler,
+                               "keep_downloads": spec.keep_downloads},
+        # One ticket at a time: a ticket queued behind a long unit would keep a free actor waiting.
+        compute=ActorPoolStrategy(size=resources.probe_actors, max_tasks_in_flight_per_actor=1),
         num_gpus=resources.gpus_per_probe_actor,
         num_cpus=1,
         batch_size=1,  # one unit: the driver already fixed which rows run together
@@ -233,6 +248,9 @@ def _stream(
                 # Writes pinned to the driver's node reserve no CPU: a head node started with
                 # --num-cpus 0 (common) must still take them, and a write is light next to generation.
                 dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0} if sink.driver_only else None)
-        return StreamResult(ray.get(log.snapshot.remote()), resources.pool_sizes(), (spec.batch_size, on_gpu))
+        events = ray.get(log.snapshot.remote())
+        events.affinity = ray.get(scheduler.record.remote())
+        return StreamResult(events, resources.pool_sizes(), (spec.batch_size, on_gpu))
     finally:
         ray.kill(log)
+        ray.kill(scheduler)

@@ -49,6 +49,7 @@ class RunEvents:
     actors: list[ActorInfo] = field(default_factory=list)
     batch_sizes: list[dict] = field(default_factory=list)  # batch_size auto: each actor's measurement
     model_caches: dict[str, dict] = field(default_factory=dict)  # host:pid -> latest ModelCache counts
+    affinity: dict = field(default_factory=dict)  # the UnitScheduler's record (slices, steals, units per actor)
 
     def model_cache_record(self) -> dict:
         """The manifest's `model_cache`: each probe actor's loads, evictions and peak bytes, and the totals."""
@@ -58,6 +59,7 @@ class RunEvents:
             "evictions": sum(a.get("evictions", 0) for a in actors),
             "peak_bytes_per_actor": max((a.get("peak_bytes", 0) for a in actors), default=0),
             "actors": actors,
+            "affinity": self.affinity,
         }
 
     def failed_rows(self) -> list[RowFailure]:

@@ -37,6 +37,7 @@ from engine.errors import UserError
 from engine.models.budget import model_memory_bytes
 from engine.models.cache import ModelCache
 from engine.models.loading import resolve_device
+from engine.models.prefetch import Prefetcher, is_cached, is_hub_model, offline
 from engine.pipeline.batching import AutoBatcher
 from engine.pipeline.encoding import encode_pngs
 from engine.pipeline.failures import RowFailure
@@ -123,6 +124,7 @@ class ScoreStageConfig(Frozen):
 # --------------------------------------------------------------------------- the Ray boundary
 
 UNIT_COLUMN = "unit"
+TICKET_COLUMN = "ticket"  # model affinity: the stream carries tickets, the run's UnitScheduler the units
 
 
 def encode_units(units: list[list[WorkRow]]) -> list[dict[str, str]]:
@@ -315,32 +317,71 @@ def actor_info(stage: str, device: torch.device) -> ActorInfo:
 
 
 class ProbeActor:
-    """Ray Data callable class: a batch of work units in, a table of result rows out. Failed rows
-    and counts go to the run's log (an actor handle), never into the stream."""
+    """Ray Data callable class: a batch of tickets (or of work units) in, a table of result rows out.
+    With the run's UnitScheduler a ticket becomes the unit this actor should run next (model
+    affinity, engine.pipeline.affinity); the node downloads the models of its coming units ahead
+    (engine.models.prefetch). Failed rows and counts go to the run's log (an actor handle), never
+    into the stream."""
 
-    def __init__(self, config: ProbeStageConfig, log=None):
+    def __init__(self, config: ProbeStageConfig, log=None, scheduler=None, keep_downloads: bool = True):
         logging.basicConfig(level=logging.INFO)
         self.runner = ProbeRunner(config)
         self.log = log
+        self.scheduler = scheduler
+        self.keep_downloads = keep_downloads
+        self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.downloads = Prefetcher()
+        self.current_model: str | None = None
         if log is not None:
             _tell(log.actor_started, actor_info("probe", self.runner.device))
             self.runner.batcher.on_measured = lambda record: _tell(log.batch_size_measured, record)
-        if config.prefetch_model in config.models:
-            self.runner.prefetch(config.prefetch_model)
+        first = config.prefetch_model
+        if scheduler is not None:
+            import ray
+
+            first = ray.get(scheduler.register.remote(self.actor_id))
+        if first in config.models:
+            self.runner.prefetch(first)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         records = []
-        for unit in batch[UNIT_COLUMN]:
-            rows = decode_unit(unit)
+        units = batch[UNIT_COLUMN] if UNIT_COLUMN in batch else batch[TICKET_COLUMN]
+        for item in units:
+            rows = decode_unit(item if UNIT_COLUMN in batch else self._claim(int(item)))
+            self._moving_to(rows[0].model)
             if self.log is not None:
                 _tell(self.log.unit_started, rows[0].row_id)
             outcome = self.runner.generate(rows)
             if self.log is not None:
                 # Before the rows go on: the driver must know of every failure before the run ends.
-                _tell(self.log.unit_finished, outcome.report(rows[0].row_id, f"{socket.gethostname()}:{os.getpid()}",
+                _tell(self.log.unit_finished, outcome.report(rows[0].row_id, self.actor_id,
                                                              self.runner.cache.stats.record()))
             records.extend(outcome.records)
         return rows_table(records, self.runner.output_schema)
+
+    def _claim(self, ticket: int) -> str:
+        import ray
+
+        unit = ray.get(self.scheduler.claim.remote(ticket, self.actor_id))
+        coming = ray.get(self.scheduler.coming_models.remote(self.actor_id))
+        self.downloads.want([self.runner.config.models[m] for m in coming if m in self.runner.config.models])
+        return unit
+
+    def _moving_to(self, model: str) -> None:
+        """A unit of `model` is next: note a download the load will make, and with keep_downloads
+        false delete the snapshot of the model left behind once no unit of it is left anywhere."""
+        if model == self.current_model:
+            return
+        previous, self.current_model = self.current_model, model
+        spec = self.runner.config.models.get(model)
+        if spec is not None and is_hub_model(spec) and not offline() and not is_cached(spec.pretrained, spec.revision):
+            self.downloads.downloaded.add((spec.pretrained, spec.revision))  # the load downloads it
+        if self.keep_downloads or previous is None or self.scheduler is None:
+            return
+        import ray
+
+        if ray.get(self.scheduler.model_done.remote(previous)):
+            self.downloads.forget(self.runner.config.models[previous])
 
 
 class ScoreActor:
