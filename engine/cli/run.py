@@ -43,6 +43,9 @@ def run(
     classifier_dir: Path | None = typer.Option(
         None, "--classifier-dir", help="Latent classifiers for the guidance probes (engine train-classifier)."
     ),
+    no_space_check: bool = typer.Option(
+        False, "--no-space-check", help="Skip the free-space checks (hub cache for downloads, the output's size)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Generate (and score) every row of a grid into OUTPUT/rows/*.parquet."""
@@ -50,6 +53,8 @@ def run(
     from engine.pipeline.run_flags import RunFlags, run_spec_from_flags, unet_override_models
 
     setup_logging(verbose)
+    if no_space_check:
+        set_ = [*set_, "space_check=false"]
     flags = RunFlags(model=model, concept=concept, probe=probe, num_images=num_images, output=output,
                      shared_output=shared_output, base_model=base_model, unet=unet, method=method, erased=erased,
                      probe_param=probe_param, set_=set_, batch_size=batch_size, allow_pickle=allow_pickle,

@@ -21,6 +21,7 @@ from engine.lock import OutputLock
 from engine.pipeline.batching import batching_record, unit_rows
 from engine.pipeline.failures import merge_failures, read_failures, write_failures
 from engine.pipeline.grid import RunGrid, pending_rows, work_units
+from engine.pipeline.memory_plan import check_run_fits
 from engine.pipeline.progress import Progress, progress_seconds, watched
 from engine.pipeline.provenance import command_line, model_source
 from engine.pipeline.ray_start import (  # noqa: F401  (ray_session, worker_env: imported from here elsewhere)
@@ -80,6 +81,7 @@ def execute(
     prints the rows per model x probe there, so a refused second writer prints only its error)."""
     check_run_scoring(grid.spec, grid.concepts, [p.params for p in grid.probes])
     progress_seconds()  # a bad ENGINE_PROGRESS_SECONDS is a user error: say so before any work
+    check_run_fits(grid)  # model_memory too small for a model, or no disk for the downloads
     output = output_location(grid.spec.output)
     # One writer per output: a second run into the same folder stops here (UserError naming the holder).
     with OutputLock(output, "engine run") as lock:
