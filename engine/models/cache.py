@@ -139,10 +139,14 @@ class ModelCache:
             raise UserError(f"model {spec.name} needs {format_bytes(total)}, more than model_memory "
                             f"({format_bytes(self.memory_budget)}) holds; raise model_memory")
         self._make_room(sum(new_bytes.values()), keep=set(keys.values()))
-        pipe = pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
-        loading.set_attention(pipe, self.attention, self.device)
-        accelerate_pipeline(pipe, self.device)
+        try:
+            pipe = pipe.to(self.device)
+            pipe.set_progress_bar_config(disable=True)
+            loading.set_attention(pipe, self.attention, self.device)
+            accelerate_pipeline(pipe, self.device)
+        except BaseException:
+            self._drop_unused()  # shared components kept for this pipeline, now used by none
+            raise
         for name, k in keys.items():
             if k not in self._components:
                 self._components[k] = _Component(getattr(pipe, name), new_bytes[k])
@@ -248,6 +252,11 @@ class ModelCache:
         self.stats.evictions += 1
         logger.info("evicted %s: freed %s; cache holds %s in %d pipeline(s)", entry.name, format_bytes(freed),
                     format_bytes(self.held_bytes()), len(self._entries))
+
+    def _drop_unused(self) -> None:
+        for k in [k for k, c in self._components.items() if c.users == 0]:
+            del self._components[k]
+        release_device_memory(self.device)
 
     def clear(self) -> None:
         with self._lock:
