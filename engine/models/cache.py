@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Built-ins larger than this (sd14-random) are not hashed in memory (seconds per GB): their
+# components are shared only between pipelines of the same source, as a UNet override shares its base's.
+MEMORY_HASH_LIMIT = 256 * 10**6
+
 
 @dataclass
 class CacheStats:
@@ -214,7 +218,7 @@ class ModelCache:
                 keys[name] = unet_key
             elif name in identities:
                 keys[name] = identities[name]
-            elif self.share:
+            elif self.share and module_bytes(component) <= MEMORY_HASH_LIMIT:
                 keys[name] = f"{memory_identity(component)}|{self.dtype}"
             else:
                 keys[name] = f"{spec.pretrained}@{spec.revision}:{name}|{self.dtype}"
