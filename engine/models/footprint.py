@@ -152,8 +152,10 @@ def hub_listing_bytes(repo_id: str, revision: str | None) -> int | None:
     for sibling in info.siblings or []:
         name = sibling.rfilename
         top = name.split("/")[0]
-        if top not in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") and "/" in name:
-            continue
+        if "/" not in name and name != "model_index.json":
+            continue  # top-level checkpoints (.ckpt, single-file .safetensors) are not what diffusers loads
+        if "/" in name and top not in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor"):
+            continue  # safety_checker: the engine loads without it
         if name.endswith((".bin", ".ckpt", ".pt", ".onnx", ".msgpack")) or ".fp16." in name or "non_ema" in name:
             continue
         total += sibling.size or 0

@@ -46,7 +46,8 @@ def hub_download(repo_id: str, revision: str | None) -> None:
     """The files a diffusers load of the pipeline reads (safetensors weights), into the hub cache."""
     from diffusers import DiffusionPipeline
 
-    DiffusionPipeline.download(repo_id, revision=revision, use_safetensors=True)
+    # safety_checker=None as the load passes it: diffusers then skips that folder (1.2 GB for SD 1.x).
+    DiffusionPipeline.download(repo_id, revision=revision, use_safetensors=True, safety_checker=None)
 
 
 def delete_snapshot(repo_id: str, revision: str | None) -> int:
