@@ -104,3 +104,28 @@ def test_engine_plan_prints_memory_loads_downloads_and_disk(tmp_path):
     out = result.output
     assert "model memory per actor: budget 48.00 GB" in out and "model loads:" in out
     assert "downloads:" in out and "hub cache" in out
+
+
+def test_hub_listing_counts_only_the_files_the_load_reads(monkeypatch):
+    """The listing's shape, stubbed (the hub itself cannot be reached from the tests)."""
+    import huggingface_hub
+
+    from engine.models.footprint import hub_listing_bytes
+
+    class Sibling:
+        def __init__(self, rfilename, size):
+            self.rfilename, self.size = rfilename, size
+
+    files = {"model_index.json": 1, "sd-v1-4.ckpt": 4_000, "v1-4.safetensors": 4_000,
+             "unet/diffusion_pytorch_model.safetensors": 300, "unet/diffusion_pytorch_model.fp16.safetensors": 150,
+             "unet/diffusion_pytorch_model.bin": 300, "unet/config.json": 1,
+             "vae/diffusion_pytorch_model.safetensors": 30,
+             "text_encoder/model.safetensors": 50, "tokenizer/vocab.json": 2, "safety_checker/model.safetensors": 120}
+
+    class Api:
+        def model_info(self, repo_id, revision=None, files_metadata=False):
+            assert files_metadata
+            return type("Info", (), {"siblings": [Sibling(n, b) for n, b in files.items()]})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    assert hub_listing_bytes("org/model", None) == 1 + 300 + 1 + 30 + 50 + 2
