@@ -64,6 +64,25 @@ def delete_snapshot(repo_id: str, revision: str | None) -> int:
     return int(strategy.expected_freed_size)
 
 
+def missing_hub_models(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """The hub models among `specs` not in this node's cache now (keep_downloads false: the driver
+    deletes on its own node, after the run, the ones that are there by then)."""
+    return [s for s in specs if is_hub_model(s) and not is_cached(s.pretrained, s.revision)]
+
+
+def delete_run_downloads(missing_before: list[ModelSpec],
+                         delete: Callable[[str, str | None], int] = delete_snapshot) -> int:
+    """Delete the snapshots of `missing_before` that the run downloaded onto this node; bytes freed.
+    An actor deletes each model it leaves behind; this catches each actor's last model."""
+    freed = 0
+    for spec in missing_before:
+        if is_cached(spec.pretrained, spec.revision):
+            freed += delete(spec.pretrained, spec.revision)
+    if freed:
+        logger.info("keep_downloads false: deleted %.2f GB of snapshots this run downloaded", freed / 1e9)
+    return freed
+
+
 class Prefetcher:
     """One background thread downloading the hub models asked for, in the order asked, each once."""
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.lock import OutputLock
+from engine.models.prefetch import delete_run_downloads, missing_hub_models
 from engine.pipeline.batching import batching_record, unit_rows
 from engine.pipeline.failures import merge_failures, read_failures, write_failures
 from engine.pipeline.grid import RunGrid, pending_rows, work_units
@@ -110,6 +111,8 @@ def _execute_locked(
     write_manifest(output, manifest)
 
     stream = StreamResult()
+    # keep_downloads false: what this node lacks now and has after the run was downloaded by it.
+    missing_hub = [] if grid.spec.keep_downloads else missing_hub_models(grid.models)
     if todo:
         with ray_starting(cluster, ship_code, uses_toy_weights(grid)) as session:
             import engine.pipeline.stages  # noqa: F401  (torch, diffusers, judges: imported while Ray starts)
@@ -123,6 +126,7 @@ def _execute_locked(
             sink = RowsDatasink(output, lock.token, where.driver_writes)
             stream = _stream(ray, grid, todo, output, sink, where.cache_dir)
 
+    delete_run_downloads(missing_hub)
     done = finished_row_ids(output)
     attempted = {r.row_id for r in todo}
     failures = merge_failures(read_failures(output), stream.events.failed_rows(), attempted, done)

@@ -77,3 +77,16 @@ def test_keep_downloads_false_deletes_only_what_this_process_downloaded(monkeypa
     assert prefetcher.forget(_spec("org/a")) == 4_000_000_000
     assert prefetcher.forget(_spec("org/a")) == 0  # once
     assert deleted == ["org/a"]
+
+
+def test_the_driver_deletes_what_the_run_downloaded_onto_its_node(monkeypatch):
+    from engine.models import prefetch
+
+    cached = {("org/old", None)}
+    monkeypatch.setattr(prefetch, "is_cached", lambda repo, rev: (repo, rev) in cached)
+    missing = prefetch.missing_hub_models([_spec("org/old"), _spec("org/new"), _spec("org/never"), _spec("tiny")])
+    assert [s.pretrained for s in missing] == ["org/new", "org/never"]
+    cached.add(("org/new", None))  # the run downloaded it; org/never was never fetched here
+    deleted = []
+    assert prefetch.delete_run_downloads(missing, lambda repo, rev: deleted.append(repo) or 7) == 7
+    assert deleted == ["org/new"]
