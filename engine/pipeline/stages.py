@@ -2,8 +2,10 @@
 UDF classes around it (ProbeActor generates, ScoreActor judges with engine.scoring).
 
 A unit is a list of rows sharing (model, probe, params), fixed by the driver. Units cross the Ray
-boundary as JSON, encoded and decoded here only (encode_units / decode_unit). The actor keeps a
-ModelCache, so each model's base components load once per actor and erased UNets are swapped in.
+boundary as JSON, encoded and decoded here only (encode_units / decode_unit); in a run the stream
+carries tickets and the run's UnitScheduler hands out the units (engine.pipeline.affinity). The
+actor keeps a ModelCache: whole pipelines under the `model_memory` byte budget, components with
+equal content shared.
 
 Faults inside a unit (ProbeRunner.generate): a CUDA out-of-memory error splits the unit in half
 and retries each half, down to one row; any other error splits it the same way to find the row
