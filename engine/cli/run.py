@@ -45,7 +45,7 @@ def run(
         None, "--classifier-dir", help="Latent classifiers for the guidance probes (engine train-classifier)."
     ),
     no_space_check: bool = typer.Option(
-        False, "--no-space-check", help="Start even if the output's estimated size exceeds its free space."
+        False, "--no-space-check", help="Skip the free-space checks (the hub cache for downloads, the output's size)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):

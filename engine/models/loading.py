@@ -34,8 +34,11 @@ def dtype_for(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def load_base_pipeline(source: str, revision: str | None, allow_pickle: bool, dtype: torch.dtype):
-    """The full pipeline from a built-in name, a local folder or a hub id."""
+def load_base_pipeline(source: str, revision: str | None, allow_pickle: bool, dtype: torch.dtype,
+                       reuse: dict[str, object] | None = None):
+    """The full pipeline from a built-in name, a local folder or a hub id. Components in `reuse`
+    (name -> a module already loaded with the same weights) are taken as they are, not loaded.
+    A built-in is built whole (it has no files to skip); the cache swaps in the held components."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -50,8 +53,22 @@ def load_base_pipeline(source: str, revision: str | None, allow_pickle: bool, dt
         use_safetensors=None if allow_pickle else True,
         safety_checker=None,
         requires_safety_checker=False,
+        **(reuse or {}),
     )
     return pipe
+
+
+def pipeline_folder(source: str, revision: str | None) -> Path | None:
+    """The folder a pipeline loads from: a local folder, or the hub snapshot in this node's cache
+    (None for a built-in, or a hub model not downloaded yet)."""
+    if source in BUILTIN_MODELS:
+        return None
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(source, "model_index.json", revision=revision)
+    return Path(index).parent if isinstance(index, str) else None
 
 
 def load_unet(path: str, like, allow_pickle: bool, dtype: torch.dtype):

@@ -8,7 +8,8 @@
   per (model, image size, CFG) the largest batch its GPU's free memory holds: a one-step
   generation of the model (UNet at the CFG batch, VAE decode) at 1, 2, 4, ... rows, stopping
   before the peak memory, extrapolated linearly from the last two sizes, would pass
-  AUTO_MEMORY_FRACTION of the free memory (or at an out-of-memory error, or AUTO_MAX_BATCH).
+  AUTO_MEMORY_FRACTION of the free memory less the model cache's unused budget (`model_memory`:
+  models the actor may still load), or at an out-of-memory error, or AUTO_MAX_BATCH.
   Units are run in sub-batches of that size. Best-of-N probes bound their UNet batch by their own
   `candidate_batch_size`; for them the size only sets how many rows share a call. Each measurement
   goes to the run's log and into the manifest (`batching`); set `batch_size` to the recorded value
@@ -71,8 +72,10 @@ def largest_fitting_batch(
     return max(fitting, default=1), peaks
 
 
-def measure_cuda_batch(pipe, height: int | None, width: int | None, guidance_scale: float) -> dict[str, Any]:
-    """largest_fitting_batch for `pipe` on its CUDA device (one-step generations, uncompiled UNet)."""
+def measure_cuda_batch(pipe, height: int | None, width: int | None, guidance_scale: float,
+                       reserved_bytes: int = 0) -> dict[str, Any]:
+    """largest_fitting_batch for `pipe` on its CUDA device (one-step generations, uncompiled UNet),
+    with `reserved_bytes` (the model cache's unused budget: models it may still load) kept free."""
     import torch
 
     device = pipe.device
@@ -82,7 +85,7 @@ def measure_cuda_batch(pipe, height: int | None, width: int | None, guidance_sca
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
-        budget = int(free * AUTO_MEMORY_FRACTION)
+        budget = int(max(0, free - reserved_bytes) * AUTO_MEMORY_FRACTION)
 
         def try_batch(rows: int) -> int:
             torch.cuda.empty_cache()
@@ -99,6 +102,7 @@ def measure_cuda_batch(pipe, height: int | None, width: int | None, guidance_sca
         pipe.unet = compiled
         torch.cuda.empty_cache()
     return {"batch_size": size, "free_bytes": int(free), "total_bytes": int(total), "budget_bytes": budget,
+            "reserved_for_models_bytes": int(reserved_bytes),
             "peak_bytes": {str(n): p for n, p in sorted(peaks.items())}, "gpu": torch.cuda.get_device_name(device)}
 
 
@@ -107,8 +111,10 @@ class AutoBatcher:
     otherwise a unit is one batch). `on_measured` receives each measurement's record."""
 
     def __init__(self, enabled: bool, device, on_measured: Callable[[dict[str, Any]], None] | None = None,
-                 measure: Callable[..., dict[str, Any]] = measure_cuda_batch):
+                 measure: Callable[..., dict[str, Any]] = measure_cuda_batch,
+                 reserved_bytes: Callable[[], int] | None = None):
         self.enabled = enabled and device.type == "cuda"
+        self.reserved_bytes = reserved_bytes
         self.on_measured = on_measured
         self.measure = measure
         self.sizes: dict[tuple, int] = {}
@@ -119,7 +125,8 @@ class AutoBatcher:
         settings = (params.get("height"), params.get("width"), float(params.get("guidance_scale", 7.5)))
         key = (model, *settings)
         if key not in self.sizes:
-            record = self.measure(pipe, *settings)
+            extra = {"reserved_bytes": self.reserved_bytes()} if self.reserved_bytes is not None else {}
+            record = self.measure(pipe, *settings, **extra)
             self.sizes[key] = max(1, int(record["batch_size"]))
             logger.info("auto batch size for %s at %s: %d", model, settings, self.sizes[key])
             if self.on_measured is not None:

@@ -348,7 +348,7 @@ def plan_lines(cost: PlanCost, gpu: str) -> list[str]:
     if total.ti_trainings:
         lines.append(f"  textual inversion: {total.ti_trainings:,d} embedding(s) trained, {total.ti_passes:,d} UNet "
                      "forward+backward passes (included above, as 2 forward passes each)")
-    lines += ["", f"model loads: {cost.model_loads} pipeline(s) (each once per actor that serves it)"]
+    lines += ["", f"distinct pipelines: {cost.model_loads} (loads per actor: see models per node below)"]
     cached = sum(h.cached for h in cost.hub_models)
     if cost.hub_models:
         lines.append(f"hub ids: {len(cost.hub_models)} needed, {cached} in the local Hugging Face cache")

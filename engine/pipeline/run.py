@@ -19,10 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.lock import OutputLock
+from engine.models.prefetch import delete_run_downloads, missing_hub_models
 from engine.pipeline.batching import batching_record, unit_rows
 from engine.pipeline.failures import merge_failures, read_failures, write_failures
 from engine.pipeline.fault_exit import stopping_cleanly
 from engine.pipeline.grid import RunGrid, pending_rows, work_units
+from engine.pipeline.memory_plan import check_run_fits
 from engine.pipeline.progress import Progress, progress_seconds, watched
 from engine.pipeline.provenance import command_line, model_source
 from engine.pipeline.ray_start import (  # noqa: F401  (ray_session, worker_env: imported from here elsewhere)
@@ -84,6 +86,7 @@ def execute(
     prints the rows per model x probe there, so a refused second writer prints only its error)."""
     check_run_scoring(grid.spec, grid.concepts, [p.params for p in grid.probes])
     progress_seconds()  # a bad ENGINE_PROGRESS_SECONDS is a user error: say so before any work
+    check_run_fits(grid)  # model_memory too small for a model, or no disk for the downloads
     output = output_location(grid.spec.output)
     # One writer per output: a second run into the same folder stops here (UserError naming the holder).
     with OutputLock(output, "engine run") as lock:
@@ -115,6 +118,8 @@ def _execute_locked(
     write_manifest(output, manifest)
 
     stream = StreamResult()
+    # keep_downloads false: what this node lacks now and has after the run was downloaded by it.
+    missing_hub = [] if grid.spec.keep_downloads else missing_hub_models(grid.models)
     if todo:
         with ray_starting(cluster, ship_code, uses_toy_weights(grid)) as session:
             import engine.pipeline.stages  # noqa: F401  (torch, diffusers, judges: imported while Ray starts)
@@ -128,6 +133,7 @@ def _execute_locked(
             sink = RowsDatasink(output, lock.token, where.driver_writes)
             stream = _stream(ray, grid, todo, output, sink, where.cache_dir)
 
+    delete_run_downloads(missing_hub)
     done = finished_row_ids(output)
     attempted = {r.row_id for r in todo}
     failures = merge_failures(read_failures(output), stream.events.failed_rows(), attempted, done)
@@ -146,6 +152,8 @@ def _execute_locked(
         faults=stream.events.fault_counts(stream.pool_sizes),
         provenance=_provenance(grid, stream.events),
     )
+    if stream.events.model_caches:
+        manifest["model_cache"] = stream.events.model_cache_record()
     if stream.batching is not None:
         manifest["batching"] = batching_record(*stream.batching, stream.events.batch_sizes)
     manifest["history"].append({"finished_at": manifest["finished_at"], "generated": generated, "failed": failed})
@@ -176,7 +184,16 @@ def _stream(
     from ray.data import ActorPoolStrategy, DataContext
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from engine.pipeline.stages import ProbeActor, ProbeStageConfig, ScoreActor, ScoreStageConfig, encode_units
+    from engine.pipeline.affinity import UnitScheduler
+    from engine.pipeline.stages import (
+        TICKET_COLUMN,
+        UNIT_COLUMN,
+        ProbeActor,
+        ProbeStageConfig,
+        ScoreActor,
+        ScoreStageConfig,
+        encode_units,
+    )
 
     spec = grid.spec
     live = sys.stderr.isatty()  # before filtered_stderr turns stderr into a pipe
@@ -198,13 +215,19 @@ def _stream(
     log = ray.remote(num_cpus=0, max_restarts=0)(RunLog).options(scheduling_strategy=here).remote()
     probe_config = ProbeStageConfig.from_grid(grid, resources.probe_device, spec.attention, spec.torch_threads,
                                               cache_dir)
-    # The first unit's model loads while Ray Data hands the actor its first unit.
-    probe_config = probe_config.model_copy(update={"prefetch_model": units[0][0].model})
-    dataset = ray.data.from_items(encode_units(units), override_num_blocks=len(units))
+    # Model affinity (engine.pipeline.affinity): the stream carries tickets; the scheduler, beside
+    # the log, hands each actor the units of its own slice of models. Each actor's first model
+    # loads while Ray Data hands it its first ticket.
+    scheduler = ray.remote(num_cpus=0, max_restarts=0)(UnitScheduler).options(scheduling_strategy=here).remote(
+        [item[UNIT_COLUMN] for item in encode_units(units)], [u[0].model for u in units], [len(u) for u in units],
+        resources.probe_actors)
+    dataset = ray.data.from_items([{TICKET_COLUMN: i} for i in range(len(units))], override_num_blocks=len(units))
     dataset = dataset.map_batches(
         ProbeActor,
-        fn_constructor_kwargs={"config": probe_config, "log": log},
-        compute=ActorPoolStrategy(size=resources.probe_actors),
+        fn_constructor_kwargs={"config": probe_config, "log": log, "scheduler": scheduler,
+                               "keep_downloads": spec.keep_downloads},
+        # One ticket at a time: a ticket queued behind a long unit would keep a free actor waiting.
+        compute=ActorPoolStrategy(size=resources.probe_actors, max_tasks_in_flight_per_actor=1),
         num_gpus=resources.gpus_per_probe_actor,
         num_cpus=1,
         batch_size=1,  # one unit: the driver already fixed which rows run together
@@ -241,6 +264,9 @@ def _stream(
                 # write that keeps killing its worker (the OOM killer, a bad node) would hang the run.
                 write_args = {"max_retries": WRITE_RETRIES, **({"num_cpus": 0} if sink.driver_only else {})}
                 dataset.write_datasink(sink, ray_remote_args=write_args)
-        return StreamResult(ray.get(log.snapshot.remote()), resources.pool_sizes(), (spec.batch_size, on_gpu))
+        events = ray.get(log.snapshot.remote())
+        events.affinity = ray.get(scheduler.record.remote())
+        return StreamResult(events, resources.pool_sizes(), (spec.batch_size, on_gpu))
     finally:
         ray.kill(log)
+        ray.kill(scheduler)

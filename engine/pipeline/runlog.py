@@ -24,6 +24,8 @@ class UnitReport:
     failures: list[RowFailure]
     oom_splits: int = 0
     isolation_splits: int = 0
+    actor: str = ""  # host:pid of the probe actor
+    model_cache: dict | None = None  # its ModelCache's counts so far (CacheStats.record)
 
 
 @dataclass
@@ -46,6 +48,19 @@ class RunEvents:
     unit_attempts: Counter = field(default_factory=Counter)
     actors: list[ActorInfo] = field(default_factory=list)
     batch_sizes: list[dict] = field(default_factory=list)  # batch_size auto: each actor's measurement
+    model_caches: dict[str, dict] = field(default_factory=dict)  # host:pid -> latest ModelCache counts
+    affinity: dict = field(default_factory=dict)  # the UnitScheduler's record (slices, steals, units per actor)
+
+    def model_cache_record(self) -> dict:
+        """The manifest's `model_cache`: each probe actor's loads, evictions and peak bytes, and the totals."""
+        actors = [{"actor": name, **counts} for name, counts in sorted(self.model_caches.items())]
+        return {
+            "loads": sum(a.get("loads", 0) for a in actors),
+            "evictions": sum(a.get("evictions", 0) for a in actors),
+            "peak_bytes_per_actor": max((a.get("peak_bytes", 0) for a in actors), default=0),
+            "actors": actors,
+            "affinity": self.affinity,
+        }
 
     def failed_rows(self) -> list[RowFailure]:
         # A row that failed in one attempt and succeeded when Ray ran its unit again is done.
@@ -94,6 +109,8 @@ class RunLog:
             self.events.failures[failure.row.row_id] = failure
         self.events.oom_splits += report.oom_splits
         self.events.isolation_splits += report.isolation_splits
+        if report.model_cache is not None:
+            self.events.model_caches[report.actor] = report.model_cache
 
     def progress(self) -> tuple[int, int]:
         """(rows finished, rows of them that failed), each row counted once."""

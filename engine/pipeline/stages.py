@@ -2,8 +2,10 @@
 UDF classes around it (ProbeActor generates, ScoreActor judges with engine.scoring).
 
 A unit is a list of rows sharing (model, probe, params), fixed by the driver. Units cross the Ray
-boundary as JSON, encoded and decoded here only (encode_units / decode_unit). The actor keeps a
-ModelCache, so each model's base components load once per actor and erased UNets are swapped in.
+boundary as JSON, encoded and decoded here only (encode_units / decode_unit); in a run the stream
+carries tickets and the run's UnitScheduler hands out the units (engine.pipeline.affinity). The
+actor keeps a ModelCache: whole pipelines under the `model_memory` byte budget, components with
+equal content shared.
 
 Faults inside a unit (ProbeRunner.generate): a CUDA out-of-memory error splits the unit in half
 and retries each half, down to one row; any other error splits it the same way to find the row
@@ -34,8 +36,10 @@ from pydantic import Field
 
 from engine import __version__
 from engine.errors import UserError
+from engine.models.budget import model_memory_bytes
 from engine.models.cache import ModelCache
 from engine.models.loading import resolve_device
+from engine.models.prefetch import Prefetcher, is_cached, is_hub_model, offline
 from engine.pipeline.batching import AutoBatcher
 from engine.pipeline.encoding import encode_pngs
 from engine.pipeline.failures import RowFailure
@@ -77,6 +81,7 @@ class ProbeStageConfig(Frozen):
     auto_batch_size: bool = Field(False, description="batch_size auto: on a GPU, units run in measured batches.")
     compile: bool = Field(False, description="torch.compile the UNet.")
     prefetch_model: str | None = Field(None, description="Model to load in the background as the actor starts.")
+    model_memory: float | Literal["auto"] = Field("auto", description="The model cache's budget, GB or auto.")
 
     @classmethod
     def from_grid(
@@ -95,6 +100,7 @@ class ProbeStageConfig(Frozen):
             judges=judge_requests(grid.spec.judges),
             auto_batch_size=grid.spec.batch_size == "auto",
             compile=grid.spec.compile,
+            model_memory=grid.spec.model_memory,
         )
 
 
@@ -121,6 +127,7 @@ class ScoreStageConfig(Frozen):
 # --------------------------------------------------------------------------- the Ray boundary
 
 UNIT_COLUMN = "unit"
+TICKET_COLUMN = "ticket"  # model affinity: the stream carries tickets, the run's UnitScheduler the units
 
 
 def encode_units(units: list[list[WorkRow]]) -> list[dict[str, str]]:
@@ -165,9 +172,9 @@ class UnitOutcome:
     oom_splits: int = 0
     isolation_splits: int = 0
 
-    def report(self, key: str) -> UnitReport:
+    def report(self, key: str, actor: str = "", model_cache: dict | None = None) -> UnitReport:
         return UnitReport(key, [r["row_id"] for r in self.records], self.failures, self.oom_splits,
-                          self.isolation_splits)
+                          self.isolation_splits, actor, model_cache)
 
 
 class ProbeRunner:
@@ -178,9 +185,11 @@ class ProbeRunner:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
-        self.cache = ModelCache(self.device, config.attention, compile=config.compile)
+        budget = model_memory_bytes(config.model_memory, self.device)
+        self.cache = ModelCache(self.device, config.attention, memory_budget=budget, compile=config.compile)
         self.cache_dir = cache_folder(config.cache_dir)  # OUTPUT/cache, or this node's temp folder
-        self.batcher = AutoBatcher(config.auto_batch_size, self.device)
+        # batch_size auto measures with the model budget's unused part kept free for later loads.
+        self.batcher = AutoBatcher(config.auto_batch_size, self.device, reserved_bytes=self.cache.reserved_bytes)
         self.unit_options: dict[str, Any] = {}
         self.probes: dict[str, Any] = {}
         self.selectors = SelectorBank(config.judges, config.concepts, self.device, self.context)
@@ -313,31 +322,71 @@ def actor_info(stage: str, device: torch.device) -> ActorInfo:
 
 
 class ProbeActor:
-    """Ray Data callable class: a batch of work units in, a table of result rows out. Failed rows
-    and counts go to the run's log (an actor handle), never into the stream."""
+    """Ray Data callable class: a batch of tickets (or of work units) in, a table of result rows out.
+    With the run's UnitScheduler a ticket becomes the unit this actor should run next (model
+    affinity, engine.pipeline.affinity); the node downloads the models of its coming units ahead
+    (engine.models.prefetch). Failed rows and counts go to the run's log (an actor handle), never
+    into the stream."""
 
-    def __init__(self, config: ProbeStageConfig, log=None):
+    def __init__(self, config: ProbeStageConfig, log=None, scheduler=None, keep_downloads: bool = True):
         logging.basicConfig(level=logging.INFO)
         self.runner = ProbeRunner(config)
         self.log = log
+        self.scheduler = scheduler
+        self.keep_downloads = keep_downloads
+        self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.downloads = Prefetcher()
+        self.current_model: str | None = None
         if log is not None:
             _tell(log.actor_started, actor_info("probe", self.runner.device))
             self.runner.batcher.on_measured = lambda record: _tell(log.batch_size_measured, record)
-        if config.prefetch_model in config.models:
-            self.runner.prefetch(config.prefetch_model)
+        first = config.prefetch_model
+        if scheduler is not None:
+            import ray
+
+            first = ray.get(scheduler.register.remote(self.actor_id))
+        if first in config.models:
+            self.runner.prefetch(first)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         records = []
-        for unit in batch[UNIT_COLUMN]:
-            rows = decode_unit(unit)
+        units = batch[UNIT_COLUMN] if UNIT_COLUMN in batch else batch[TICKET_COLUMN]
+        for item in units:
+            rows = decode_unit(item if UNIT_COLUMN in batch else self._claim(int(item)))
+            self._moving_to(rows[0].model)
             if self.log is not None:
                 _tell(self.log.unit_started, rows[0].row_id)
             outcome = self.runner.generate(rows)
             if self.log is not None:
                 # Before the rows go on: the driver must know of every failure before the run ends.
-                _tell(self.log.unit_finished, outcome.report(rows[0].row_id))
+                _tell(self.log.unit_finished, outcome.report(rows[0].row_id, self.actor_id,
+                                                             self.runner.cache.stats.record()))
             records.extend(outcome.records)
         return rows_table(records, self.runner.output_schema)
+
+    def _claim(self, ticket: int) -> str:
+        import ray
+
+        unit = ray.get(self.scheduler.claim.remote(ticket, self.actor_id))
+        coming = ray.get(self.scheduler.coming_models.remote(self.actor_id))
+        self.downloads.want([self.runner.config.models[m] for m in coming if m in self.runner.config.models])
+        return unit
+
+    def _moving_to(self, model: str) -> None:
+        """A unit of `model` is next: note a download the load will make, and with keep_downloads
+        false delete the snapshot of the model left behind once no unit of it is left anywhere."""
+        if model == self.current_model:
+            return
+        previous, self.current_model = self.current_model, model
+        spec = self.runner.config.models.get(model)
+        if spec is not None and is_hub_model(spec) and not offline() and not is_cached(spec.pretrained, spec.revision):
+            self.downloads.downloaded.add((spec.pretrained, spec.revision))  # the load downloads it
+        if self.keep_downloads or previous is None or self.scheduler is None:
+            return
+        import ray
+
+        if ray.get(self.scheduler.model_done.remote(previous)):
+            self.downloads.forget(self.runner.config.models[previous])
 
 
 class ScoreActor:

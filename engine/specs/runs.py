@@ -110,9 +110,18 @@ class RunSpec(Frozen):
         description="Rows generated together. auto: 4 on CPU; on a GPU the largest batch its free memory holds, "
         "measured once per actor and model (recorded in the manifest). An integer fixes the units, and so the bits.",
     )
+    model_memory: float | Literal["auto"] = Field(
+        "auto",
+        description="Bytes of models a probe actor holds, in GB: pipelines are evicted least recently used first to "
+        "stay under it. auto: 60% of the device's memory (a GPU's, or RAM on CPU); the rest is the probe's "
+        "working set.",
+    )
     space_check: bool = Field(
         True, description="Check the room before work: the rows' estimated size against the free space of a local "
-        "output (and the model downloads' against the Hugging Face cache's). false: --no-space-check.",
+        "output, and the models to download against the hub cache's disk. false: --no-space-check."
+    )
+    keep_downloads: bool = Field(
+        True, description="false: delete a hub snapshot this run downloaded once that model's units are done."
     )
     compile: bool = Field(False, description="torch.compile the UNet (faster after a compile of minutes per shape).")
     actors: int | Literal["auto"] = Field("auto", description="Probe actors: auto = one per GPU, else 1.")
@@ -144,6 +153,15 @@ class RunSpec(Frozen):
             raise PydanticCustomError("int_or_auto", "Input should be a positive integer or 'auto'")
         if value < 1:
             raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to {ge}", {"ge": 1})
+        return value
+
+    @field_validator("model_memory", mode="before")
+    @classmethod
+    def _auto_or_gigabytes(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == float("inf"):
+            raise PydanticCustomError("gb_or_auto", "Input should be a positive number of GB or 'auto'")
         return value
 
     @field_validator("judges")

@@ -56,6 +56,11 @@ def test_manifest_records_config_versions_and_counts(first_run):
     assert "git_commit" in manifest and manifest["started_at"] <= manifest["finished_at"]
     # batch_size auto on CPU: the fixed default, nothing measured.
     assert manifest["batching"] == {"batch_size": "auto", "unit_rows": 4, "measured": []}
+    # The probe actor's model cache: one load of tiny, nothing evicted, its peak bytes under the budget.
+    cache = manifest["model_cache"]
+    assert cache["loads"] == 1 and cache["evictions"] == 0 and len(cache["actors"]) == 1
+    (actor,) = cache["actors"]
+    assert 0 < actor["peak_bytes"] <= actor["budget_bytes"] and actor["component_loads"] == 4
 
 
 @pytest.mark.slow
