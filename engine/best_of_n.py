@@ -72,6 +72,13 @@ class BestOfNParams(ProbeParams):
         "(the standard probe's), for controlled comparisons.",
     )
 
+    control: bool = Field(
+        False,
+        description="Best-of-N control: the same number of candidates, starting noise, sampler and selection, "
+        "with the probe's intervention set to zero (noise_based: eta 1 and v 1; noise_classifier_guidance: "
+        "guidance scale 0). Its rows are separate, and the report shows them beside the probe's.",
+    )
+
     @model_validator(mode="after")
     def _selector_or_keep_all(self):
         if self.selector == "none" and not self.keep_all_candidates:
@@ -96,6 +103,8 @@ class BestOfNProbe(Probe):
     best_of_n = True
     base_reference = False
     baseline = False
+    # Set by a probe that has no `control: true` of its own: what its control is (reports print it).
+    control_note: ClassVar[str | None] = None
 
     params_class: ClassVar[type[BestOfNParams]] = BestOfNParams
 

@@ -68,6 +68,16 @@ class ClassifierGuidanceParams(BestOfNParams):
         "image): x_T from the row seed; per_candidate: each scale draws its own x_T from (seed, scale).",
     )
 
+    @field_validator("control")
+    @classmethod
+    def _no_control(cls, control: bool) -> bool:
+        # With shared noise the candidates differ only by the guidance scale: zeroing it leaves N copies
+        # of one image, so the control of this probe is the standard prompt (the report says so).
+        if control:
+            raise ValueError("classifier_guidance has no control of its own: its control is the standard_prompt "
+                             "probe on the same prompts and seeds")
+        return control
+
     def candidates(self) -> list[dict[str, float]]:
         return [{"classifier_scale": s} for s in self.classifier_scales]
 
@@ -157,6 +167,8 @@ class ClassifierGuidanceProbe(BestOfNProbe):
     params_class = ClassifierGuidanceParams
     smoke_params = {"classifier_scales": [0.0, 60.0], "selector": "clip"}
     requires = frozenset({"latent_classifier"})
+    control_note = ("its control is the standard_prompt line: with shared noise its candidates differ only by "
+                    "the guidance scale, so zero guidance leaves N copies of the standard image")
 
     def __init__(self):
         self._classifiers: dict = {}  # loaded once per actor
