@@ -103,7 +103,7 @@ class SelectorBank:
         self.context = context
         self._judge_models: dict[str, Judge] = {}
         self._latent_models: dict[str, SelectorModel] = {}
-        self._used: set[str] = set()
+        self._used: dict[str, set[str]] = {}  # concept -> selectors (with models) used on it
 
     def _judge(self, selector: str) -> Judge:
         slot = SELECTOR_SLOTS[selector]
@@ -143,19 +143,20 @@ class SelectorBank:
         concept = self.concepts[concept_name]
         crops = [crop_to_region(image, region)
                  for image, region in zip(images, regions or [None] * len(images), strict=False)]
+        used = self._used.setdefault(concept_name, set())
         if selector == "none":
-            self._used.add("none")
+            used.add("none")
             return [0.0] * len(images)
         if selector == "judge" and not self._judge_knows(concept):
             judge = self._judge("clip")  # per concept: this one has no classes for the classifier judge
-            self._used.add(f"{FALLBACK}={judge.model_id}")
+            used.add(f"{FALLBACK}={judge.model_id}")
             return judge.concept_scores(crops, concept) if crops else []
         if selector in SELECTOR_SLOTS:
             judge = self._judge(selector)
-            self._used.add(f"{selector}={judge.model_id}")
+            used.add(f"{selector}={judge.model_id}")
             return judge.concept_scores(crops, concept) if crops else []
         model = self._latent(concept)
-        self._used.add(f"latent_classifier={model.model_id}")
+        used.add(f"latent_classifier={model.model_id}")
         return [float(v) for v in model.scores(crops)]
 
     def judge_hits(
@@ -176,8 +177,10 @@ class SelectorBank:
                  for image, region in zip(images, regions or [None] * len(images), strict=False)]
         return judge.top1_hits(crops, self.concepts[concept_name])
 
-    def take_used(self) -> str | None:
-        """The selectors used since the last call, as written in column `selector` (None = none ran)."""
-        label = "+".join(sorted(self._used)) or None
+    def take_used(self) -> dict[str, str]:
+        """Per concept, the selectors used on it since the last call, as written in column `selector`
+        of its rows (a concept no selector ran on is absent). Per concept, since judge selection falls
+        back to CLIP on concepts without judge classes."""
+        labels = {concept: "+".join(sorted(used)) for concept, used in self._used.items() if used}
         self._used.clear()
-        return label
+        return labels
