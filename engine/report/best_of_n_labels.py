@@ -23,9 +23,9 @@ def display_label(label: str, group: pd.DataFrame) -> str:
     many and by which selector(s); other labels unchanged."""
     probe = probe_of_label(label)
     control = is_control(group["params"].unique())
-    text = label
-    if control:  # `noise_based[control=True eta=...]` -> `noise_based control[eta=...]`
-        text = re.sub(r"\s*control=True\s*", " ", text).replace("[ ", "[").replace(" ]", "]").replace("[]", "")
+    # `noise_based[control=True eta=...]` -> `noise_based control[eta=...]`; `control=False` is the probe itself.
+    text = re.sub(r"\s*control=(True|False)\s*", " ", label).replace("[ ", "[").replace(" ]", "]").replace("[]", "")
+    if control:
         text = probe + " control" + text[len(probe):]
     counts = sorted({int(c) for c in present_values(group["candidate_count"])})
     if not counts or not probe_fact(probe, "best_of_n", False):
