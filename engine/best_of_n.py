@@ -72,12 +72,18 @@ class BestOfNParams(ProbeParams):
         "(the standard probe's), for controlled comparisons.",
     )
 
-    control: bool = Field(
-        False,
+    control: Literal["off", "also", "only"] = Field(
+        "off",
         description="Best-of-N control: the same number of candidates, starting noise, sampler and selection, "
         "with the probe's intervention set to zero (noise_based: eta 1 and v 1; noise_classifier_guidance: "
-        "guidance scale 0). Its rows are separate, and the report shows them beside the probe's.",
+        "guidance scale 0). also: the probe's rows and the control's; only: the control's. Control rows are "
+        "separate rows, and the report shows them beside the probe's.",
     )
+
+    @property
+    def is_control(self) -> bool:
+        """Whether these params make control rows (the intervention set to zero)."""
+        return self.control == "only"
 
     @model_validator(mode="after")
     def _selector_or_keep_all(self):
@@ -134,6 +140,9 @@ class BestOfNProbe(Probe):
 
     def expand_params(self, params: BestOfNParams) -> list[BestOfNParams]:
         params = self.prepare_params(params)
+        if params.control == "also":  # the probe's own rows (as without a control), then the control's
+            arms = [params.model_copy(update={"control": c}) for c in ("off", "only")]
+            return [expanded for arm in arms for expanded in self.expand_params(arm)]
         if not params.keep_all_candidates:
             return [params]
         # One row per candidate. Nothing is selected among one candidate, so the selector is 'none'

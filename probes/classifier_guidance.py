@@ -70,10 +70,10 @@ class ClassifierGuidanceParams(BestOfNParams):
 
     @field_validator("control")
     @classmethod
-    def _no_control(cls, control: bool) -> bool:
+    def _no_control(cls, control: str) -> str:
         # With shared noise the candidates differ only by the guidance scale: zeroing it leaves N copies
         # of one image, so the control of this probe is the standard prompt (the report says so).
-        if control:
+        if control != "off":
             raise ValueError("classifier_guidance has no control of its own: its control is the standard_prompt "
                              "probe on the same prompts and seeds")
         return control

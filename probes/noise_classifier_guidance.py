@@ -12,7 +12,7 @@ every candidate from its seed's noise) or, with `per_candidate`, from the candid
 the noise multiplier v is a real parameter (the original left it at 1); classifiers load once per
 actor. Candidates, selection and extras are the best-of-N base's, as classifier_guidance.
 
-Control (`control: true`): the same (scale, eta) sweep with guidance scale 0 on every candidate, so
+Control (`control: also` or `only`): the same (scale, eta) sweep with guidance scale 0 on every candidate, so
 only the widened noise and the choice among candidates remain; it needs no classifier.
 """
 
@@ -70,7 +70,7 @@ class NoiseClassifierGuidanceProbe(ClassifierGuidanceProbe):
     name = "noise_classifier_guidance"
     params_class = NoiseClassifierGuidanceParams
     smoke_params = {"classifier_scales": [0.0, 60.0], "eta_values": [0.0, 1.5], "selector": "clip"}
-    control_note = None  # it has its own: `control: true` (guidance scale 0 on the same eta sweep)
+    control_note = None  # it has its own: `control: also` (guidance scale 0 on the same eta sweep)
 
     def step_noise(self, params: NoiseClassifierGuidanceParams, candidate: dict[str, float]) -> tuple[float, float]:
         return candidate["eta"], params.variance_scale
@@ -79,11 +79,11 @@ class NoiseClassifierGuidanceProbe(ClassifierGuidanceProbe):
         return candidate["eta"], candidate["classifier_scale"]
 
     def check_request(self, params, concepts, options) -> None:
-        if not params.control:  # the control guides with scale 0: no classifier is read
+        if params.control != "only":  # the control guides with scale 0: no classifier is read
             super().check_request(params, concepts, options)
 
     def guidance(self, batch, rows, candidates, latents, schedule):
-        if batch.params.control:
+        if batch.params.is_control:
             return None
         return super().guidance(batch, rows, candidates, latents, schedule)
 

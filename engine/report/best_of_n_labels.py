@@ -15,7 +15,7 @@ from engine.report.tables import present_values, probe_of_label
 
 
 def is_control(params_texts) -> bool:
-    return any(bool(json.loads(text).get("control")) for text in params_texts)
+    return any(json.loads(text).get("control") == "only" for text in params_texts)
 
 
 def display_label(label: str, group: pd.DataFrame) -> str:
@@ -23,8 +23,8 @@ def display_label(label: str, group: pd.DataFrame) -> str:
     many and by which selector(s); other labels unchanged."""
     probe = probe_of_label(label)
     control = is_control(group["params"].unique())
-    # `noise_based[control=True eta=...]` -> `noise_based control[eta=...]`; `control=False` is the probe itself.
-    text = re.sub(r"\s*control=(True|False)\s*", " ", label).replace("[ ", "[").replace(" ]", "]").replace("[]", "")
+    # `noise_based[control=only eta=...]` -> `noise_based control[eta=...]`; `control=off` is the probe itself.
+    text = re.sub(r"\s*control=(off|only)\s*", " ", label).replace("[ ", "[").replace(" ]", "]").replace("[]", "")
     if control:
         text = probe + " control" + text[len(probe):]
     counts = sorted({int(c) for c in present_values(group["candidate_count"])})

@@ -60,8 +60,8 @@ def test_best_of_n_is_read_three_ways_beside_its_control_with_the_selector_named
     hits = [[True, False, False], [False, False, False], [False, True, True], [False, False, False]]
     control_hits = [[False, False, False], [True, False, False], [False, False, False], [False, False, False]]
     frame = _frame(
-        _best_of_three("esd_a", "esd", "a", '{"control":false}', [False, False, True, False], hits)
-        + _best_of_three("esd_a", "esd", "a", '{"control":true}', [False, True, False, False], control_hits)
+        _best_of_three("esd_a", "esd", "a", '{"control":"off"}', [False, False, True, False], hits)
+        + _best_of_three("esd_a", "esd", "a", '{"control":"only"}', [False, True, False, False], control_hits)
     )
     table = recovery_table(frame)
     probe, control = "noise_based (best of 3 by CLIP)", "noise_based control (best of 3 by CLIP)"
