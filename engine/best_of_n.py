@@ -136,7 +136,23 @@ class BestOfNProbe(Probe):
         """Per-candidate values to keep in the extras (e.g. a classifier's logit of the result)."""
         return [{} for _ in range(latents.shape[0])]
 
+    def uses_classifier(self, params: BestOfNParams) -> bool:
+        """Whether the concept's latent classifier makes these rows (here: it selects them)."""
+        return params.selector == "latent_classifier" and not params.keep_all_candidates
+
     # --------------------------------------------------------------- shared machinery
+
+    identity_excludes = ("classifier_dir",)
+
+    def row_identity(self, concept, params: BestOfNParams) -> dict[str, str]:
+        """The concept's classifier content hash, for rows a latent classifier guides or selects: the
+        identity names the classifier itself, not the folder it was read from."""
+        if not self.uses_classifier(params):
+            return {}
+        from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_hash
+
+        folder = getattr(params, "classifier_dir", None) or DEFAULT_CLASSIFIER_DIR
+        return {"classifier_hash": classifier_hash(folder, concept.name)}
 
     def expand_params(self, params: BestOfNParams) -> list[BestOfNParams]:
         params = self.prepare_params(params)

@@ -176,6 +176,9 @@ class ClassifierGuidanceProbe(BestOfNProbe):
     def check_request(self, params, concepts, options) -> None:
         check_classifiers(self.name, classifier_folder(params, options), concepts)
 
+    def uses_classifier(self, params) -> bool:
+        return True  # it guides with it
+
     def prepare_params(self, params):
         return params.model_copy(update={"classifier_dir": resolved_classifier_dir(params.classifier_dir)})
 

@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from engine.best_of_n import BestOfNParams, unique_values
+from engine.best_of_n import BestOfNParams, BestOfNProbe, unique_values
 from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR
 from probes.classifier_guidance import DEFAULT_SCALES, ClassifierGuidanceProbe
 
@@ -81,6 +81,10 @@ class NoiseClassifierGuidanceProbe(ClassifierGuidanceProbe):
     def check_request(self, params, concepts, options) -> None:
         if params.control != "only":  # the control guides with scale 0: no classifier is read
             super().check_request(params, concepts, options)
+
+    def uses_classifier(self, params) -> bool:
+        # The control guides with scale 0; its classifier matters only if it also selects.
+        return not params.is_control or BestOfNProbe.uses_classifier(self, params)
 
     def guidance(self, batch, rows, candidates, latents, schedule):
         if batch.params.is_control:

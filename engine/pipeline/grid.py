@@ -47,6 +47,8 @@ class RunGrid:
             "base_model": self.base.model_dump(mode="json") if self.base else None,
             "concepts": {k: v.model_dump(mode="json") for k, v in self.concepts.items()},
             "probes": [{"name": p.name, "params": json.loads(p.params.canonical_json())} for p in self.probes],
+            # The classifiers that made rows, by content (row identities name these, not folders).
+            "classifier_hashes": {f"{r.probe}/{r.concept}": r.classifier_hash for r in self.rows if r.classifier_hash},
         }
 
 
@@ -130,8 +132,15 @@ def expand_rows(models, base, concepts, probes, num_images, base_probes=None, al
             probe_class = get_probe_class(probe.name)
             base_identity = base.identity() if "base_model" in probe_class.requires else None
             cells = model_cells(model, probe.name, concepts, all_models, base_probes)
-            for params, cell in product(probe_class().expand_params(probe.params), cells):
+            probe_instance = probe_class()
+            for params, cell in product(probe_instance.expand_params(probe.params), cells):
                 params_json = params.canonical_json()
+                made_by = probe_instance.row_identity(cell.concept, params)
+                # What made the row beyond its params replaces the params it came from (a classifier's
+                # content hash, not its folder), so retraining into the same folder changes the identity.
+                identity_params = (params_json if not made_by else json.dumps(
+                    {k: v for k, v in json.loads(params_json).items() if k not in probe_class.identity_excludes},
+                    sort_keys=True, separators=(",", ":")))
                 if cell.reference:
                     prompts = probe_class().reference_prompts(cell.concept, num_images, params)
                 else:
@@ -143,10 +152,11 @@ def expand_rows(models, base, concepts, probes, num_images, base_probes=None, al
                         "concept": cell.concept.name,
                         "target_concept": target,
                         "probe": probe.name,
-                        "params": params_json,
+                        "params": identity_params,
                         "prompt": prompt,
                         "prompt_index": index,
                         "seed": seed,
+                        **made_by,
                     }
                     rows.append(
                         WorkRow(
@@ -162,6 +172,7 @@ def expand_rows(models, base, concepts, probes, num_images, base_probes=None, al
                             seed=seed,
                             role=cell.role,
                             erased=tuple(model.erased),
+                            classifier_hash=made_by.get("classifier_hash"),
                         )
                     )
     return rows
