@@ -12,7 +12,6 @@ classifier_training writes these files and its metrics beside them.
 from __future__ import annotations
 
 import hashlib
-
 import json
 import logging
 from datetime import UTC, datetime
