@@ -84,7 +84,8 @@ def expand_run(spec: RunSpec, extra_models: list[ModelSpec] = (), strict: bool =
     if strict:
         for model in with_rows + ([base] if base else []):
             check_model_source(model)
-    rows = expand_rows(with_rows, base, listed, probes, spec.num_images, base_probes, all_models=models)
+    rows = expand_rows(with_rows, base, listed, probes, spec.num_images, base_probes, all_models=models,
+                       prompt_indices=spec.prompt_indices)
     warnings = _check_requests(probes, rows, listed, base, strict)
     concepts = {**listed}
     for name in sorted({n for r in rows for n in (r.concept, r.target_concept)} - set(listed)):
@@ -120,10 +121,27 @@ def _check_requests(probes, rows, listed, base, strict: bool) -> list[str]:
     return warnings
 
 
-def expand_rows(models, base, concepts, probes, num_images, base_probes=None, all_models=None) -> list[WorkRow]:
+def prompt_depth(concept, prompt_indices) -> int:
+    """How many prompts to take from `concept`'s sampling order (and its file order) so that every
+    one of `prompt_indices` is among them. UserError for an index the concept's list does not have."""
+    total = len(concept.seed_list())
+    beyond = sorted(i for i in prompt_indices if i >= total)
+    if beyond:
+        raise UserError(f"prompt_indices {beyond} are beyond concept {concept.name!r}'s {total} prompt/seed rows")
+    order = [index for index, _, _ in concept.sample_prompts(total)]
+    return max(max(order.index(i) for i in prompt_indices) + 1, max(prompt_indices) + 1)
+
+
+def expand_rows(models, base, concepts, probes, num_images, base_probes=None, all_models=None,
+                prompt_indices=None) -> list[WorkRow]:
     """The rows of `models` x `probes` over the listed `concepts`, each model paired with what it
     erased (engine.pipeline.pairing). `all_models`: every model of the run, when some of them
-    have no rows (they still decide whether the run is paired)."""
+    have no rows (they still decide whether the run is paired). `prompt_indices`: only the rows
+    with these prompt indices (RunSpec.prompt_indices), the same rows a deeper run would make."""
+    if prompt_indices is not None:  # as deep as every concept's chosen prompts need, then only those
+        depth = max(prompt_depth(concept, prompt_indices) for concept in concepts.values())
+        rows = expand_rows(models, base, concepts, probes, depth, base_probes, all_models)
+        return [r for r in rows if r.prompt_index in set(prompt_indices)]
     all_models = list(models) if all_models is None else all_models
     rows = []
     for model in models:
