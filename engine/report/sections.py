@@ -15,6 +15,7 @@ import pandas as pd
 
 from engine.metrics.columns import METRIC_BY_COLUMN, METRICS
 from engine.report.best_of_n_labels import control_notes
+from engine.report.draws_instead import draws_instead_table
 from engine.report.paper import wide
 from engine.report.tables import ReportContent, method_label, probe_of_label
 
@@ -52,6 +53,11 @@ MIXED_NOTE = (
     "These models declare no erased concepts, so each value averages a probe-method's cells over all "
     "concepts: erased and kept concepts are mixed. Declare `erased:` on the models to get recovery "
     "and preservation tables."
+)
+DRAWS_NOTE = (
+    "The judge's top-1 class of each image the erased models made from the concept's plain prompt "
+    "(recovery rows of the baseline probe), its three most frequent classes with their shares, beside "
+    "the base model's on the same concept: what appears in place of the erased concept."
 )
 SELECTION_NOTE = (
     "* selection-inflated: the best-of-N candidate was chosen by the same model that judges this "
@@ -213,6 +219,10 @@ def report_sections(content: ReportContent) -> list[Section]:
         if not by_concept.empty:
             sections.append(recovery_section(by_concept, "Recovery per concept", ["concept", "probe_label", "metric"]))
             sections[-1].level = 3
+        drawn = draws_instead_table(frame)
+        if not drawn.empty:
+            sections.append(Section("What erased models draw instead", note=DRAWS_NOTE, table=Table(
+                list(drawn.columns), [[str(v) for v in line] for line in drawn.itertuples(index=False)])))
         kept_by_concept = preservation_table(frame, by_concept=True, failures=content.failures)
         if not kept_by_concept.empty:
             sections.append(preservation_section(kept_by_concept, "Preservation per concept", True))

@@ -119,6 +119,11 @@ class ClassifierJudge(Judge):
         """N x num_classes softmax probabilities."""
 
     @classmethod
+    def class_names(cls) -> list[str] | None:
+        """Readable names of the class indices (reports name what was drawn); None: indices only."""
+        return None
+
+    @classmethod
     def check_concepts(cls, options: JudgeOptions, concepts: dict[str, ConceptSpec]) -> None:
         for concept in concepts.values():
             classes = concept.judge_classes.get(cls.classes_key)

@@ -187,3 +187,20 @@ def test_failed_rows_are_counted_in_their_cell_and_left_out_of_the_rate(tmp_path
     paper = pd.read_csv(content.output / "paper_table.csv")
     assert paper.loc[paper.metric == "top-1 %", "esd failed"].item() == 2
     assert json.loads(json.dumps(list(paper.columns)))[:2] == ["probe", "metric"]
+
+
+def test_what_erased_models_draw_instead_names_the_top1_classes_beside_the_base_models():
+    from engine.report.draws_instead import draws_instead_table
+
+    toy = "toy:toy-judge-v1/file:judge.safetensors@x"
+    records = [_row("esd_c", "esd", "toy_circle", "standard_prompt", i, False, judge_top5_classes=[top, 0, 1, 2, 3])
+               for i, top in enumerate([1, 1, 7, 0])]  # square, square, diamond, circle (render.CONCEPTS)
+    records += [_row("sd", "none", "toy_circle", "standard_prompt", i, True, role="base",
+                     judge_top5_classes=[0, 1, 2, 3, 4]) for i in range(4)]
+    records += [_row("esd_c", "esd", "toy_circle", "inpainting", i, False, judge_top5_classes=[5, 0, 1, 2, 3])
+                for i in range(4)]  # not the baseline probe: left out
+    frame = _frame(records).assign(judge_model=toy)
+    table = draws_instead_table(frame)
+    assert table.to_dict("records") == [{
+        "method": "esd", "concept": "toy_circle", "n": 4, "erased models draw": "square 50%, diamond 25%, circle 25%",
+        "base n": 4, "base model draws": "circle 100%"}]
