@@ -25,7 +25,9 @@ STATISTICS_NOTE = (
     "judge's top-1 / top-5 classes include one of the concept's exact classes, with a 95% Wilson "
     "interval. Styles have no classes: their rates are empty, not 0. 'All candidates' values give the "
     "mean over every candidate a best-of-N probe generated, next to the value of the candidate its "
-    "selector kept."
+    "selector kept (the selector is named per row, column selector). Seeds: every probe evaluates each "
+    "concept's sampled (prompt, seed) rows, the same for every model; what probes learn from (latent "
+    "classifiers, textual inversion's reference images by default) comes from seeds no probe evaluates."
 )
 RECOVERY_NOTE = (
     "Each erased model probed on the concepts it erased (rates in %). A cell over one concept: its rate "
