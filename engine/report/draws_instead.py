@@ -20,8 +20,10 @@ from engine.report.tables import BASE_METHOD, method_order, present_values
 TOP_SHOWN = 3  # classes named per cell
 
 
-def class_namer(frame: pd.DataFrame) -> Callable[[int], str]:
-    """Index -> readable class name of the frame's classifier judge (`judge_model` is `<judge>:...`)."""
+def class_namer(frame: pd.DataFrame) -> Callable[..., str]:
+    """(index, concept) -> readable class name: the frame's classifier judge's class list
+    (`judge_model` is `<judge>:...`), or, for rows ranked by the CLIP judge alone, the members of the
+    row's concept set by name (engine.scoring.clip_judge.set_members)."""
     from engine.scoring.registry import JUDGE_REGISTRY, get_judge_class
 
     models = present_values(frame["judge_model"]) if "judge_model" in frame else []
@@ -29,7 +31,16 @@ def class_namer(frame: pd.DataFrame) -> Callable[[int], str]:
     names = None
     if judge in JUDGE_REGISTRY:
         names = getattr(get_judge_class(judge), "class_names", lambda: None)()
-    return lambda index: names[index] if names is not None and 0 <= index < len(names) else f"class {index}"
+
+    def name(index: int, concept: str | None = None) -> str:
+        members = names
+        if members is None and not models and concept is not None:
+            from engine.specs.concepts import concept_set_members, load_concept
+
+            members = sorted(concept_set_members(load_concept(concept)))
+        return members[index] if members is not None and 0 <= index < len(members) else f"class {index}"
+
+    return name
 
 
 def top1_of(classes) -> int | None:
@@ -43,12 +54,12 @@ def top1_classes(rows: pd.DataFrame) -> list[int]:
     return [c for c in (top1_of(v) for v in rows[TOP5_CLASSES].tolist()) if c is not None]
 
 
-def shares(classes: list[int], name: Callable[[int], str]) -> str:
+def shares(classes: list[int], name: Callable[..., str], concept: str) -> str:
     """"square 50%, circle 25%, ..." for the TOP_SHOWN most frequent classes."""
     if not classes:
         return "–"
     counts = Counter(classes).most_common(TOP_SHOWN)
-    return ", ".join(f"{name(index)} {100 * count / len(classes):.0f}%" for index, count in counts)
+    return ", ".join(f"{name(index, concept)} {100 * count / len(classes):.0f}%" for index, count in counts)
 
 
 def draws_instead_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -71,6 +82,6 @@ def draws_instead_table(frame: pd.DataFrame) -> pd.DataFrame:
             if not drawn:
                 continue
             records.append({"method": method, "concept": concept, "n": len(drawn),
-                            "erased models draw": shares(drawn, name), "base n": len(reference),
-                            "base model draws": shares(reference, name)})
+                            "erased models draw": shares(drawn, name, concept), "base n": len(reference),
+                            "base model draws": shares(reference, name, concept)})
     return pd.DataFrame.from_records(records, columns=columns)

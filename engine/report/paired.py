@@ -75,7 +75,7 @@ def _base_row(base: pd.DataFrame, probe: str, prompt: str, seed: int) -> dict | 
 
 
 def _draw(lines, methods: list[str], images: dict[str, bytes], title: str,
-          name: Callable[[int], str] = lambda index: f"class {index}") -> Image.Image:
+          name: Callable[..., str] = lambda index, concept=None: f"class {index}") -> Image.Image:
     """The sheet: a line per (prompt, seed), a column per method, each tile labelled with the judge's
     top-1 class (`name` turns its index into a name)."""
     font = ImageFont.load_default(size=FONT_SIZE)
@@ -102,7 +102,7 @@ def _draw(lines, methods: list[str], images: dict[str, bytes], title: str,
             sheet.paste(_tile(decode_png(images[row["row_id"]]), row.get("scoring_region")), (left, top))
             drawn = top1_of(row.get(TOP5_CLASSES))
             if drawn is not None:  # what the judge sees: its top-1 class, on a strip at the tile's foot
-                label = name(drawn)
+                label = name(drawn, row.get("target_concept"))
                 draw.rectangle([left, top + TILE - line_height, left + TILE - 1, top + TILE - 1], fill="white")
                 draw.text((left + 2, top + TILE - line_height + 1), label[:18], fill="black", font=font)
     return sheet

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.metrics.columns import CANDIDATE_HITS, HIT_METRIC, metric
+from engine.metrics.columns import CANDIDATE_HITS, HIT_METRIC, TOP5_CLASSES, TOP5_PROBS, metric
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, decode_png
 from engine.scoring.judge import CANDIDATE_COLUMNS, MODEL_COLUMN, Judge
 from engine.scoring.registry import JudgeRequest, build_judge
@@ -135,10 +135,33 @@ class Scorer:
                                                              else [])]
                 for name in cleared:
                     updates[name] = [None] * len(rows)
+        self._clip_top5(table, images, concepts, updates)
         if self.judges:
             seconds = (time.perf_counter() - started) / max(1, len(rows))
             updates["scoring_seconds"] = [seconds] * len(rows)
         return conform(table, updates)
+
+
+    def _clip_top5(self, table: pa.Table, images, concepts, updates: dict[str, list[Any]]) -> None:
+        """Without a classifier judge, the CLIP judge names what each image shows: its top 5 among the
+        concept set's members. Rows a classifier judge ranked (earlier, kept by a rescore) keep its ranking."""
+        if any(judge.slot == "classifier" for judge in self.judges):
+            return
+        clip = next((judge for judge in self.judges if judge.slot == "clip"), None)
+        if clip is None or not hasattr(clip, "member_rankings"):
+            return
+        ranked_by_classifier = (table.column(MODEL_COLUMN["classifier"]).to_pylist()
+                                if MODEL_COLUMN["classifier"] in table.column_names else [None] * len(images))
+        wanted = [i for i, model in enumerate(ranked_by_classifier) if model is None]
+        rankings = []
+        for start in range(0, len(wanted), self.batch_size):
+            chunk = wanted[start : start + self.batch_size]
+            rankings += clip.member_rankings([images[i] for i in chunk], [concepts[i] for i in chunk])
+        kept = {name: (table.column(name).to_pylist() if name in table.column_names else [None] * len(images))
+                for name in (TOP5_CLASSES, TOP5_PROBS)}
+        for index, (classes, probs) in zip(wanted, rankings, strict=True):
+            kept[TOP5_CLASSES][index], kept[TOP5_PROBS][index] = classes, probs
+        updates.update(kept)
 
 
 def conform(table: pa.Table, updates: dict[str, list[Any]]) -> pa.Table:
