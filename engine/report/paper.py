@@ -86,9 +86,8 @@ def recovery_table(frame: pd.DataFrame, by_concept: bool = False, failures: pd.D
     rows = rows[~rows["probe"].isin(preservation_probes(rows["probe"]))]  # what erasure broke: preservation
     labels = display_labels(rows) if len(rows) else {}
     rows = rows.assign(probe_label=rows["probe_label"].map(labels))
-    if failures is not None and len(failures):
-        failures = failures[failures["probe_label"].isin(labels)].assign(
-            probe_label=lambda f: f["probe_label"].map(labels))
+    if failures is not None and len(failures):  # a label no generated row has keeps its own name
+        failures = failures.assign(probe_label=failures["probe_label"].map(lambda label: labels.get(label, label)))
     keys = ["probe_label", *(["concept"] if by_concept else [])]
     records = []
     for metric in present_metrics(rows):

@@ -167,6 +167,7 @@ def test_failed_rows_are_counted_in_their_cell_and_left_out_of_the_rate(tmp_path
     pq.write_table(rows_table(records), tmp_path / "run" / "rows" / "part-0.parquet")
     failures = [_failure("esd_a", "esd", "a", "standard_prompt", i) for i in (2, 3)]
     failures += [_failure("div_a", "diverges", "a", "standard_prompt", i) for i in range(4)]  # every row failed
+    failures += [_failure("div_a", "diverges", "a", "inpainting", i) for i in range(2)]  # a probe with no row at all
     write_failures(tmp_path / "run", failures)
 
     frame = load_rows([tmp_path / "run"])
@@ -177,15 +178,17 @@ def test_failed_rows_are_counted_in_their_cell_and_left_out_of_the_rate(tmp_path
     assert _line(table, "standard_prompt", "top-1 %", "uce")["failed"] == 0
     diverges = _line(table, "standard_prompt", "top-1 %", "diverges")
     assert diverges["failed"] == 4 and diverges["n"] == 0 and pd.isna(diverges["value"])
+    assert _line(table, "inpainting", "top-1 %", "diverges")["failed"] == 2
     cells = cell_stats(frame, failed).set_index("model")
-    assert cells.loc["esd_a", "failed"] == 2 and cells.loc["div_a", "failed"] == 4 and cells.loc["div_a", "n"] == 0
+    assert cells.loc["esd_a", "failed"] == 2
+    assert sorted(cells.loc["div_a", "failed"]) == [2, 4] and set(cells.loc["div_a", "n"]) == {0}
 
     content = build_report([tmp_path / "run"])
     markdown = (content.output / "report.md").read_text()
-    assert "Failed rows (failures.parquet, left out of every rate): 6" in markdown
+    assert "Failed rows (failures.parquet, left out of every rate): 8" in markdown
     assert "(failed 2)" in markdown and "(failed 4)" in markdown
     paper = pd.read_csv(content.output / "paper_table.csv")
-    assert paper.loc[paper.metric == "top-1 %", "esd failed"].item() == 2
+    assert paper.loc[(paper.probe == "standard_prompt") & (paper.metric == "top-1 %"), "esd failed"].item() == 2
     assert json.loads(json.dumps(list(paper.columns)))[:2] == ["probe", "metric"]
 
 
