@@ -1,12 +1,14 @@
 """The paper's tables: recovery and preservation kept apart, each next to the base model.
 
-- Recovery ("does the erased concept come back?"): probes as rows (one line per metric), methods as
-  columns with the base model first; a cell pools every row of that method's models on the concepts
-  they erased (role `recovery`), with its 95% interval. The base model's column pools its reference
-  rows (role `base`) on the same concepts.
+- Recovery ("does the erased concept come back?"): probes as rows (one line per metric reading;
+  best-of-N probes read three ways, engine.report.pooling), methods as columns with the base model
+  first; a cell pools that method's models on the concepts they erased (role `recovery`) as the mean
+  of per-concept values with an interval over concepts. The base model's column pools its reference
+  rows (role `base`) on the same concepts, restricted per method where a method lacks some.
 - Preservation ("what did erasure break?"): interference and the standard prompt on concepts a model
-  did not erase (role `preservation`), next to the base model's rate on the same prompts and seeds,
-  and their ratio.
+  did not erase (role `preservation`), next to the base model's rate on the same requests (each base
+  row once), and their ratio with an interval over target concepts.
+- Failed rows (failures.parquet) are counted per cell, apart from the rates.
 - Per-concept breakdowns of both.
 Runs whose models declare no erased concepts (role `unpaired`) get the older table instead: each
 probe x method averaged over concepts, which mixes recovery with preservation and says so.
@@ -27,7 +29,6 @@ from engine.report.selection import selection_inflated
 from engine.report.tables import (
     BASE_METHOD,
     method_order,
-    metric_stats,
     present_metrics,
     present_values,
     probe_order,
@@ -38,12 +39,6 @@ PAIR_KEYS = ["target_concept", "prompt", "seed"]  # the same image request, whic
 
 def has_roles(frame: pd.DataFrame) -> bool:
     return bool(frame["role"].isin([RECOVERY, PRESERVATION]).any())
-
-
-def _interval_record(metric: Metric, group: pd.DataFrame) -> dict[str, Any]:
-    stats = metric_stats(metric, group)
-    return {"n": stats[f"{metric.key}_n"], "value": stats[metric.value], "ci_low": stats[metric.ci_low],
-            "ci_high": stats[metric.ci_high]}
 
 
 def erased_concepts(frame: pd.DataFrame) -> set[str]:
@@ -98,8 +93,9 @@ def recovery_table(frame: pd.DataFrame, by_concept: bool = False, failures: pd.D
                     if stats is None:
                         continue
                     cell = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
-                    scope = {"method": method.split(" on ")[0], "role": BASE if method.startswith(BASE_METHOD)
-                             else RECOVERY, **cell}
+                    is_base = method == BASE_METHOD or method.startswith(f"{BASE_METHOD} on ")
+                    scope = {"method": BASE_METHOD if is_base else method, "role": BASE if is_base else RECOVERY,
+                             **cell}
                     failed = sum(_failed_count(failures, {**scope, "concept": c}) for c in set(group["concept"]))
                     records.append({**cell, "method": method, "metric": reading_label(metric, reading),
                                     "metric_column": metric.column, "reading": reading, **stats,
