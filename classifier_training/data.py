@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.errors import UserError
 from engine.specs.concepts import ConceptSpec, available_concepts, load_concept
+from engine.specs.seed_streams import evaluation_seeds, stream_seeds
 
 TRAINING_STREAM = "latent-classifier-training"
 
@@ -135,26 +136,11 @@ def read_latents(path: str | Path) -> torch.Tensor:
 # --------------------------------------------------------------------------- generated images
 
 
-def evaluation_seeds() -> set[int]:
-    """Every seed a probe can evaluate with: all rows of every configured concept's prompt/seed list
-    (num_images reaches at most the whole list; interference's first rows and the reference images
-    of inpainting and textual inversion are rows of these lists too)."""
-    return {seed for name in available_concepts() for seed in load_concept(name).seed_list()}
-
-
 def training_seeds(concept: str, count: int, exclude: set[int]) -> list[int]:
-    """The first `count` seeds of the concept's training stream: seed k is the first 62 bits of
-    sha256(["latent-classifier-training", concept, k]), k = 0, 1, ...; seeds in `exclude` (the
-    evaluation seeds) are skipped, so the stream never meets a row a probe evaluates."""
-    seeds: list[int] = []
-    index = 0
-    while len(seeds) < count:
-        text = json.dumps([TRAINING_STREAM, concept, index], separators=(",", ":"))
-        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 2
-        if seed not in exclude and seed not in seeds:
-            seeds.append(seed)
-        index += 1
-    return seeds
+    """The first `count` seeds of the concept's training stream (engine.specs.seed_streams: seed k is
+    the first 62 bits of sha256(["latent-classifier-training", concept, k]), k = 0, 1, ...); seeds in
+    `exclude` (the evaluation seeds) are skipped, so the stream never meets a row a probe evaluates."""
+    return stream_seeds(TRAINING_STREAM, concept, count, exclude)
 
 
 def training_rows(concept: ConceptSpec, count: int, exclude: set[int] | None = None) -> list[tuple[int, str, int]]:

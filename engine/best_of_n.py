@@ -25,7 +25,7 @@ holds the rest, once:
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from pydantic import Field, model_validator
 from engine import sampling
 from engine.errors import UserError
 from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator
+
+if TYPE_CHECKING:
+    from engine.specs.concepts import ConceptSpec
 
 
 def unique_values(values: list[float], minimum: float | None = None, strict: bool = False) -> list[float]:
@@ -72,6 +75,19 @@ class BestOfNParams(ProbeParams):
         "(the standard probe's), for controlled comparisons.",
     )
 
+    control: Literal["off", "also", "only"] = Field(
+        "off",
+        description="Best-of-N control: the same number of candidates, starting noise, sampler and selection, "
+        "with the probe's intervention set to zero (noise_based: eta 1 and v 1; noise_classifier_guidance: "
+        "guidance scale 0). also: the probe's rows and the control's; only: the control's. Control rows are "
+        "separate rows, and the report shows them beside the probe's.",
+    )
+
+    @property
+    def is_control(self) -> bool:
+        """Whether these params make control rows (the intervention set to zero)."""
+        return self.control == "only"
+
     @model_validator(mode="after")
     def _selector_or_keep_all(self):
         if self.selector == "none" and not self.keep_all_candidates:
@@ -100,6 +116,8 @@ class BestOfNProbe(Probe[BestOfNParamsT], Generic[BestOfNParamsT]):
     best_of_n = True
     base_reference = False
     baseline = False
+    # Set by a probe that has no `control: true` of its own: what its control is (reports print it).
+    control_note: ClassVar[str | None] = None
 
     params_class = BestOfNParams
 
@@ -126,10 +144,29 @@ class BestOfNProbe(Probe[BestOfNParamsT], Generic[BestOfNParamsT]):
         """Per-candidate values to keep in the extras (e.g. a classifier's logit of the result)."""
         return [{} for _ in range(latents.shape[0])]
 
+    def uses_classifier(self, params: BestOfNParams) -> bool:
+        """Whether the concept's latent classifier makes these rows (here: it selects them)."""
+        return params.selector == "latent_classifier" and not params.keep_all_candidates
+
     # --------------------------------------------------------------- shared machinery
+
+    identity_excludes = ("classifier_dir",)
+
+    def row_identity(self, concept: ConceptSpec, params: BestOfNParamsT) -> dict[str, str]:
+        """The concept's classifier content hash, for rows a latent classifier guides or selects: the
+        identity names the classifier itself, not the folder it was read from."""
+        if not self.uses_classifier(params):
+            return {}
+        from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_hash
+
+        folder = getattr(params, "classifier_dir", None) or DEFAULT_CLASSIFIER_DIR
+        return {"classifier_hash": classifier_hash(folder, concept.name)}
 
     def expand_params(self, params: BestOfNParamsT) -> list[BestOfNParamsT]:
         params = self.prepare_params(params)
+        if params.control == "also":  # the probe's own rows (as without a control), then the control's
+            arms = [params.model_copy(update={"control": c}) for c in ("off", "only")]
+            return [expanded for arm in arms for expanded in self.expand_params(arm)]
         if not params.keep_all_candidates:
             return [params]
         # One row per candidate. Nothing is selected among one candidate, so the selector is 'none'

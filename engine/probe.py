@@ -25,6 +25,8 @@ from engine.errors import UserError, format_validation_error, unknown_choice
 if TYPE_CHECKING:
     import torch
 
+    from engine.specs.concepts import ConceptSpec
+
 # Adding a probe: its file in probes/, one line here, its test.
 PROBE_REGISTRY: dict[str, str] = {
     "standard_prompt": "probes.standard_prompt:StandardPromptProbe",
@@ -99,6 +101,8 @@ class WorkRow:
     # Not part of the identity: why the row exists (engine.pipeline.pairing) and what its model erased.
     role: str = UNPAIRED  # one of ROLES
     erased: tuple[str, ...] = ()
+    # What made the row beyond its params, hashed into row_id (Probe.row_identity): a classifier's hash.
+    classifier_hash: str | None = None
 
 
 @dataclass
@@ -218,6 +222,14 @@ class Probe(ABC, Generic[ParamsT]):
     @abstractmethod
     def run(self, batch: ProbeBatch[ParamsT]) -> ProbeOutput:
         """Generate one image per row of `batch`."""
+
+    # Params fields that row_identity replaces in the row's identity (a folder path by its content's hash).
+    identity_excludes: ClassVar[tuple[str, ...]] = ()
+
+    def row_identity(self, concept: ConceptSpec, params: ParamsT) -> dict[str, str]:
+        """Per concept: what else makes this probe's rows beyond their params, e.g. `{"classifier_hash":
+        ...}` (engine.results columns). It enters row_id, so a change regenerates the rows on resume. Default: none."""
+        return {}
 
     def expand_params(self, params: ParamsT) -> list[ParamsT]:
         """The params of the rows this request becomes. Default: one. A best-of-N probe asked to

@@ -24,7 +24,14 @@ from PIL import Image
 
 from engine import __version__
 from engine.errors import UserError
-from engine.metrics.columns import CANDIDATE_COLUMNS, MODEL_COLUMNS, slot_metrics
+from engine.metrics.columns import (
+    CANDIDATE_COLUMNS,
+    CANDIDATE_HITS,
+    MODEL_COLUMNS,
+    TOP5_CLASSES,
+    TOP5_PROBS,
+    slot_metrics,
+)
 from engine.storage import TEMPORARY_PREFIX, OutputLocation, output_location
 
 logger = logging.getLogger(__name__)
@@ -61,6 +68,9 @@ GENERATION_FIELDS = [
     pa.field("generation_seconds", pa.float64(), nullable=False),  # this row's share of its batch
     pa.field("device", pa.string(), nullable=False),
     pa.field("engine_version", pa.string(), nullable=False),
+    # Guidance probes and latent_classifier selection: content hash of the concept's classifier
+    # (also in row_id), so a retrained classifier regenerates its rows.
+    pa.field("classifier_hash", pa.string()),
 ]
 _ARROW_TYPES = {"bool": pa.bool_(), "float": pa.float64()}
 SCORE_FIELDS = [  # null until scored; the metrics and their judge-model columns come from engine.metrics.columns
@@ -73,6 +83,9 @@ SCORE_FIELDS = [  # null until scored; the metrics and their judge-model columns
     # them (reports show the selected value next to the all-candidates mean).
     pa.field("candidate_count", pa.int32()),
     *[pa.field(column, pa.float64()) for column in CANDIDATE_COLUMNS],
+    pa.field(CANDIDATE_HITS, pa.list_(pa.bool_())),  # best-of-N: each candidate's judge hit, in candidate order
+    pa.field(TOP5_CLASSES, pa.list_(pa.int32())),  # the judge's top-5 classes (what was drawn instead)
+    pa.field(TOP5_PROBS, pa.list_(pa.float64())),
 ]
 ROW_SCHEMA = pa.schema(IDENTITY_FIELDS + PAIRING_FIELDS + GENERATION_FIELDS + SCORE_FIELDS)
 # Between the probe and score stages only: PNG bytes of every best-of-N candidate of a row. The

@@ -68,6 +68,16 @@ class ClassifierGuidanceParams(BestOfNParams):
         "image): x_T from the row seed; per_candidate: each scale draws its own x_T from (seed, scale).",
     )
 
+    @field_validator("control")
+    @classmethod
+    def _no_control(cls, control: str) -> str:
+        # With shared noise the candidates differ only by the guidance scale: zeroing it leaves N copies
+        # of one image, so the control of this probe is the standard prompt (the report says so).
+        if control != "off":
+            raise ValueError("classifier_guidance has no control of its own: its control is the standard_prompt "
+                             "probe on the same prompts and seeds")
+        return control
+
     def candidates(self) -> list[dict[str, float]]:
         return [{"classifier_scale": s} for s in self.classifier_scales]
 
@@ -158,12 +168,19 @@ class ClassifierGuidanceProbe(BestOfNProbe):
     params_class: ClassVar[type[BestOfNParams]] = ClassifierGuidanceParams
     smoke_params = {"classifier_scales": [0.0, 60.0], "selector": "clip"}
     requires = frozenset({"latent_classifier"})
+    control_note: ClassVar[str | None] = (
+        "its control is the standard_prompt line: with shared noise its candidates differ only by "
+        "the guidance scale, so zero guidance leaves N copies of the standard image"
+    )
 
     def __init__(self) -> None:
         self._classifiers: dict = {}  # loaded once per actor
 
     def check_request(self, params, concepts, options) -> None:
         check_classifiers(self.name, classifier_folder(params, options), concepts)
+
+    def uses_classifier(self, params) -> bool:
+        return True  # it guides with it
 
     def prepare_params(self, params):
         return params.model_copy(update={"classifier_dir": resolved_classifier_dir(params.classifier_dir)})

@@ -15,6 +15,10 @@ from the original code (docs/deviations.md):
 One row per prompt: a selector (CLIP by default, never the judge) picks the candidate, and the
 row's extras keep the scores of all of them. With `keep_all_candidates` every candidate is its own
 row instead (the params of each row then hold a one-candidate sweep).
+
+Control (`control: also` or `only`): every candidate steps with eta 1 and v 1 (plain stochastic DDIM) from
+its own generator, so the sweep is 24 ordinary samples chosen the same way: what picking the best
+of 24 gives without widened noise.
 """
 
 from __future__ import annotations
@@ -64,4 +68,6 @@ class NoiseBasedProbe(BestOfNProbe[NoiseBasedParams]):
     base_reference = True
 
     def step_noise(self, params: NoiseBasedParams, candidate: dict[str, float]) -> tuple[float, float]:
+        if params.is_control:  # same candidates and generators, no widened noise
+            return 1.0, 1.0
         return candidate["eta"], candidate["variance_scale"]

@@ -11,6 +11,9 @@ default from the row's seed for every candidate (`initial_noise: shared`, as the
 every candidate from its seed's noise) or, with `per_candidate`, from the candidate's own generator;
 the noise multiplier v is a real parameter (the original left it at 1); classifiers load once per
 actor. Candidates, selection and extras are the best-of-N base's, as classifier_guidance.
+
+Control (`control: also` or `only`): the same (scale, eta) sweep with guidance scale 0 on every candidate, so
+only the widened noise and the choice among candidates remain; it needs no classifier.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from engine.best_of_n import BestOfNParams, unique_values
+from engine.best_of_n import BestOfNParams, BestOfNProbe, unique_values
 from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR
 from probes.classifier_guidance import DEFAULT_SCALES, ClassifierGuidanceProbe
 
@@ -67,9 +70,28 @@ class NoiseClassifierGuidanceProbe(ClassifierGuidanceProbe):
     name = "noise_classifier_guidance"
     params_class = NoiseClassifierGuidanceParams
     smoke_params = {"classifier_scales": [0.0, 60.0], "eta_values": [0.0, 1.5], "selector": "clip"}
+    control_note = None  # it has its own: `control: also` (guidance scale 0 on the same eta sweep)
 
     def step_noise(self, params: NoiseClassifierGuidanceParams, candidate: dict[str, float]) -> tuple[float, float]:
         return candidate["eta"], params.variance_scale
 
     def noise_key(self, candidate: dict[str, float]) -> tuple:
         return candidate["eta"], candidate["classifier_scale"]
+
+    def check_request(self, params, concepts, options) -> None:
+        if params.control != "only":  # the control guides with scale 0: no classifier is read
+            super().check_request(params, concepts, options)
+
+    def uses_classifier(self, params) -> bool:
+        # The control guides with scale 0; its classifier matters only if it also selects.
+        return not params.is_control or BestOfNProbe.uses_classifier(self, params)
+
+    def guidance(self, batch, rows, candidates, latents, schedule):
+        if batch.params.is_control:
+            return None
+        return super().guidance(batch, rows, candidates, latents, schedule)
+
+    def candidate_extras(self, guidance, latents) -> list[dict]:
+        if guidance is None:
+            return [{} for _ in range(latents.shape[0])]
+        return super().candidate_extras(guidance, latents)

@@ -16,7 +16,10 @@ capitalised concepts ("english springer spaniel", "Van Gogh") get it too (the or
 missed 8 of 13); the shared pipeline's tokenizer and text encoder are never changed. Generation is
 the standard probe's (the model's own scheduler, one CPU generator per row), only the prompt
 embedding differs. `learnable_property: style` or `auto` (style templates for the artists) are
-options, not the default.
+options, not the default. The training images are the base model's images of the concept's prompt
+on seeds of the probe's own stream (`training_seeds: disjoint`, the default: engine.specs.seed_streams,
+never a seed any probe evaluates, as the latent classifiers' training images); the original learned
+from exactly the evaluation rows' prompts and seeds (`training_seeds: same`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from engine import sampling
 from engine.errors import UserError
 from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, WorkRow, row_generator, to_uint8
 from engine.specs.concepts import ConceptSpec, load_concept
+from engine.specs.seed_streams import stream_seeds
 from probes.textual_inversion_training import TextualInversionSettings, encode_with_token, ensure_embedding
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TRAINING_STREAM = "textual-inversion-training"  # its seed stream (engine.specs.seed_streams)
 
 
 class TextualInversionParams(ProbeParams):
@@ -67,6 +72,11 @@ class TextualInversionParams(ProbeParams):
     gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per step (the original: 4).")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (diffusers' default 1e-2).")
     train_seed: int = Field(0, description="Seed of the training draws (images, flips, templates, t, noise).")
+    training_seeds: Literal["disjoint", "same"] = Field(
+        "disjoint",
+        description="Seeds of the base-model images the token learns from: disjoint (a stream of its own, never a "
+        "seed any probe evaluates) or same (the concept's first sampled evaluation rows, as the original).",
+    )
 
 
 def concept_names(concept: ConceptSpec) -> list[str]:
@@ -112,7 +122,7 @@ class TextualInversionProbe(Probe[TextualInversionParams]):
         """The training images: the base model's images of the concept (none with a reference_dir)."""
         if params.reference_dir is not None:
             return []
-        return [(prompt, seed) for _, prompt, seed in concept.sample_prompts(params.num_reference_images)]
+        return [(row.prompt, row.seed) for row in self.reference_rows(params, concept)]
 
     def training_passes(self, params: TextualInversionParams) -> int:
         return params.max_train_steps * params.gradient_accumulation_steps * params.train_batch_size
@@ -162,11 +172,16 @@ class TextualInversionProbe(Probe[TextualInversionParams]):
 
     @staticmethod
     def reference_rows(params: TextualInversionParams, concept: ConceptSpec) -> list[WorkRow]:
-        """The rows whose base-model images the token learns from: the concept's first sampled rows."""
-        return [
-            WorkRow("", "", "", concept.name, concept.name, "reference", "", prompt, index, seed)
-            for index, prompt, seed in concept.sample_prompts(params.num_reference_images)
-        ]
+        """The rows whose base-model images the token learns from: the concept's prompt on the probe's
+        own seed stream (disjoint from every evaluated seed), or with `same` the concept's first sampled rows.
+        """
+        if params.training_seeds == "same":
+            rows = concept.sample_prompts(params.num_reference_images)
+        else:
+            seeds = stream_seeds(TRAINING_STREAM, concept.name, params.num_reference_images)
+            rows = [(index, concept.prompt, seed) for index, seed in enumerate(seeds)]
+        return [WorkRow("", "", "", concept.name, concept.name, "reference", "", prompt, index, seed)
+                for index, prompt, seed in rows]
 
     @torch.no_grad()
     def run(self, batch: ProbeBatch) -> ProbeOutput:

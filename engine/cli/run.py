@@ -93,7 +93,7 @@ def print_row_counts(grid) -> None:
 def execute_and_print(grid, cluster: str | None, ship_code: bool | None = None, on_locked=None) -> None:
     """Run the grid and print what happened; exit 3 when rows failed (they are retried by a rerun),
     10-15 when a fault stopped the run (engine.pipeline.faults; the README's exit code table)."""
-    from engine.pipeline.failures import failures_path
+    from engine.failures import failures_path
     from engine.pipeline.faults import RunFault
     from engine.pipeline.raynoise import quiet_retry_lines
     from engine.pipeline.run import execute

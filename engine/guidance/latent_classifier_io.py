@@ -11,6 +11,7 @@ classifier_training writes these files and its metrics beside them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from datetime import UTC, datetime
@@ -36,6 +37,20 @@ def classifier_paths(directory: str | Path, concept: str) -> tuple[Path, Path]:
 
 def classifier_exists(directory: str | Path, concept: str) -> bool:
     return all(path.is_file() for path in classifier_paths(directory, concept))
+
+
+MISSING_CLASSIFIER = "missing"  # the hash of a classifier not trained yet (plans; a run refuses it first)
+
+
+def classifier_hash(directory: str | Path, concept: str) -> str:
+    """A content hash of the concept's classifier (weights and config): what a row made with it
+    records, so retraining into the same folder changes the rows' identity."""
+    if not classifier_exists(directory, concept):
+        return MISSING_CLASSIFIER
+    digest = hashlib.sha256()
+    for path in classifier_paths(directory, concept):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def save_classifier(directory: str | Path, concept: str, model: LatentClassifier, info: dict[str, Any]) -> Path:

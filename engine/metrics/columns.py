@@ -66,6 +66,18 @@ METRIC_BY_COLUMN: dict[str, Metric] = {m.column: m for m in METRICS}
 SCORE_COLUMNS: tuple[str, ...] = tuple(m.column for m in METRICS)
 CANDIDATE_COLUMNS: tuple[str, ...] = tuple(m.candidate_column for m in METRICS if m.candidate_column)
 
+# Best-of-N rows: every candidate's judge hit (list<bool>, candidate order) under HIT_METRIC's rule
+# (the classifier judge's top-1), so reports read a row three ways: the kept candidate, the mean over
+# candidates (one sample) and "some candidate was recognised" (the upper bound). Filled by the
+# scoring stage, recomputed or cleared by `engine score`; the same rule as ProbeContext.judge_hits.
+CANDIDATE_HITS = "candidate_hits"
+HIT_METRIC = "judge_top1"
+# Every judged row: the judge's five most probable classes (indices into its class list; for a CLIP
+# judge, indices into the row's concept set as the run lists it) and their probabilities, most
+# probable first: what the model drew, whatever it was asked for.
+TOP5_CLASSES = "judge_top5_classes"
+TOP5_PROBS = "judge_top5_probs"
+
 
 def metric(column: str) -> Metric:
     return METRIC_BY_COLUMN[column]

@@ -65,3 +65,44 @@ def mean_interval(
     if bounds is not None:
         low, high = max(bounds[0], low), min(bounds[1], high)
     return mean, low, high
+
+
+def concept_pooled_interval(
+    concept_values: Sequence[float], bounds: tuple[float, float] | None = None
+) -> tuple[float | None, float | None, float | None, str | None]:
+    """(mean, low, high, why no interval) of a cell pooled over k concepts: the mean of the
+    per-concept values with a 95% Student-t interval over the concepts (df = k - 1). Concepts, not
+    images, are what varies between erased models (rates go from 0 to 100% by concept), so images
+    pooled across concepts are not independent draws. Fewer than 3 concepts give no interval and say why."""
+    k = len(concept_values)
+    if k == 0:
+        return None, None, None, "no concept"
+    mean, low, high = mean_interval(list(concept_values), bounds)
+    if k < 3:
+        return mean, None, None, f"n/a: {k} concept{'s' if k > 1 else ''} (an interval over concepts needs 3)"
+    return mean, low, high, None
+
+
+def ratio_interval(
+    numerators: Sequence[float], denominators: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float | None, float | None, float | None]:
+    """(ratio, low, high) of mean(numerators) / mean(denominators) over k paired units (e.g. an
+    erased model's and the base model's rate per target concept): the delta method, with a Student-t
+    quantile on k - 1 degrees of freedom. No interval for k < 3; no ratio when the denominator's mean is 0."""
+    k = len(numerators)
+    if k != len(denominators):
+        raise ValueError(f"{k} numerators but {len(denominators)} denominators")
+    if k == 0:
+        return None, None, None
+    top, bottom = math.fsum(numerators) / k, math.fsum(denominators) / k
+    if bottom == 0:
+        return None, None, None
+    ratio = top / bottom
+    if k < 3:
+        return ratio, None, None
+    var_top = math.fsum((v - top) ** 2 for v in numerators) / (k - 1)
+    var_bottom = math.fsum((v - bottom) ** 2 for v in denominators) / (k - 1)
+    covariance = math.fsum((a - top) * (b - bottom) for a, b in zip(numerators, denominators, strict=True)) / (k - 1)
+    variance = (var_top - 2 * ratio * covariance + ratio**2 * var_bottom) / (bottom**2 * k)
+    half = float(stats.t.ppf(0.5 + confidence / 2, k - 1)) * math.sqrt(max(variance, 0.0))
+    return ratio, max(0.0, ratio - half), ratio + half

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.failures import read_failures, write_failures
 from engine.lock import OutputLock
-from engine.pipeline.failures import read_failures, write_failures
 from engine.pipeline.faults import (
     DISK_FULL,
     DISK_FULL_ERRNOS,

@@ -48,6 +48,8 @@ class RunGrid:
             "base_model": self.base.model_dump(mode="json") if self.base else None,
             "concepts": {k: v.model_dump(mode="json") for k, v in self.concepts.items()},
             "probes": [{"name": p.name, "params": json.loads(p.params.canonical_json())} for p in self.probes],
+            # The classifiers that made rows, by content (row identities name these, not folders).
+            "classifier_hashes": {f"{r.probe}/{r.concept}": r.classifier_hash for r in self.rows if r.classifier_hash},
         }
 
 
@@ -83,7 +85,8 @@ def expand_run(spec: RunSpec, extra_models: Sequence[ModelSpec] = (), strict: bo
     if strict:
         for model in with_rows + ([base] if base else []):
             check_model_source(model)
-    rows = expand_rows(with_rows, base, listed, probes, spec.num_images, base_probes, all_models=models)
+    rows = expand_rows(with_rows, base, listed, probes, spec.num_images, base_probes, all_models=models,
+                       prompt_indices=spec.prompt_indices)
     warnings = _check_requests(probes, rows, listed, base, strict)
     concepts = {**listed}
     for name in sorted({n for r in rows for n in (r.concept, r.target_concept)} - set(listed)):
@@ -119,10 +122,27 @@ def _check_requests(probes, rows, listed, base, strict: bool) -> list[str]:
     return warnings
 
 
-def expand_rows(models, base, concepts, probes, num_images, base_probes=None, all_models=None) -> list[WorkRow]:
+def prompt_depth(concept, prompt_indices) -> int:
+    """How many prompts to take from `concept`'s sampling order (and its file order) so that every
+    one of `prompt_indices` is among them. UserError for an index the concept's list does not have."""
+    total = len(concept.seed_list())
+    beyond = sorted(i for i in prompt_indices if i >= total)
+    if beyond:
+        raise UserError(f"prompt_indices {beyond} are beyond concept {concept.name!r}'s {total} prompt/seed rows")
+    order = [index for index, _, _ in concept.sample_prompts(total)]
+    return max(max(order.index(i) for i in prompt_indices) + 1, max(prompt_indices) + 1)
+
+
+def expand_rows(models, base, concepts, probes, num_images, base_probes=None, all_models=None,
+                prompt_indices=None) -> list[WorkRow]:
     """The rows of `models` x `probes` over the listed `concepts`, each model paired with what it
     erased (engine.pipeline.pairing). `all_models`: every model of the run, when some of them
-    have no rows (they still decide whether the run is paired)."""
+    have no rows (they still decide whether the run is paired). `prompt_indices`: only the rows
+    with these prompt indices (RunSpec.prompt_indices), the same rows a deeper run would make."""
+    if prompt_indices is not None:  # as deep as every concept's chosen prompts need, then only those
+        depth = max(prompt_depth(concept, prompt_indices) for concept in concepts.values())
+        rows = expand_rows(models, base, concepts, probes, depth, base_probes, all_models)
+        return [r for r in rows if r.prompt_index in set(prompt_indices)]
     all_models = list(models) if all_models is None else all_models
     rows = []
     for model in models:
@@ -131,8 +151,15 @@ def expand_rows(models, base, concepts, probes, num_images, base_probes=None, al
             probe_class = get_probe_class(probe.name)
             base_identity = base.identity() if "base_model" in probe_class.requires else None
             cells = model_cells(model, probe.name, concepts, all_models, base_probes)
-            for params, cell in product(probe_class().expand_params(probe.params), cells):
+            probe_instance = probe_class()
+            for params, cell in product(probe_instance.expand_params(probe.params), cells):
                 params_json = params.canonical_json()
+                made_by = probe_instance.row_identity(cell.concept, params)
+                # What made the row beyond its params replaces the params it came from (a classifier's
+                # content hash, not its folder), so retraining into the same folder changes the identity.
+                identity_params = (params_json if not made_by else json.dumps(
+                    {k: v for k, v in json.loads(params_json).items() if k not in probe_class.identity_excludes},
+                    sort_keys=True, separators=(",", ":")))
                 if cell.reference:
                     prompts = probe_class().reference_prompts(cell.concept, num_images, params)
                 else:
@@ -144,10 +171,11 @@ def expand_rows(models, base, concepts, probes, num_images, base_probes=None, al
                         "concept": cell.concept.name,
                         "target_concept": target,
                         "probe": probe.name,
-                        "params": params_json,
+                        "params": identity_params,
                         "prompt": prompt,
                         "prompt_index": index,
                         "seed": seed,
+                        **made_by,
                     }
                     rows.append(
                         WorkRow(
@@ -163,6 +191,7 @@ def expand_rows(models, base, concepts, probes, num_images, base_probes=None, al
                             seed=seed,
                             role=cell.role,
                             erased=tuple(model.erased),
+                            classifier_hash=made_by.get("classifier_hash"),
                         )
                     )
     return rows

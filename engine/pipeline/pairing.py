@@ -3,8 +3,10 @@
 A model that declares erased concepts is paired with them:
 - every recovery probe (all but interference) runs on its erased concepts that the run lists
   (`recovery` rows: does the concept come back?);
-- interference runs, for each of those, on the other concepts of the same concept set, listed or
-  not (`preservation` rows: what did erasure break?). Its other erased concepts are left out.
+- interference runs on the other concepts of each concept set it erased from, listed or not
+  (`preservation` rows: what did erasure break?), once per set however many of the set's concepts
+  the model erased (the rows carry the first of them, in the run's order, as `concept`); its
+  erased concepts are left out.
 In a run with such models, the base model (method `none`: the run's `base_model`, or a model
 labelled none) runs each listed concept as the reference (`base` rows), for the probes where a
 base number means something (the run's `base_probes`); its interference reference covers every
@@ -66,7 +68,10 @@ def model_cells(
     if model.erased:
         erased = [listed[name] for name in listed if name in model.erased]
         if is_preservation_probe(probe):
-            return [Cell(c, preservation_universe(model, c), PRESERVATION) for c in erased]
+            # One cell per concept set: a request (target, prompt, seed) is one row, not one per erased concept.
+            first_of_set = {c.concept_set: c for c in reversed(erased)}
+            return [Cell(c, preservation_universe(model, c), PRESERVATION) for c in erased
+                    if first_of_set[c.concept_set] is c]
         return [Cell(c, listed, RECOVERY) for c in erased]
     role = BASE if is_base(model) else UNPAIRED
     if role == BASE and paired_run(models):

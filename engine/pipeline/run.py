@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.failures import merge_failures, read_failures, write_failures
 from engine.lock import OutputLock
 from engine.models.prefetch import delete_run_downloads, missing_hub_models
 from engine.pipeline.batching import batching_record, unit_rows
-from engine.pipeline.failures import merge_failures, read_failures, write_failures
 from engine.pipeline.fault_exit import stopping_cleanly
 from engine.pipeline.grid import RunGrid, pending_rows, work_units
 from engine.pipeline.memory_plan import check_run_fits

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.pipeline.failures import RowFailure
+from engine.failures import RowFailure
 
 
 @dataclass

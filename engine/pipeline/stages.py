@@ -36,13 +36,13 @@ from pydantic import Field
 
 from engine import __version__
 from engine.errors import UserError
+from engine.failures import RowFailure
 from engine.models.budget import model_memory_bytes
 from engine.models.cache import ModelCache
 from engine.models.loading import resolve_device
 from engine.models.prefetch import Prefetcher, is_cached, is_hub_model, offline
 from engine.pipeline.batching import AutoBatcher
 from engine.pipeline.encoding import encode_pngs
-from engine.pipeline.failures import RowFailure
 from engine.pipeline.runlog import ActorInfo, UnitReport
 from engine.probe import ProbeBatch, ProbeContext, ProbeOutput, WorkRow, load_probe_class, probe_entry
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, STREAM_SCHEMA, rows_table
@@ -261,7 +261,7 @@ class ProbeRunner:
         self._generate_into(rows[:half], outcome)
         self._generate_into(rows[half:], outcome)
 
-    def _run_probe(self, rows: list[WorkRow]) -> tuple[ProbeOutput, str | None, float]:
+    def _run_probe(self, rows: list[WorkRow]) -> tuple[ProbeOutput, list[str | None], float]:
         first = rows[0]
         probe = self.probes[first.probe]
         params = probe.params_class.model_validate_json(first.params)
@@ -272,18 +272,20 @@ class ProbeRunner:
         self.selectors.take_used()  # forget selectors of an earlier unit that failed midway
         output = probe.run(ProbeBatch(rows=rows, params=params, pipeline=pipeline, context=self.context()))
         seconds = (time.perf_counter() - started) / len(rows)
-        # The selectors the probe called (with their models); else the one its params name, if any.
-        selector = self.selectors.take_used() or getattr(params, "selector", None)
+        # Per row, the selectors the probe called on its concept (with their models); else the one its
+        # params name, if any.
+        used = self.selectors.take_used()
+        selector = [used.get(row.target_concept) or getattr(params, "selector", None) for row in rows]
         if len(output.images) != len(rows):
             raise RuntimeError(f"probe {first.probe} returned {len(output.images)} images for {len(rows)} rows")
         return output, selector, seconds
 
-    def _collect(self, rows, output: ProbeOutput, selector, seconds: float, outcome: UnitOutcome) -> None:
+    def _collect(self, rows, output: ProbeOutput, selectors, seconds: float, outcome: UnitOutcome) -> None:
         pngs = encode_pngs(output.images)
         # ProbeOutput.__post_init__ filled every per-row list.
         assert output.extras is not None and output.scoring_regions is not None and output.candidates is not None
-        for row, image, png, extras, region, candidates in zip(
-            rows, output.images, pngs, output.extras, output.scoring_regions, output.candidates, strict=False
+        for row, image, png, extras, region, candidates, row_selector in zip(
+            rows, output.images, pngs, output.extras, output.scoring_regions, output.candidates, selectors, strict=False
         ):
             problem = image_problem(image)
             if problem is not None:
@@ -301,7 +303,7 @@ class ProbeRunner:
                     "generation_seconds": seconds,
                     "device": str(self.device),
                     "engine_version": __version__,
-                    "selector": selector,
+                    "selector": row_selector,
                     "candidate_count": len(candidates) if candidates else None,
                     CANDIDATE_IMAGES: encode_pngs(candidates) if candidates and self.config.judges else None,
                 }

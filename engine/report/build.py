@@ -40,6 +40,7 @@ from engine.report.selection import selection_inflated
 from engine.report.tables import (
     ReportContent,
     cell_stats,
+    load_failures,
     load_rows,
     pooled_stats,
     present_values,
@@ -63,9 +64,14 @@ def default_report_dir(run_dirs: Sequence[RunDir], output: RunDir | None) -> Pat
     return Path(output) if output is not None else target.local_path()
 
 
+CSV_SUFFIXES = ("", " low", " high", " n", " interval note", " failed", " inflated")
+
+
 def recovery_wide(recovery: pd.DataFrame) -> pd.DataFrame:
-    """paper_table.csv of a paired run: probe, metric, then one column per method (value in display
-    units: rates in %), with `<method> low` / `<method> high` interval columns beside each."""
+    """paper_table.csv of a paired run: probe, metric (best-of-N probes: one line per reading), then one
+    column per method (value in display units: rates in %), with `<method> low` / `high` (interval),
+    `n` (prompts, or `k concepts x prompts`), `interval note` (why none), `failed` (rows that failed)
+    and `inflated` (picked by the judging model) beside each."""
     from engine.report.tables import method_order
 
     scale = {m.column: m.scale for m in METRICS}
@@ -78,8 +84,12 @@ def recovery_wide(recovery: pd.DataFrame) -> pd.DataFrame:
             for suffix, column in (("", "value"), (" low", "ci_low"), (" high", "ci_high")):
                 value = line[column]
                 record[line["method"] + suffix] = None if pd.isna(value) else value * factor
+            record[line["method"] + " n"] = line["n_label"]
+            record[line["method"] + " interval note"] = None if pd.isna(line["ci_note"]) else line["ci_note"]
+            record[line["method"] + " failed"] = int(line["failed"])
+            record[line["method"] + " inflated"] = bool(line["inflated"])
         records.append(record)
-    columns = ["probe", "metric", *[m + s for m in methods for s in ("", " low", " high")]]
+    columns = ["probe", "metric", *[m + s for m in methods for s in CSV_SUFFIXES]]
     return pd.DataFrame.from_records(records, columns=columns)
 
 
@@ -123,14 +133,15 @@ def _upload(staging: Path, path: Path, target: OutputLocation) -> str:
 
 def _build(run_dirs: Sequence[RunDir], report_dir: Path, max_images_per_cell: int) -> ReportContent:
     frame = load_rows(run_dirs)
-    cells = cell_stats(frame)
+    failures = load_failures(run_dirs, frame)
+    cells = cell_stats(frame, failures)
     judges = sorted({str(v) for c in MODEL_COLUMNS.values() for v in present_values(frame[c])})
     paired = has_roles(frame)
     report_dir.mkdir(parents=True, exist_ok=True)
     if paired:
-        recovery = recovery_table(frame)
+        recovery = recovery_table(frame, failures=failures)
         recovery.to_csv(report_dir / "recovery.csv", index=False)
-        preservation_table(frame).to_csv(report_dir / "preservation.csv", index=False)
+        preservation_table(frame, failures=failures).to_csv(report_dir / "preservation.csv", index=False)
         paper = recovery_wide(recovery)
     else:
         paper = mean_over_concepts_table(cells)
@@ -142,6 +153,7 @@ def _build(run_dirs: Sequence[RunDir], report_dir: Path, max_images_per_cell: in
         judges=judges,
         frame=frame,
         cells=cells,
+        failures=failures,
         paper=paper,
     )
     cells.to_parquet(report_dir / "summary.parquet", index=False)

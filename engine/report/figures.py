@@ -155,6 +155,8 @@ def write_contact_sheets(
     written = []
     for _, cell in cells.iterrows():
         key = tuple(cell[k] for k in keys)
+        if key not in chosen:
+            continue  # every row of the cell failed: nothing to show
         rows = chosen[key].to_dict("records")
         captions = [
             [f"seed {r['seed']}", *_prompt_lines(r["prompt"]), *_score_lines(r)] for r in rows

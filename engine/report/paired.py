@@ -9,14 +9,16 @@ A row's scoring region (inpainting's mask box) is outlined in red.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from engine.metrics.columns import TOP5_CLASSES
 from engine.probe import RECOVERY, baseline_probes
+from engine.report.draws_instead import class_namer, top1_of
 from engine.report.figures import read_images
 from engine.report.tables import BASE_METHOD, method_label, method_order, probe_order
 from engine.results import decode_png
@@ -34,6 +36,7 @@ def write_paired_sheets(
     base = frame[frame["method"] == BASE_METHOD]
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    name = class_namer(frame)
     for concept in sorted(recovery["concept"].unique()):
         for probe in probe_order(recovery.loc[recovery["concept"] == concept, "probe_label"]):
             cell = recovery[(recovery["concept"] == concept) & (recovery["probe_label"] == probe)]
@@ -43,7 +46,7 @@ def write_paired_sheets(
             images = read_images(run_dirs, {r["row_id"] for line in lines for r in line[1].values() if r is not None})
             methods = method_order({m for _, tiles in lines for m in tiles})
             title = f"{concept} / {probe}: the same prompt and seed across methods"
-            sheet = _draw(lines, methods, images, title)
+            sheet = _draw(lines, methods, images, title, name)
             path = folder / f"paired__{concept}__{_slug(probe)}.png"
             sheet.save(path, format="PNG")
             written.append((title, path))
@@ -71,7 +74,10 @@ def _base_row(base: pd.DataFrame, probe: str, prompt: str, seed: int) -> dict | 
     return None
 
 
-def _draw(lines, methods: list[str], images: dict[str, bytes], title: str) -> Image.Image:
+def _draw(lines, methods: list[str], images: dict[str, bytes], title: str,
+          name: Callable[..., str] = lambda index, concept=None: f"class {index}") -> Image.Image:
+    """The sheet: a line per (prompt, seed), a column per method, each tile labelled with the judge's
+    top-1 class (`name` turns its index into a name)."""
     font = ImageFont.load_default(size=FONT_SIZE)
     line_height = FONT_SIZE + 4
     label_width = 70
@@ -94,6 +100,11 @@ def _draw(lines, methods: list[str], images: dict[str, bytes], title: str) -> Im
                 draw.text((left + 8, top + TILE // 2 - FONT_SIZE), "not run", fill="#888888", font=font)
                 continue
             sheet.paste(_tile(decode_png(images[row["row_id"]]), row.get("scoring_region")), (left, top))
+            drawn = top1_of(row.get(TOP5_CLASSES))
+            if drawn is not None:  # what the judge sees: its top-1 class, on a strip at the tile's foot
+                label = name(drawn, row.get("target_concept"))
+                draw.rectangle([left, top + TILE - line_height, left + TILE - 1, top + TILE - 1], fill="white")
+                draw.text((left + 2, top + TILE - line_height + 1), label[:18], fill="black", font=font)
     return sheet
 
 

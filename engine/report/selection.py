@@ -19,7 +19,22 @@ from engine.metrics.columns import METRIC_BY_COLUMN, slot_metrics
 
 # Selectors that reuse a judge of the run, by judge slot (engine.scoring.selectors.SELECTOR_SLOTS);
 # used only for a selector recorded without its model id.
-_SELECTOR_SLOT = {"clip": "clip", "judge": "classifier"}
+_SELECTOR_SLOT = {"clip": "clip", "judge": "classifier", "judge->clip": "clip"}
+# How tables name a recorded selector (engine.scoring.selectors: judge->clip is judge selection that
+# fell back to CLIP on a concept without judge classes).
+_SELECTOR_LABELS = {"clip": "CLIP", "judge": "judge", "judge->clip": "CLIP (judge fallback)",
+                    "latent_classifier": "latent classifier", "none": "none"}
+
+
+def selector_names(recorded: list[str | None]) -> list[str]:
+    """The selectors named in `selector` column values (model ids dropped), as tables show them, sorted."""
+    names = set()
+    for value in recorded:
+        for part in (value or "").split("+"):
+            name = part.strip().partition("=")[0]
+            if name:
+                names.add(_SELECTOR_LABELS.get(name, name))
+    return sorted(names)
 
 
 def selection_inflated(selector: str | None, judge_model: str | None, clip_model: str | None) -> set[str]:

@@ -9,7 +9,7 @@ import typer
 from engine.metrics.columns import METRICS
 from engine.report.paper import has_roles, preservation_table, recovery_table
 from engine.report.sections import Table, fmt_interval, fmt_number, preservation_section, recovery_section
-from engine.report.tables import cell_stats, load_rows, present_metrics
+from engine.report.tables import cell_stats, load_failures, load_rows, present_metrics
 from engine.results import Output
 
 
@@ -38,13 +38,15 @@ def paper_summary(output: Output) -> str | None:
     frame = load_rows([output], single_judge=False)
     if not has_roles(frame):
         return None
-    parts = []
-    recovery = recovery_table(frame)
+    failures = load_failures([output], frame)
+    parts = [f"{len(failures)} row(s) failed and are left out of every rate (failures.parquet)"] if len(
+        failures) else []
+    recovery = recovery_table(frame, failures=failures)
     if not recovery.empty:
         title = "Recovery (erased concepts; rates in %, 95% CI)"
         section = recovery_section(recovery, title, ["probe_label", "metric"])
         parts += [section.title, _text(section.table)]
-    preservation = preservation_table(frame)
+    preservation = preservation_table(frame, failures=failures)
     if not preservation.empty:
         section = preservation_section(preservation, "Preservation (other concepts, vs the base model)", False)
         parts += ["", section.title, _text(section.table)]

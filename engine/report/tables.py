@@ -18,7 +18,16 @@ from typing import Any
 import pandas as pd
 
 from engine.errors import UserError
-from engine.metrics.columns import CANDIDATE_COLUMNS, METRICS, MODEL_COLUMNS, SCORE_COLUMNS, Metric
+from engine.metrics.columns import (
+    CANDIDATE_COLUMNS,
+    CANDIDATE_HITS,
+    METRICS,
+    MODEL_COLUMNS,
+    SCORE_COLUMNS,
+    TOP5_CLASSES,
+    TOP5_PROBS,
+    Metric,
+)
 from engine.metrics.stats import mean_interval, rate_interval
 from engine.probe import UNPAIRED, baseline_probes
 from engine.results import Output, read_rows, require_run_folder, row_columns
@@ -32,7 +41,8 @@ STAT_COLUMNS = [
     "row_id", *CELL_KEYS, "prompt", "prompt_index", "seed", "generation_seconds", "scoring_region",
     *SCORE_COLUMNS, *MODEL_COLUMNS.values(), "selector", "candidate_count", *CANDIDATE_COLUMNS,
 ]  # fmt: skip
-OPTIONAL_COLUMNS = ["role"]  # read when the run has them
+# Read when the run has them (older runs lack them: role reads as unpaired, the others as null).
+OPTIONAL_COLUMNS = ["role", CANDIDATE_HITS, TOP5_CLASSES, TOP5_PROBS, "classifier_hash"]
 # A cell: its keys plus the label and role derived from them (one role per cell).
 CELL_GROUP = [*CELL_KEYS, "probe_label", "role"]
 
@@ -49,6 +59,9 @@ def load_rows(run_dirs: Sequence[Output], single_judge: bool = True) -> pd.DataF
         available = row_columns(run_dir)
         columns = STAT_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in available]
         frame = read_rows(run_dir, columns=columns).to_pandas()
+        for column in OPTIONAL_COLUMNS[1:]:
+            if column not in frame:
+                frame[column] = None
         if "role" not in frame:
             frame["role"] = UNPAIRED
         frame["role"] = frame["role"].fillna(UNPAIRED)
@@ -70,6 +83,33 @@ def load_rows(run_dirs: Sequence[Output], single_judge: bool = True) -> pd.DataF
             )
     frame["probe_label"] = probe_labels(frame)
     return frame
+
+
+FAILURE_COLUMNS = ["row_id", *CELL_KEYS, "prompt", "seed", "role", "error_type", "probe_label"]
+
+
+def load_failures(run_dirs: Sequence[Output], frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs' failed rows (OUTPUT/failures.parquet), without those that have a result row, with
+    the probe labels `frame` uses. Rates are over generated rows; tables count these apart."""
+    from engine.failures import read_failures
+
+    records = []
+    for run_dir in run_dirs:
+        for failure in read_failures(run_dir):
+            row = failure.row
+            records.append({"row_id": row.row_id, "model": row.model, "method": row.method, "concept": row.concept,
+                            "target_concept": row.target_concept, "probe": row.probe, "params": row.params,
+                            "prompt": row.prompt, "seed": row.seed, "role": row.role or UNPAIRED,
+                            "error_type": failure.error_type})
+    failures = pd.DataFrame.from_records(records, columns=FAILURE_COLUMNS[:-1])
+    failures = failures[~failures["row_id"].isin(set(frame["row_id"]))].drop_duplicates("row_id")
+    if failures.empty:
+        return failures.assign(probe_label=pd.Series(dtype=str))
+    known = dict(zip(zip(frame["probe"], frame["params"], strict=True), frame["probe_label"], strict=True))
+    both = pd.concat([frame[["probe", "params"]], failures[["probe", "params"]]], ignore_index=True)
+    fallback = dict(zip(zip(both["probe"], both["params"], strict=True), probe_labels(both), strict=True))
+    labels = [known.get(key, fallback[key]) for key in zip(failures["probe"], failures["params"], strict=True)]
+    return failures.assign(probe_label=labels).reset_index(drop=True)
 
 
 def probe_labels(frame: pd.DataFrame) -> pd.Series:
@@ -150,13 +190,17 @@ def group_stats(group: pd.DataFrame) -> dict[str, Any]:
     return stats
 
 
-def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
-    """One line per cell, keys first, in a stable order."""
+def cell_stats(frame: pd.DataFrame, failures: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One line per cell, keys first, in a stable order; `failed` counts the cell's rows in
+    failures.parquet (rates are over generated rows), and a cell whose every row failed has n = 0."""
     keys = CELL_GROUP
+    failed_counts = ({} if failures is None or failures.empty
+                     else {k: len(g) for k, g in failures.groupby(keys, sort=False, dropna=False)})
     records = [
-        {**dict(zip(keys, key, strict=False)), **group_stats(group)}
+        {**dict(zip(keys, key, strict=False)), **group_stats(group), "failed": failed_counts.pop(key, 0)}
         for key, group in frame.groupby(keys, sort=True, dropna=False)
     ]
+    records += [{**dict(zip(keys, key, strict=False)), "n": 0, "failed": count} for key, count in failed_counts.items()]
     return pd.DataFrame.from_records(records)
 
 
@@ -172,7 +216,9 @@ def pooled_stats(frame: pd.DataFrame) -> pd.DataFrame:
 def method_order(methods) -> list[str]:
     """The base model first, then erasure methods alphabetically."""
     methods = sorted(set(methods))
-    return ([BASE_METHOD] if BASE_METHOD in methods else []) + [m for m in methods if m != BASE_METHOD]
+    restricted = [m for m in methods if m.startswith(f"{BASE_METHOD} on ")]  # the base model on fewer concepts
+    return ([BASE_METHOD] if BASE_METHOD in methods else []) + restricted + [
+        m for m in methods if m != BASE_METHOD and m not in restricted]
 
 
 def probe_order(labels) -> list[str]:
@@ -185,8 +231,9 @@ def probe_order(labels) -> list[str]:
 
 
 def probe_of_label(label: str) -> str:
-    """The probe name a probe label starts with (`noise_based[eta=1.5]` -> `noise_based`)."""
-    return label.split("[", 1)[0]
+    """The probe name a probe label starts with (`noise_based[eta=1.5]` -> `noise_based`, and a
+    display label `noise_based control (best of 24 by CLIP)` -> `noise_based`)."""
+    return re.split(r"[\[ ]", label, maxsplit=1)[0]
 
 
 def natural_key(text: str) -> list[tuple[int, float | str]]:
@@ -214,6 +261,7 @@ class ReportContent:
     judges: list[str]
     frame: pd.DataFrame  # every row, without images
     cells: pd.DataFrame
+    failures: pd.DataFrame  # failed rows (failures.parquet) without a result row: counted apart
     paper: pd.DataFrame  # what paper_table.csv holds
     # Paths inside `output`; for a report uploaded to an object store, the files' URIs.
     plots: Sequence[tuple[str, Path | str]] = field(default_factory=list)
@@ -231,4 +279,6 @@ def cell_slug(cell: dict[str, Any]) -> str:
 
 
 def method_label(method: str) -> str:
+    if method.startswith(f"{BASE_METHOD} on "):
+        return "base model on " + method[len(BASE_METHOD) + 4:]
     return "base model" if method == BASE_METHOD else method

@@ -142,3 +142,30 @@ class ClipJudge(Judge[ClipJudgeOptions]):
 
     def concept_scores(self, images: list[np.ndarray], concept: ConceptSpec) -> list[float]:
         return self._similarities(images, [concept.clip_text] * len(images)) if images else []
+
+    @torch.no_grad()
+    def member_rankings(
+        self, images: list[np.ndarray], concepts: list[ConceptSpec]
+    ) -> list[tuple[list[int], list[float]]]:
+        """Per image, its top 5 among the members of its concept's set (indices into
+        `set_members(concept)`, the set's configured concepts by name), with softmax(100 x cosine)
+        probabilities over the set: what the image shows, when no classifier judge ranks it."""
+        from engine.scoring.judge import top5_rankings
+
+        if not images:
+            return []
+        self.ensure_loaded()
+        features = self._image_features(images)
+        rankings = []
+        for feature, concept in zip(features, concepts, strict=True):
+            texts = torch.stack([self._text_feature(member.clip_text) for member in set_members(concept)])
+            probs = torch.softmax(100.0 * texts @ feature, dim=-1).cpu().numpy()
+            rankings.extend(top5_rankings(probs[None]))
+        return rankings
+
+
+def set_members(concept: ConceptSpec) -> list[ConceptSpec]:
+    """The concepts of `concept`'s set, by name: the classes a CLIP judge ranks an image among."""
+    from engine.specs.concepts import concept_set_members
+
+    return list(concept_set_members(concept).values())

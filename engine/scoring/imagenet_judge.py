@@ -80,6 +80,13 @@ class ImagenetJudge(ClassifierJudge[ImagenetJudgeOptions]):
     presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {"arch": TINY_ARCH, "weights": None}}
 
     @classmethod
+    def class_names(cls) -> list[str]:
+        """ImageNet-1k's class names (torchvision's weights metadata: no download)."""
+        import torchvision
+
+        return list(torchvision.models.get_model_weights("resnet50").IMAGENET1K_V2.meta["categories"])
+
+    @classmethod
     def check_available(cls, options: ImagenetJudgeOptions) -> None:
         if options.arch != TINY_ARCH and options.arch not in _classification_models():
             choices = [TINY_ARCH, *_classification_models()]

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from engine.errors import UserError
-from engine.metrics.columns import MODEL_COLUMNS, slot_metrics
+from engine.metrics.columns import MODEL_COLUMNS, TOP5_CLASSES, TOP5_PROBS, slot_metrics
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +36,23 @@ MODEL_COLUMN: dict[str, str] = MODEL_COLUMNS
 CANDIDATE_COLUMNS: dict[str, dict[str, str]] = {
     slot: {m.candidate_column: m.column for m in slot_metrics(slot) if m.candidate_column} for slot in MODEL_COLUMNS
 }
+
+
+# Columns a judge may add beside its slot's metrics: the five most probable classes and their
+# probabilities (null where the judge did not rank the image).
+TOP5_COLUMNS = (TOP5_CLASSES, TOP5_PROBS)
+
+
+def top5_rankings(probs: np.ndarray | None) -> list[tuple[list[int], list[float]]]:
+    """Per row of an N x C probability matrix: (top-5 class indices, their probabilities), most
+    probable first, ties in class order (the stable sort judge_top1 uses)."""
+    if probs is None:
+        return []
+    rankings = []
+    for p in probs:
+        top = np.argsort(-p, kind="stable")[:5]
+        rankings.append(([int(c) for c in top], [float(p[c]) for c in top]))
+    return rankings
 
 
 class JudgeOptions(BaseModel):
@@ -106,6 +123,11 @@ class ClassifierJudge(Judge[OptionsT]):
         """N x num_classes softmax probabilities."""
 
     @classmethod
+    def class_names(cls) -> list[str] | None:
+        """Readable names of the class indices (reports name what was drawn); None: indices only."""
+        return None
+
+    @classmethod
     def check_concepts(cls, options: OptionsT, concepts: dict[str, ConceptSpec]) -> None:
         for concept in concepts.values():
             classes = concept.judge_classes.get(cls.classes_key)
@@ -128,14 +150,14 @@ class ClassifierJudge(Judge[OptionsT]):
         return concept.judge_classes.get(self.classes_key)
 
     def score(self, images: list[np.ndarray], concepts: list[ConceptSpec]) -> dict[str, list[Any]]:
-        columns: dict[str, list[Any]] = {name: [] for name in SLOT_COLUMNS["classifier"]}
+        columns: dict[str, list[Any]] = {name: [] for name in [*SLOT_COLUMNS["classifier"], *TOP5_COLUMNS]}
         judged = [i for i, c in enumerate(concepts) if self.target_classes(c) is not None]
         probs = self.probabilities([images[i] for i in judged]) if judged else None
         rows = {index: position for position, index in enumerate(judged)}
+        for values in columns.values():
+            values.extend([None] * len(concepts))  # filled in place below
         for index, concept in enumerate(concepts):
             if index not in rows:
-                for values in columns.values():
-                    values.append(None)
                 continue
             classes = self.target_classes(concept)
             # Rows in `rows` were judged: probabilities exist and the concept has classes.
@@ -143,9 +165,13 @@ class ClassifierJudge(Judge[OptionsT]):
             p = probs[rows[index]]
             # Stable sort on -p: equal probabilities keep class order, so ties resolve reproducibly.
             ranking = np.argsort(-p, kind="stable")
-            columns["judge_top1"].append(bool(int(ranking[0]) in classes))
-            columns["judge_top5"].append(bool(any(int(c) in classes for c in ranking[:5])))
-            columns["judge_target_prob"].append(float(p[classes].sum()))
+            columns["judge_top1"][index] = bool(int(ranking[0]) in classes)
+            columns["judge_top5"][index] = bool(any(int(c) in classes for c in ranking[:5]))
+            columns["judge_target_prob"][index] = float(p[classes].sum())
+        # What the image shows, whatever was asked: every image of a judged concept (styles stay null).
+        for index, (top_classes, top_probs) in zip(judged, top5_rankings(probs), strict=True):
+            columns[TOP5_CLASSES][index] = top_classes
+            columns[TOP5_PROBS][index] = top_probs
         return columns
 
     def top1_hits(self, images: list[np.ndarray], concept: ConceptSpec) -> list[bool] | None:

@@ -4,7 +4,8 @@ Each row's image is cropped to its `scoring_region` and judged against its `targ
 most probes the concept itself; for interference, the other concept shown). Rows of best-of-N
 probes may carry the transient column `candidate_images` (PNG bytes of every candidate); each
 candidate is judged the same way and reduced to per-row means (`candidate_clip_mean`,
-`candidate_top1_rate`, `candidate_top5_rate`), then the column is dropped.
+`candidate_top1_rate`, `candidate_top5_rate`) and to the list of every candidate's hit
+(`candidate_hits`, the classifier judge's top-1 rule), then the column is dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from engine.metrics.columns import CANDIDATE_HITS, HIT_METRIC, TOP5_CLASSES, TOP5_PROBS, metric
 from engine.results import CANDIDATE_IMAGES, ROW_SCHEMA, decode_png
 from engine.scoring.judge import CANDIDATE_COLUMNS, MODEL_COLUMN, Judge
 from engine.scoring.registry import JudgeRequest, build_judge
@@ -87,9 +89,11 @@ class Scorer:
         return columns
 
     def _candidate_means(self, judge: Judge, rows: list[dict[str, Any]], concepts: list[ConceptSpec]):
-        """Per row, the mean of each candidate-reduced column over all its candidates (None without)."""
+        """Per row, the mean of each candidate-reduced column over all its candidates (None without),
+        and, for the judge whose slot holds the hit metric, every candidate's hit in order."""
         reductions = CANDIDATE_COLUMNS[judge.slot]
-        means: dict[str, list[Any]] = {name: [] for name in reductions}
+        with_hits = metric(HIT_METRIC).slot == judge.slot
+        means: dict[str, list[Any]] = {name: [] for name in [*reductions, *([CANDIDATE_HITS] if with_hits else [])]}
         for row, concept in zip(rows, concepts, strict=False):
             encoded = row.get(CANDIDATE_IMAGES) or []
             if not encoded:
@@ -100,6 +104,9 @@ class Scorer:
             scored = self._judge_in_chunks(judge, images, [concept] * len(images))
             for name, source in reductions.items():
                 means[name].append(_mean(scored[source]))
+            if with_hits:  # a style has no classes: null, never a list of False
+                hits = scored[HIT_METRIC]
+                means[CANDIDATE_HITS].append(None if any(h is None for h in hits) else [bool(h) for h in hits])
         return means
 
     def score_table(self, table: pa.Table) -> pa.Table:
@@ -122,13 +129,39 @@ class Scorer:
                 # values from another judge would be mislabelled, so they are cleared.
                 counts = table.column("candidate_count").to_pylist() if "candidate_count" in table.column_names else []
                 if any(counts):
-                    logger.warning("candidate means for %s cleared: candidate images are not stored", judge.name)
-                for name in CANDIDATE_COLUMNS[judge.slot]:
+                    logger.warning("candidate means and hits for %s cleared: candidate images are not stored",
+                                   judge.name)
+                cleared = [*CANDIDATE_COLUMNS[judge.slot], *([CANDIDATE_HITS] if metric(HIT_METRIC).slot == judge.slot
+                                                             else [])]
+                for name in cleared:
                     updates[name] = [None] * len(rows)
+        self._clip_top5(table, images, concepts, updates)
         if self.judges:
             seconds = (time.perf_counter() - started) / max(1, len(rows))
             updates["scoring_seconds"] = [seconds] * len(rows)
         return conform(table, updates)
+
+
+    def _clip_top5(self, table: pa.Table, images, concepts, updates: dict[str, list[Any]]) -> None:
+        """Without a classifier judge, the CLIP judge names what each image shows: its top 5 among the
+        concept set's members. Rows a classifier judge ranked (earlier, kept by a rescore) keep its ranking."""
+        if any(judge.slot == "classifier" for judge in self.judges):
+            return
+        clip = next((judge for judge in self.judges if judge.slot == "clip"), None)
+        if clip is None or not hasattr(clip, "member_rankings"):
+            return
+        ranked_by_classifier = (table.column(MODEL_COLUMN["classifier"]).to_pylist()
+                                if MODEL_COLUMN["classifier"] in table.column_names else [None] * len(images))
+        wanted = [i for i, model in enumerate(ranked_by_classifier) if model is None]
+        rankings = []
+        for start in range(0, len(wanted), self.batch_size):
+            chunk = wanted[start : start + self.batch_size]
+            rankings += clip.member_rankings([images[i] for i in chunk], [concepts[i] for i in chunk])
+        kept = {name: (table.column(name).to_pylist() if name in table.column_names else [None] * len(images))
+                for name in (TOP5_CLASSES, TOP5_PROBS)}
+        for index, (classes, probs) in zip(wanted, rankings, strict=True):
+            kept[TOP5_CLASSES][index], kept[TOP5_PROBS][index] = classes, probs
+        updates.update(kept)
 
 
 def conform(table: pa.Table, updates: dict[str, list[Any]]) -> pa.Table:

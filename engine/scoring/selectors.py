@@ -3,7 +3,9 @@
 The original picked with the same ResNet-50 that later judged, which inflates recovery. Here a
 probe's `selector` parameter names one of:
 - `judge`: the run's classifier judge (e.g. imagenet), ranking by probability of the concept's
-  classes. This reproduces the original, selection bias included;
+  classes. This reproduces the original, selection bias included. A concept without classes for
+  that judge (a style, an interference target) falls back to the CLIP judge, and its rows record
+  `judge->clip=<clip model>` so the table names the fallback;
 - `clip`: the run's CLIP judge, ranking by CLIP score (selects with one model, judges with another);
 - `latent_classifier`: the concept's latent classifier (trained by `engine train-classifier`) on the
   candidate's clean latent (engine.scoring.latent_selector);
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 SelectorName = Literal["judge", "clip", "latent_classifier", "none"]
 SELECTOR_NAMES: tuple[str, ...] = get_args(SelectorName)
 SELECTOR_SLOTS = {"judge": "classifier", "clip": "clip"}  # selectors that reuse a judge of the run
+FALLBACK = "judge->clip"  # recorded name of the judge selector on a concept its judge has no classes for
+
 
 def _check_latent_classifiers(params: Any, concepts: dict[str, ConceptSpec]) -> None:
     from engine.guidance.latent_classifier_io import DEFAULT_CLASSIFIER_DIR, classifier_exists
@@ -74,14 +78,13 @@ def check_selectors(probe_params: list[Any], judges: list[JudgeRequest], concept
                 f"selector {selector!r} uses the run's {SELECTOR_SLOTS[selector]} judge, but the run has none; "
                 f"add one to `judges:` or pick another selector"
             )
-        judge_class = get_judge_class(request.name)
-        key = getattr(judge_class, "classes_key", None)
-        for concept in concepts.values():
-            if key is not None and key not in concept.judge_classes:
-                raise UserError(
-                    f"selector {selector!r} ranks by the {request.name} judge's classes, and concept "
-                    f"{concept.name!r} has none; use selector clip for it"
-                )
+        key = getattr(get_judge_class(request.name), "classes_key", None)
+        without = [c.name for c in concepts.values() if key is not None and key not in c.judge_classes]
+        if without and _slot_request(judges, "clip") is None:
+            raise UserError(
+                f"selector {selector!r} ranks by the {request.name} judge's classes; {', '.join(without)} "
+                "have none, and the run has no clip judge to fall back to for them: add clip to `judges:`"
+            )
 
 
 class SelectorBank:
@@ -100,7 +103,7 @@ class SelectorBank:
         self.context = context
         self._judge_models: dict[str, Judge] = {}
         self._latent_models: dict[str, SelectorModel] = {}
-        self._used: set[str] = set()
+        self._used: dict[str, set[str]] = {}  # concept -> selectors (with models) used on it
 
     def _judge(self, selector: str) -> Judge:
         slot = SELECTOR_SLOTS[selector]
@@ -121,6 +124,12 @@ class SelectorBank:
             self._latent_models[key] = latent_classifier_selector(concept, context)
         return self._latent_models[key]
 
+    def _judge_knows(self, concept: ConceptSpec) -> bool:
+        """Whether the classifier judge has classes for `concept` (else judge selection falls back to CLIP)."""
+        # The `judge` selector's slot is `classifier`, which only a ClassifierJudge fills.
+        judge = cast("ClassifierJudge[Any]", self._judge("judge"))
+        return judge.target_classes(concept) is not None
+
     def scores(
         self,
         selector: str,
@@ -136,15 +145,20 @@ class SelectorBank:
         concept = self.concepts[concept_name]
         crops = [crop_to_region(image, region)
                  for image, region in zip(images, regions or [None] * len(images), strict=False)]
+        used = self._used.setdefault(concept_name, set())
         if selector == "none":
-            self._used.add("none")
+            used.add("none")
             return [0.0] * len(images)
+        if selector == "judge" and not self._judge_knows(concept):
+            judge = self._judge("clip")  # per concept: this one has no classes for the classifier judge
+            used.add(f"{FALLBACK}={judge.model_id}")
+            return judge.concept_scores(crops, concept) if crops else []
         if selector in SELECTOR_SLOTS:
             judge = self._judge(selector)
-            self._used.add(f"{selector}={judge.model_id}")
+            used.add(f"{selector}={judge.model_id}")
             return judge.concept_scores(crops, concept) if crops else []
         model = self._latent(concept)
-        self._used.add(f"latent_classifier={model.model_id}")
+        used.add(f"latent_classifier={model.model_id}")
         return [float(v) for v in model.scores(crops)]
 
     def judge_hits(
@@ -166,8 +180,10 @@ class SelectorBank:
                  for image, region in zip(images, regions or [None] * len(images), strict=False)]
         return judge.top1_hits(crops, self.concepts[concept_name])
 
-    def take_used(self) -> str | None:
-        """The selectors used since the last call, as written in column `selector` (None = none ran)."""
-        label = "+".join(sorted(self._used)) or None
+    def take_used(self) -> dict[str, str]:
+        """Per concept, the selectors used on it since the last call, as written in column `selector`
+        of its rows (a concept no selector ran on is absent). Per concept, since judge selection falls
+        back to CLIP on concepts without judge classes."""
+        labels = {concept: "+".join(sorted(used)) for concept, used in self._used.items() if used}
         self._used.clear()
-        return label
+        return labels

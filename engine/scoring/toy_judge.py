@@ -31,6 +31,10 @@ class ToyClassifierJudge(ClassifierJudge[ToyJudgeOptions]):
     num_classes = len(CONCEPTS)
     options_class = ToyJudgeOptions
 
+    @classmethod
+    def class_names(cls) -> list[str]:
+        return list(CONCEPTS)
+
     @staticmethod
     def _weights_path(options: ToyJudgeOptions) -> Path:
         return Path(options.weights).expanduser() if options.weights else WEIGHTS_FILE

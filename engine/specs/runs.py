@@ -100,6 +100,12 @@ class RunSpec(Frozen):
     concepts: list[str] = Field(min_length=1, description="Concept slugs (configs/concepts stems).")
     probes: list[str | ProbeRequest] = Field(min_length=1, description="Probes, by name or with params.")
     num_images: int = Field(ge=1, description="Prompts per (model, concept, probe).")
+    prompt_indices: list[int] | None = Field(
+        None,
+        description="Evaluate exactly these rows of each concept's prompt/seed list (their prompt_index, 0-based) "
+        "instead of the first num_images of its sampling order; as many as num_images. `engine tune` writes the "
+        "held-out prompts of its re-run here, so its best config reproduces the held-out estimate.",
+    )
     base_probes: list[str] | None = Field(
         None,
         description="In a run with erased models: the probes the base model runs as the reference (it must be "
@@ -163,6 +169,27 @@ class RunSpec(Frozen):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == float("inf"):
             raise PydanticCustomError("gb_or_auto", "Input should be a positive number of GB or 'auto'")
         return value
+
+    @field_validator("prompt_indices")
+    @classmethod
+    def _distinct_indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("give at least one prompt index, or leave prompt_indices out")
+        if any(i < 0 for i in value):
+            negative = sorted(i for i in value if i < 0)
+            raise ValueError(f"prompt indices are 0-based rows of a concept's list; got {negative}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"prompt indices listed more than once: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _indices_match_num_images(self):
+        if self.prompt_indices is not None and len(self.prompt_indices) != self.num_images:
+            raise ValueError(f"prompt_indices lists {len(self.prompt_indices)} prompts but num_images is "
+                             f"{self.num_images}; they must agree")
+        return self
 
     @field_validator("judges")
     @classmethod

@@ -38,7 +38,7 @@ from engine.results import table_bytes
 from engine.scoring.registry import judge_requests
 from engine.specs.runs import run_spec_from_dict
 from engine.storage import OutputLocation
-from engine.tune.pairs import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TuneRun, run_data, slug
+from engine.tune.pairs import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TuneRun, held_out_indices, run_data, slug
 from engine.tune.progress import TrialBoard, trials_per_search
 from engine.tune.search import SearchSettings, search_pair
 from engine.tune.space import TuneSpec
@@ -233,7 +233,12 @@ def _finish_pair(tune_run: TuneRun, job: PairJob, trials: list[dict[str, Any]], 
 def write_best_config(tune_run: TuneRun, job: PairJob, best: dict[str, Any], threads: int | None) -> str:
     """OUTPUT/best_<model>_<concept>.yaml: the pair's run config with the best params."""
     config = {dim.key: best[f"param_{dim.key}"] for dim in tune_run.space.dimensions}
-    data = run_data(tune_run.spec, job.model_ref, job.concept.name, tune_run.space.raw_params(config), tune_run.output)
+    # With a held-out re-run, the config evaluates the held-out prompts and seeds: `engine run` of it
+    # reproduces the held-out estimate, not the search's in-sample maximum.
+    held_out = best.get("heldout_n") is not None
+    indices = held_out_indices(job.concept, tune_run.spec.num_images) if held_out else None
+    data = run_data(tune_run.spec, job.model_ref, job.concept.name, tune_run.space.raw_params(config), tune_run.output,
+                    prompt_indices=indices)
     if threads is not None:
         # CPU kernels sum in a thread-count-dependent order: the trials' thread count makes the
         # run's scores equal the trial's to the last bit.
@@ -246,11 +251,13 @@ def write_best_config(tune_run: TuneRun, job: PairJob, best: dict[str, Any], thr
     interval = f"[{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}]"
     header = (
         f"# engine tune: best of {tune_run.spec.algorithm} search for {job.model.name} x {job.concept.name}, "
-        f"probe {tune_run.spec.probe}\n# {tune_run.spec.objective} = {_fmt(best['objective'])} {interval} on "
-        f"n = {best['n']} images (trial {best['trial_index']}); run it with `engine run {name}`\n"
+        f"probe {tune_run.spec.probe}; run it with `engine run {name}`\n"
     )
-    if best.get("heldout_n") is not None:
-        header += f"# held-out re-run (other prompts and seeds, unbiased by the search): {_held_out(best)}\n"
+    if held_out:
+        header += (f"# held-out estimate (other prompts and seeds, prompt_indices below; what `engine run` of this "
+                   f"file measures): {_held_out(best)}\n")
+    header += (f"# in-sample search maximum (biased upward by the search): {tune_run.spec.objective} = "
+               f"{_fmt(best['objective'])} {interval} on n = {best['n']} images (trial {best['trial_index']})\n")
     tune_run.output.atomic_write((header + yaml.safe_dump(data, sort_keys=False)).encode(), name)
     return tune_run.output.display(name)
 
@@ -314,12 +321,16 @@ def summary_lines(summary: TuneSummary) -> list[str]:
             lines.append(f"{pair.model} x {pair.concept}: no trial completed of {pair.trials}; no best setting")
             continue
         interval = f"[{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}]"
-        lines.append(
-            f"{pair.model} x {pair.concept}: best {best['objective_name']} {_fmt(best['objective'])} {interval} "
-            f"(n={best['n']}) at {best['searched']} -> {pair.best_config}"
-        )
         if best.get("heldout_n") is not None:
-            lines.append(f"  held-out re-run of that setting: {_held_out(best)} (the search's best is biased upward)")
+            lines.append(f"{pair.model} x {pair.concept}: best setting {best['searched']}: held-out {_held_out(best)} "
+                         f"-> {pair.best_config}")
+            lines.append(f"  in-sample search maximum (biased upward): {best['objective_name']} "
+                         f"{_fmt(best['objective'])} {interval} (n={best['n']})")
+        else:
+            lines.append(
+                f"{pair.model} x {pair.concept}: best {best['objective_name']} in-sample {_fmt(best['objective'])} "
+                f"{interval} (n={best['n']}) at {best['searched']} -> {pair.best_config}"
+            )
         lines.append(
             f"  {pair.trials} trials on {pair.worker_processes} worker process(es), {pair.pipeline_loads} pipeline "
             f"load(s); first trial per process {_fmt(pair.first_trial_seconds)} s, later trials "

@@ -106,8 +106,15 @@ def held_out_prompts(concept: ConceptSpec, num_images: int) -> list[tuple[int, s
     return fresh
 
 
-def run_data(spec: TuneSpec, model_ref, concept: str, params: dict[str, Any], output: OutputLocation) -> dict[str, Any]:
-    """The run config of one (model, concept) pair with `params`: what `engine run` reads."""
+def held_out_indices(concept: ConceptSpec, num_images: int) -> list[int]:
+    """The prompt indices of the held-out set (RunSpec.prompt_indices), in sampling order."""
+    return [index for index, _, _ in held_out_prompts(concept, num_images)]
+
+
+def run_data(spec: TuneSpec, model_ref, concept: str, params: dict[str, Any], output: OutputLocation,
+             prompt_indices: list[int] | None = None) -> dict[str, Any]:
+    """The run config of one (model, concept) pair with `params`: what `engine run` reads.
+    `prompt_indices`: the prompts it evaluates (the held-out ones, for the best config)."""
     model_name = model_ref if isinstance(model_ref, str) else model_ref["name"]
     data: dict[str, Any] = {
         "output": output.child(f"best_{slug(model_name)}_{slug(concept)}").uri,
@@ -116,6 +123,7 @@ def run_data(spec: TuneSpec, model_ref, concept: str, params: dict[str, Any], ou
         "concepts": [concept],
         "probes": [{"name": spec.probe, "params": params}],
         "num_images": spec.num_images,
+        **({"prompt_indices": list(prompt_indices)} if prompt_indices is not None else {}),
         "batch_size": spec.batch_size,
         "device": spec.device,
         "attention": spec.attention,

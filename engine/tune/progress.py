@@ -36,4 +36,4 @@ class TrialBoard:
     def status(self) -> tuple[int, str]:
         """(trials done over all searches, "best <search> <value>, ...")."""
         best = ", ".join(f"{search} {value:.4g}" for search, value in sorted(self.best.items()))
-        return sum(self.done.values()), f"best {best}" if best else ""
+        return sum(self.done.values()), f"best in-sample {best}" if best else ""

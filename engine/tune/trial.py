@@ -115,16 +115,14 @@ class TrialEvaluator:
 
     def held_out_rows(self, params: ProbeParams) -> list[WorkRow]:
         """The same probe and params on the held-out prompts (engine.tune.pairs.held_out_prompts):
-        as many as a trial's, none of whose seeds a trial used."""
-        from engine.tune.pairs import held_out_prompts
+        as many as a trial's, none of whose seeds a trial used; the rows `engine run` makes with
+        `prompt_indices` set to them (as the best config is written)."""
+        from engine.tune.pairs import held_out_indices
 
         setup = self.setup
-        chosen = {index for index, _, _ in held_out_prompts(setup.concept, setup.num_images)}
-        order = [index for index, _, _ in setup.concept.sample_prompts(len(setup.concept.seed_list()))]
-        deepest = max(order.index(index) for index in chosen) + 1  # sample this many to reach them all
         concepts = {setup.concept.name: setup.concept}
-        rows = expand_rows([setup.model], setup.base, concepts, [ProbeChoice(setup.probe, params)], deepest)
-        return [r for r in rows if r.prompt_index in chosen]
+        return expand_rows([setup.model], setup.base, concepts, [ProbeChoice(setup.probe, params)], setup.num_images,
+                           prompt_indices=held_out_indices(setup.concept, setup.num_images))
 
     def evaluate(self, params: ProbeParams, rows: list[WorkRow] | None = None) -> Iterator[dict[str, float]]:
         """Metrics after each batch of rows (the same batches `engine run` cuts), generated and

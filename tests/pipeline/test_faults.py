@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from engine import __version__
 from engine.cli import app
 from engine.errors import UserError
-from engine.pipeline.failures import FAILURES_FILE, RowFailure, merge_failures, read_failures, write_failures
+from engine.failures import FAILURES_FILE, RowFailure, merge_failures, read_failures, write_failures
 from engine.pipeline.grid import expand_run, work_units
 from engine.pipeline.progress import Progress, progress_seconds
 from engine.pipeline.provenance import command_line, model_source

@@ -276,3 +276,16 @@ def test_labelling_flags_need_a_command_line_model(tmp_path):
     result = runner.invoke(app, ["run", "--model", "wace", "--method", "x", "--concept", "church", "--probe",
                                  "standard_prompt", "--num-images", "1", "--output", str(tmp_path)])
     assert result.exit_code == 2 and "it is a family" in result.output
+
+
+def test_a_model_that_erased_several_concepts_gets_one_interference_row_per_request(tmp_path):
+    both = {"name": "e-two", "pretrained": "tiny-erased", "method": "esdx", "erased": ["church", "tench"]}
+    grid = expand_run(_spec(tmp_path, [both], ["church", "tench"],
+                            ["standard_prompt", {"name": "interference", "params": FAST}], num_images=1))
+    interference = [r for r in grid.rows if r.probe == "interference" and r.model == "e-two"]
+    requests = [(r.target_concept, r.prompt, r.seed) for r in interference]
+    assert len(requests) == len(set(requests)) == len(REAL) - 2  # the 11 others, once each
+    assert {r.concept for r in interference} == {"church"}  # the first erased concept of the set, in run order
+    assert {r.target_concept for r in interference}.isdisjoint({"church", "tench"})
+    recovery = {(r.concept, r.probe) for r in grid.rows if r.model == "e-two" and r.role == "recovery"}
+    assert recovery == {("church", "standard_prompt"), ("tench", "standard_prompt")}  # recovery stays per concept

@@ -101,16 +101,18 @@ def test_the_paper_grid_plans_offline_without_loading_anything(monkeypatch):
     grid = expand_run(load_run_file(Path(__file__).resolve().parents[2] / "configs/runs/paper.yaml"), strict=False)
     cost = estimate(grid)
     assert len(grid.models) == 92 and grid.models[0].name == "sd14"
-    per_erased = {"standard_prompt": 30, "classifier_guidance": 30, "noise_based": 30,
-                  "noise_classifier_guidance": 30, "diffusion_completion": 90, "interference": 360,
+    # The noise sweeps run with their best-of-N control (`control: also`): twice the rows.
+    per_erased = {"standard_prompt": 30, "classifier_guidance": 30, "noise_based": 60,
+                  "noise_classifier_guidance": 60, "diffusion_completion": 90, "interference": 360,
                   "inpainting": 30, "textual_inversion": 30}
     assert cost.row_counts["uce_church"] == per_erased
-    assert cost.row_counts["sd14"] == {**{p: 0 for p in per_erased}, "standard_prompt": 390, "noise_based": 390,
+    assert cost.row_counts["sd14"] == {**{p: 0 for p in per_erased}, "standard_prompt": 390, "noise_based": 780,
                                        "interference": 390, "inpainting": 390}
-    assert len(grid.rows) == 91 * 630 + 4 * 390
-    # The original's sweeps: 24 noise candidates, 25 guidance scales, 150 noise x guidance pairs.
-    assert cost.by_probe["noise_classifier_guidance"].images == 91 * 30 * 150
-    assert cost.by_probe["noise_based"].images == (91 + 13) * 30 * 24
+    assert len(grid.rows) == 91 * 690 + 5 * 390
+    # The original's sweeps: 24 noise candidates, 25 guidance scales, 150 noise x guidance pairs; each
+    # control makes as many candidates again.
+    assert cost.by_probe["noise_classifier_guidance"].images == 2 * 91 * 30 * 150
+    assert cost.by_probe["noise_based"].images == 2 * (91 + 13) * 30 * 24
     assert len(cost.hub_models) == 92
     assert any("latent classifier" in note for note in cost.notes)  # a prerequisite, listed not raised
 

@@ -176,7 +176,7 @@ def test_latent_classifier_selector_scores_candidates_with_the_concepts_classifi
                                                 dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
             latent = tiny_pipe.vae.encode(small).latent_dist.mean * tiny_pipe.vae.config.scaling_factor
             assert score == pytest.approx(float(classifier(latent, 0)), abs=1e-5)
-    assert bank.take_used().startswith("latent_classifier=latent_classifier:church:")
+    assert bank.take_used()["church"].startswith("latent_classifier=latent_classifier:church:")
     context.options["classifier_dir"] = str(tmp_path)  # no classifier there
     fresh = selectors.SelectorBank([], {"church": load_concept("church")}, torch.device("cpu"), lambda: context)
     with pytest.raises(UserError, match='engine train-classifier "church"'):

@@ -186,3 +186,22 @@ def test_second_run_reuses_the_cached_embedding(tiny_erased_pipe, tiny_pipe, tmp
     with pytest.raises(AssertionError, match="retrained"):
         _run(tiny_erased_pipe, tiny_pipe, tmp_path, max_train_steps=3)
 
+
+
+def test_training_images_come_from_a_seed_stream_disjoint_from_every_evaluated_row():
+    from engine.specs.seed_streams import evaluation_seeds
+
+    church = load_concept("church")
+    probe = TextualInversionProbe()
+    disjoint = TextualInversionParams(num_reference_images=5)
+    assert disjoint.training_seeds == "disjoint"  # the default
+    rows = probe.reference_rows(disjoint, church)
+    assert [r.prompt for r in rows] == [church.prompt] * 5
+    assert not {r.seed for r in rows} & evaluation_seeds()  # never a seed any probe evaluates
+    assert {r.seed for r in probe.reference_rows(TextualInversionParams(num_reference_images=5),
+                                                 load_concept("golf_ball"))}.isdisjoint(r.seed for r in rows)
+    # engine plan counts exactly these reference images.
+    assert probe.base_reference_requests(None, church, disjoint) == [(r.prompt, r.seed) for r in rows]
+    same = TextualInversionParams(num_reference_images=5, training_seeds="same")  # the original's
+    assert [(r.prompt, r.seed) for r in probe.reference_rows(same, church)] == [
+        (prompt, seed) for _, prompt, seed in church.sample_prompts(5)]

@@ -459,3 +459,22 @@ def test_probes_list_and_describe_show_the_trajectory_probes():
         assert described.exit_code == 0, described.output
         for needle in needles:
             assert needle in described.output, (name, needle)
+
+
+def test_noise_control_keeps_candidates_and_noise_but_steps_with_eta_one_v_one(tiny_erased_pipe, tmp_path):
+    sweep = {**FAST, "eta_values": [1.0, 2.0], "variance_scales": [1.0, 1.04]}
+    probe = NoiseBasedProbe()
+    arms = probe.expand_params(parse_params("noise_based", {**sweep, "control": "also"}))
+    assert [p.control for p in arms] == ["off", "only"]
+    assert arms[0] == parse_params("noise_based", sweep)  # the probe's own rows: as without a control
+    treated, control = (run(probe, p, tiny_erased_pipe, None, tmp_path, seeds=(11,)) for p in arms)
+    assert len(control.candidates[0]) == len(treated.candidates[0]) == 4  # as many candidates
+    # Candidate (eta 1, v 1) is the same trajectory in both; every other control candidate is plain
+    # eta-1 DDIM from its own generator, so it differs from the widened-noise one.
+    assert_close(control.candidates[0][0], treated.candidates[0][0])
+    assert differ(control.candidates[0][1], treated.candidates[0][1]) > 0  # v 1.04 vs 1: a small change
+    for index in (2, 3):  # eta 2 vs eta 1
+        assert differ(control.candidates[0][index], treated.candidates[0][index]) > 0.5
+    assert min(differ(a, b) for i, a in enumerate(control.candidates[0]) for b in control.candidates[0][i + 1:]) > 0.5
+    with pytest.raises(UserError, match="its control is the standard_prompt"):
+        parse_params("classifier_guidance", {"control": "also"})

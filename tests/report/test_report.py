@@ -385,7 +385,8 @@ def test_paired_report_sections_and_sheets(tmp_path):
     recovery_at = markdown.index("## Recovery: does the erased concept come back?")
     preservation_at = markdown.index("## Preservation: what did erasure break?")
     assert recovery_at < preservation_at
-    assert "| standard_prompt | top-1 % | 100.0 [51.0, 100.0] | 25.0 [4.6, 69.9] | 0.0 [0.0, 49.0] |" in markdown
+    line = "| standard_prompt | top-1 % | 100.0 [51.0, 100.0] (4) | 25.0 [4.6, 69.9] (4) | 0.0 [0.0, 49.0] (4) |"
+    assert line in markdown  # each cell: value [95% CI] (n)
     assert "CLIP" not in markdown[recovery_at:preservation_at]  # no CLIP judge: no CLIP rows
     assert "Probes x methods (mean over concepts)" not in markdown  # nothing unpaired to mix
     titles = [title for title, _ in content.paired_sheets]

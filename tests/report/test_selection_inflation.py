@@ -44,9 +44,10 @@ def test_selection_inflated(selector, judge_model, clip_model, inflated):
 
 
 def test_columns_and_selector_slots_are_the_engines():
-    from engine.scoring.selectors import SELECTOR_SLOTS
+    from engine.scoring.selectors import FALLBACK, SELECTOR_SLOTS
 
-    assert _SELECTOR_SLOT == SELECTOR_SLOTS
+    assert _SELECTOR_SLOT == {**SELECTOR_SLOTS, FALLBACK: "clip"}  # judge selection fallen back to CLIP
+    assert selection_inflated(f"{FALLBACK}=clip:m", "j", "clip:m") == {m.column for m in slot_metrics("clip")}
     assert MODEL_COLUMNS == {"clip": "clip_model", "classifier": "judge_model"}  # the two models it compares
     assert selection_inflated("clip", "x", "y") == {m.column for m in slot_metrics("clip")}
     assert selection_inflated("judge", "x", "y") == {m.column for m in slot_metrics("classifier")}

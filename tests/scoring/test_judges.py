@@ -314,3 +314,29 @@ def test_run_with_missing_default_weights_fails_before_any_work(monkeypatch, tmp
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "CLIP weights ViT-B-32/openai are not available" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_clip_judge_alone_names_the_top5_among_the_concepts_set_and_never_overrides_a_classifier():
+    from engine.scoring.clip_judge import set_members
+    from engine.specs.concepts import concept_set_members
+
+    clip = build_judge(parse_judge_ref("clip:tiny"), torch.device("cpu"))
+    concepts = {name: load_concept(name) for name in ("church", "toy_circle")}
+    images = [np.random.RandomState(seed).randint(0, 256, (32, 32, 3), np.uint8) for seed in range(3)]
+    table = rows_table([
+        {"image": encode_png(images[0]), "target_concept": "church"},
+        {"image": encode_png(images[1]), "target_concept": "toy_circle"},
+        {"image": encode_png(images[2]), "target_concept": "church", "judge_model": "imagenet:x",
+         "judge_top5_classes": [1, 2, 3, 4, 5], "judge_top5_probs": [0.5, 0.2, 0.1, 0.1, 0.1]},
+    ])  # fmt: skip
+    scored = Scorer([clip], concepts).score_table(table).to_pylist()
+    assert [m.name for m in set_members(concepts["church"])] == sorted(concept_set_members(concepts["church"]))
+    for row, size in zip(scored[:2], (13, 8), strict=True):  # the 13 real concepts, the 8 toy shapes
+        assert len(row["judge_top5_classes"]) == 5 and all(0 <= c < size for c in row["judge_top5_classes"])
+        assert row["judge_top5_probs"] == sorted(row["judge_top5_probs"], reverse=True)
+        assert 0 < sum(row["judge_top5_probs"]) <= 1 + 1e-6
+    members = set_members(concepts["church"])
+    expected = clip.concept_scores([images[0]], concepts["church"])  # its own similarity, among the others
+    ranked = [clip.concept_scores([images[0]], m)[0] for m in members]
+    assert ranked.index(max(ranked)) == scored[0]["judge_top5_classes"][0] and max(ranked) >= expected[0] - 1e-4
+    assert scored[2]["judge_top5_classes"] == [1, 2, 3, 4, 5]  # the classifier's ranking is kept

@@ -190,6 +190,12 @@ def test_best_of_n_rows_record_selector_and_candidate_means(best_of_three, tmp_p
         assert row["candidate_clip_mean"] == pytest.approx(np.mean(clip_scores), abs=1e-4)
         assert row["candidate_top1_rate"] == pytest.approx(np.mean(verdicts["judge_top1"]))
         assert row["candidate_top5_rate"] == pytest.approx(np.mean(verdicts["judge_top5"]))
+        assert row["candidate_hits"] == verdicts["judge_top1"]  # every candidate's hit, in candidate order
+        kept = json.loads(row["extras"])["selected_candidate"]
+        assert row["judge_top1"] == verdicts["judge_top1"][kept]
+        assert row["judge_top5_classes"] == verdicts["judge_top5_classes"][kept]
+        assert len(row["judge_top5_probs"]) == 5 and row["judge_top5_probs"] == sorted(row["judge_top5_probs"],
+                                                                                     reverse=True)
         # The clip selector kept the candidate the same CLIP scores highest, judged in the same region.
         assert row["clip_score"] == pytest.approx(max(clip_scores), abs=1e-4)
         assert json.loads(row["extras"])["selected_candidate"] == int(np.argmax(clip_scores))
@@ -203,7 +209,30 @@ def test_best_of_n_rows_record_selector_and_candidate_means(best_of_three, tmp_p
     for old, new in zip(scored.to_pylist(), read_rows(tmp_path / "run").to_pylist(), strict=False):
         assert new["candidate_clip_mean"] is None and new["candidate_count"] == 3
         assert new["candidate_top1_rate"] == old["candidate_top1_rate"]
+        assert new["candidate_hits"] == old["candidate_hits"]  # the classifier judge's: kept
         assert new["clip_score"] == pytest.approx(old["clip_score"], abs=1e-4)
+    rescore_run(tmp_path / "run", ["imagenet:tiny"], "cpu")  # the hits' own judge: cleared, not kept stale
+    for new in read_rows(tmp_path / "run").to_pylist():
+        assert new["candidate_hits"] is None and new["candidate_top1_rate"] is None
+        assert new["judge_top1"] is not None and len(new["judge_top5_classes"]) == 5
+
+
+def test_judge_selector_falls_back_to_clip_per_concept_on_a_run_mixing_objects_and_styles(best_of_three, tmp_path):
+    grid = _plan(tmp_path, "judge", concepts=("church", "van_gogh"))
+    check_selectors([BestOfThreeParams(selector="judge")], [parse_judge_ref(j) for j in ("clip:tiny", "imagenet:tiny")],
+                    {c: load_concept(c) for c in ("church", "van_gogh")})  # accepted: van_gogh falls back
+    records = _generate(grid, tmp_path)
+    by_concept = {r["concept"]: r["selector"] for r in records}
+    assert by_concept == {"church": "judge=imagenet:tiny/random-seed0",
+                          "van_gogh": "judge->clip=clip:tiny-clip/random-seed0"}
+    clip = build_judge(parse_judge_ref("clip:tiny"), torch.device("cpu"))
+    for record in (r for r in records if r["concept"] == "van_gogh"):
+        options = [crop_to_region(decode_png(png), REGION) for png in record[CANDIDATE_IMAGES]]
+        scores = clip.concept_scores(options, load_concept("van_gogh"))
+        assert json.loads(record["extras"])["selected_candidate"] == int(np.argmax(scores))
+    scored = ScoreActor(ScoreStageConfig.from_grid(grid, "cpu", 1))(rows_table(records, STREAM_SCHEMA)).to_pylist()
+    styles = [r for r in scored if r["concept"] == "van_gogh"]
+    assert all(r["candidate_hits"] is None and r["judge_top5_classes"] is None for r in styles)  # no classes: null
 
 
 def test_selector_none_keeps_the_first_candidate(best_of_three, tmp_path):
@@ -222,7 +251,7 @@ def test_latent_classifier_selector_needs_a_classifier_in_the_actor_too(best_of_
 @pytest.mark.parametrize("selector, judges, concepts, expected", [
     ("judge", ["clip:tiny"], ["church"], "uses the run's classifier judge, but the run has none"),
     ("clip", ["imagenet:tiny"], ["church"], "uses the run's clip judge, but the run has none"),
-    ("judge", ["clip:tiny", "imagenet:tiny"], ["church", "van_gogh"], "concept 'van_gogh' has none"),
+    ("judge", ["imagenet:tiny"], ["church", "van_gogh"], "van_gogh have none, and the run has no clip judge"),
     ("latent_classifier", ["clip:tiny"], ["church"], "no classifier for church"),
 ])  # fmt: skip
 def test_selector_needs_checked_before_work(selector, judges, concepts, expected):

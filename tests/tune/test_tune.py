@@ -14,7 +14,7 @@ import engine.tune.execute
 from engine.cli import app
 from engine.results import read_rows
 from engine.specs.concepts import load_concept
-from engine.tune.pairs import held_out_prompts
+from engine.tune.pairs import held_out_indices, held_out_prompts
 from engine.tune.progress import TrialBoard
 
 runner = CliRunner()
@@ -60,7 +60,8 @@ def test_search_writes_one_row_per_trial(tpe_search):
         assert params["num_inference_steps"] == 2
         assert row.target_prob_mean == pytest.approx(row.objective)
     best = trials.loc[trials.objective.idxmax()]
-    assert f"best judge_target_prob {best.objective:.4g}" in result.output
+    assert f"in-sample search maximum (biased upward): judge_target_prob {best.objective:.4g}" in result.output
+    assert "held-out judge_target_prob" in result.output
 
 
 def test_progress_shows_trials_done_and_best_so_far(tpe_search):
@@ -68,7 +69,7 @@ def test_progress_shows_trials_done_and_best_so_far(tpe_search):
     lines = [line for line in result.output.splitlines() if line.startswith("tune: ")]
     best = _trials(output).objective.max()
     assert lines and lines[-1].startswith("tune: 4/4 trials (100%)")
-    assert lines[-1].endswith(f"best tiny x church {best:.4g}")
+    assert lines[-1].endswith(f"best in-sample tiny x church {best:.4g}")
 
 
 def test_trial_board_counts_trials_and_keeps_the_best():
@@ -78,7 +79,7 @@ def test_trial_board_counts_trials_and_keeps_the_best():
     board.trial_finished("a x c", None)  # stopped early or failed: counted, never the best
     board.trial_finished("a x c", 0.5)
     board.trial_finished("b x c", float("nan"))
-    assert board.status() == (4, "best a x c 0.5")
+    assert board.status() == (4, "best in-sample a x c 0.5")
 
 
 def test_pipeline_loads_once_across_trials(tpe_search):
@@ -101,12 +102,14 @@ def test_best_config_runs_with_engine_run(tpe_search):
     config = output / "best_tiny_church.yaml"
     data = yaml.safe_load(config.read_text())
     assert data["probes"][0]["params"]["eta_values"] == [best.param_eta]
+    assert data["prompt_indices"] == held_out_indices(load_concept("church"), 2)  # the held-out prompts
     result = runner.invoke(app, ["run", str(config)])
     assert result.exit_code == 0, result.output
     rows = read_rows(output / "best_tiny_church").to_pandas()
     assert len(rows) == 2 and set(rows.params) == {best.params}
-    # The run makes exactly the trial's rows, so it measures the trial's metric again.
-    assert rows.judge_target_prob.mean() == pytest.approx(best.objective, rel=1e-9)
+    assert sorted(rows.seed) == sorted(json.loads(best.heldout_seeds))  # the held-out re-run's rows
+    # The run makes exactly the held-out re-run's rows, so it measures the held-out estimate again.
+    assert rows.judge_target_prob.mean() == pytest.approx(best.heldout_objective, rel=1e-9)
 
 
 @pytest.mark.slow
@@ -171,8 +174,14 @@ def test_an_erased_model_is_tuned_on_what_it_erased_with_a_held_out_rate(tmp_pat
     searched = {seed for _, _, seed in load_concept("toy_circle").sample_prompts(2)}
     held_out = set(json.loads(row.heldout_seeds))
     assert len(held_out) == 2 and not held_out & searched
-    assert "held-out re-run of that setting: judge_top1" in result.output
-    assert "# held-out re-run" in (output / "best_toy-esdx-circle_toy_circle.yaml").read_text()
+    assert "held-out judge_top1" in result.output and "in-sample search maximum" in result.output
+    config = output / "best_toy-esdx-circle_toy_circle.yaml"
+    assert "# held-out estimate" in config.read_text() and "# in-sample search maximum" in config.read_text()
+    # `engine run` of the best config makes the held-out rows and measures the held-out estimate again.
+    run = runner.invoke(app, ["run", str(config)])
+    assert run.exit_code == 0, run.output
+    rows = read_rows(output / "best_toy-esdx-circle_toy_circle").to_pandas()
+    assert set(rows.seed) == held_out and rows.judge_top1.mean() == pytest.approx(row.heldout_objective)
 
 
 def test_held_out_prompts_skip_seeds_the_search_used():
