@@ -35,6 +35,7 @@ PROBE_REGISTRY: dict[str, str] = {
     "classifier_guidance": "probes.classifier_guidance:ClassifierGuidanceProbe",
     "noise_classifier_guidance": "probes.noise_classifier_guidance:NoiseClassifierGuidanceProbe",
     "textual_inversion": "probes.textual_inversion:TextualInversionProbe",
+    "adversarial_prompt": "probes.adversarial_prompt:AdversarialPromptProbe",
 }
 
 # What a probe may declare in `requires`; the engine checks each before any generation starts.
@@ -205,6 +206,28 @@ class Probe(ABC):
     # sweep, one hand-over step...), on top of few steps and small images: the conformance suite
     # and smoke runs use it.
     smoke_params: ClassVar[dict[str, Any]] = {}
+    # Whether its images are partly the base model's work (diffusion completion hands the base
+    # model's trajectory over): such a probe does not act on the erased model alone, so it is left
+    # out of the report's worst case over probes (engine.report.worst_case).
+    uses_base_trajectory: ClassVar[bool] = False
+    # The probe whose null this probe's rows are (a control: same budget, no optimisation), or None.
+    # Controls are left out of the worst case and pooled into its null line. A probe whose params
+    # choose between measuring and controlling overrides `controls`.
+    control_of: ClassVar[str | None] = None
+
+    def controls(self, params: ProbeParams) -> str | None:
+        """The probe these params' rows are a control of, or None. Default: the class fact `control_of`."""
+        return self.control_of
+
+    def images_per_row(self, params: ProbeParams) -> int:
+        """Images a row generates at most (best-of-N candidates are counted apart, from `candidates()`):
+        1 by default; an attack that makes an image per optimisation round says more. `engine plan`."""
+        return 1
+
+    def row_optimisation_passes(self, params: ProbeParams) -> int:
+        """UNet forward + backward passes a row optimises for (an adversarial prompt's steps), at most;
+        0 when it optimises nothing. `engine plan` counts them."""
+        return 0
 
     def check_request(  # noqa: B027 (an optional hook: most probes need no extra check)
         self, params: ProbeParams, concepts: list[str], options: dict[str, Any]
