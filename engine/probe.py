@@ -290,6 +290,28 @@ def preservation_probes(names) -> set[str]:
     return {name for name in set(names) if probe_fact(name, "role", RECOVERY) == PRESERVATION}
 
 
+def row_control_of(name: str, params_json: str) -> str | None:
+    """The probe a row of `name` with these params is a control of (its class's `controls`), or None;
+    None for a probe no longer registered, and the class fact for params this version cannot read."""
+    if name not in PROBE_REGISTRY:
+        return None
+    probe_class = get_probe_class(name)
+    try:
+        params = probe_class.params_class.model_validate_json(params_json)
+    except ValidationError:
+        return probe_class.control_of
+    return probe_class().controls(params)
+
+
+def worst_case_probe_names(names) -> set[str]:
+    """Those of `names` that act on the erased model alone: recovery probes that use no base-model
+    trajectory and are no control class. The default probe set of the report's worst case."""
+    return {name for name in set(names) if name in PROBE_REGISTRY
+            and probe_fact(name, "role", RECOVERY) == RECOVERY
+            and not probe_fact(name, "uses_base_trajectory", False)
+            and probe_fact(name, "control_of", None) is None}
+
+
 def baseline_probes(names) -> set[str]:
     return {name for name in set(names) if probe_fact(name, "baseline", False)}
 

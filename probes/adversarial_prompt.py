@@ -83,7 +83,8 @@ class AdversarialPromptParams(ProbeParams):
 
 def project_to_simplex(values: torch.Tensor) -> torch.Tensor:
     """Euclidean projection of each row onto the probability simplex (Duchi et al. 2008, Fig. 1):
-    the nearest non-negative vector summing to 1; a point of the simplex maps to itself."""
+    the nearest non-negative vector summing to 1; a point of the simplex maps to itself.
+    """
     sorted_values, _ = torch.sort(values, dim=-1, descending=True)
     cumulative = sorted_values.cumsum(dim=-1) - 1
     ranks = torch.arange(1, values.shape[-1] + 1, device=values.device, dtype=values.dtype)
@@ -95,7 +96,8 @@ def project_to_simplex(values: torch.Tensor) -> torch.Tensor:
 
 class StraightThroughOneHot(torch.autograd.Function):
     """Forward: the one-hot vectors of `indices` (a sample of each distribution); backward: the
-    gradient passes to the distributions unchanged but clipped to [-1, 1] (hardtanh, as the paper's code)."""
+    gradient passes to the distributions unchanged but clipped to [-1, 1] (hardtanh, as the paper's code).
+    """
 
     @staticmethod
     def forward(ctx, distributions: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -116,7 +118,8 @@ def allowed_token_ids(pipe) -> torch.Tensor:
 
 def prompt_ids(pipe, prompt: str, inserted: list[int], insertion: str) -> torch.Tensor:
     """(1, max_length) ids: the prompt's tokens (shortened to leave room) with `inserted` ids put
-    after the start token or before the end token, padded as the pipeline pads."""
+    after the start token or before the end token, padded as the pipeline pads.
+    """
     tokenizer = pipe.tokenizer
     length = tokenizer.model_max_length
     ids = tokenizer(prompt, truncation=True, max_length=length - len(inserted)).input_ids  # [bos, ..., eos]

@@ -359,9 +359,9 @@ def plan_lines(cost: PlanCost, gpu: str) -> list[str]:
         lines.append(f"  textual inversion: {total.ti_trainings:,d} embedding(s) trained, {total.ti_passes:,d} UNet "
                      "forward+backward passes (included above, as 2 forward passes each)")
     if total.row_passes:
-        lines.append(f"  per-row optimisation (adversarial prompt): at most {total.row_passes:,d} UNet forward+backward "
-                     "passes (included above, as 2 forward passes each); rows that stop at a judged success make "
-                     "fewer passes and images")
+        lines.append(f"  per-row optimisation (adversarial prompt): at most {total.row_passes:,d} UNet "
+                     "forward+backward passes (included above, as 2 forward passes each); rows that stop at a "
+                     "judged success make fewer passes and images")
     lines += ["", f"model loads: {cost.model_loads} pipeline(s) (each once per actor that serves it)"]
     cached = sum(h.cached for h in cost.hub_models)
     if cost.hub_models:

@@ -16,6 +16,8 @@ import pandas as pd
 from engine.metrics.columns import METRIC_BY_COLUMN, METRICS
 from engine.report.paper import wide
 from engine.report.tables import ReportContent, method_label
+from engine.report.worst_case import ANY_PROBE, with_worst_case
+from engine.report.worst_case import NOTE as WORST_CASE_NOTE
 
 STATISTICS_NOTE = (
     "Each cell is one (model, concept, target concept, probe, params). CLIP = mean of 100 x cosine "
@@ -98,6 +100,7 @@ def recovery_section(recovery: pd.DataFrame, title: str, index: list[str]) -> Se
         rows.append([str(line[c]) for c in index] + [_fmt_triple(line[m], digits) for m in methods])
     inflated = "inflated" in recovery and bool(recovery["inflated"].fillna(False).astype(bool).any())
     note = RECOVERY_NOTE + (" " + SELECTION_NOTE if inflated else "")
+    note += " " + WORST_CASE_NOTE if (recovery["probe_label"] == ANY_PROBE).any() else ""
     return Section(title, note=note, table=Table(headers, rows))
 
 
@@ -171,7 +174,7 @@ def report_sections(content: ReportContent) -> list[Section]:
     frame = content.frame
     sections: list[Section] = []
     if has_roles(frame):
-        recovery = recovery_table(frame)
+        recovery = with_worst_case(recovery_table(frame), frame, content.worst_case_probes)
         if not recovery.empty:
             sections.append(recovery_section(recovery, "Recovery: does the erased concept come back?",
                                              ["probe_label", "metric"]))

@@ -12,6 +12,7 @@ from engine.metrics.columns import METRICS
 from engine.report.paper import has_roles, preservation_table, recovery_table
 from engine.report.sections import Table, fmt_interval, fmt_number, preservation_section, recovery_section
 from engine.report.tables import cell_stats, load_rows, present_metrics
+from engine.report.worst_case import with_worst_case
 
 
 def summary_frame(output: str | Path) -> pd.DataFrame:
@@ -40,7 +41,7 @@ def paper_summary(output: str | Path) -> str | None:
     if not has_roles(frame):
         return None
     parts = []
-    recovery = recovery_table(frame)
+    recovery = with_worst_case(recovery_table(frame), frame)
     if not recovery.empty:
         title = "Recovery (erased concepts; rates in %, 95% CI)"
         section = recovery_section(recovery, title, ["probe_label", "metric"])

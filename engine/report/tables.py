@@ -213,6 +213,8 @@ class ReportContent:
     frame: pd.DataFrame  # every row, without images
     cells: pd.DataFrame
     paper: pd.DataFrame  # what paper_table.csv holds
+    # The report's worst case over probes (engine.report.worst_case); None = the probes' class facts decide.
+    worst_case_probes: list[str] | None = None
     # Paths inside `output`; for a report uploaded to an object store, the files' URIs.
     plots: list[tuple[str, Path | str]] = field(default_factory=list)
     sheets: list[tuple[dict[str, Any], Path | str]] = field(default_factory=list)
