@@ -298,7 +298,7 @@ def row_count_lines(grid: RunGrid, counts: dict[str, dict[str, int]] | None = No
         counts = {m.name: {p.name: 0 for p in grid.probes} for m in grid.models}
         for row in grid.rows:
             counts[row.model][row.probe] += 1
-    probes = [p.name for p in grid.probes]
+    probes = list(dict.fromkeys(p.name for p in grid.probes))  # a probe listed with two params sets: one column
     groups: list[list[ModelSpec]] = []
     for model in grid.models:
         previous = groups[-1][-1] if groups else None
