@@ -7,7 +7,7 @@ same prompt and seed as well as it can. Per row:
 1. Target: the base model's image for the row's prompt and seed (engine.sampling's cached base
    references, shared with inpainting and textual inversion), VAE-encoded to x0.
 2. The plain prompt is generated and judged first; a row whose plain prompt already shows the
-   concept is recorded as such and not attacked (as the original).
+   concept is recorded as such and not attacked (as UnlearnDiffAtk).
 3. k distributions over the vocabulary (special tokens left out), initialised uniform. For each
    timestep t of a fixed list, `iterations` Adam steps on ||eps_theta(x_t, t, text(adv + prompt)) -
    eps||^2, x_t the noised x0; the forward pass embeds a straight-through one-hot sample of each
