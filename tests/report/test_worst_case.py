@@ -13,6 +13,7 @@ from engine.metrics.stats import wilson_interval
 from engine.probe import worst_case_probe_names
 from engine.report.paper import recovery_table
 from engine.report.sections import recovery_section
+from engine.report.tables import probe_labels
 from engine.report.worst_case import ANY_CONTROL, ANY_PROBE, with_worst_case, worst_case_table
 
 ATTACK = '{"mode":"attack"}'
@@ -40,7 +41,9 @@ def one_concept_frame() -> pd.DataFrame:
                  selector="judge=toy:judge"),
         *rows_of("base", "none", "c1", "standard_prompt", "{}", [True, True, True, False], role="base"),
     ]
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame["probe_label"] = probe_labels(frame)
+    return frame
 
 
 def line(table, label, method):
@@ -106,3 +109,20 @@ def test_worst_case_lines_come_last_in_the_recovery_table():
     assert labels[-2:] == [ANY_PROBE, ANY_CONTROL]
     assert section.table.rows[-2][1:] != section.table.rows[-1][1:]
     assert "any probe" in section.note
+
+
+def test_conditional_rate_counts_prompts_the_base_draws_and_the_standard_prompt_misses():
+    from engine.report.conditional import conditional_table
+
+    frame = one_concept_frame()
+    # base standard prompt: seeds 0, 1, 2 drawn; erased standard prompt: seed 2 recovered -> seeds 0, 1
+    # need an attack
+    table = conditional_table(frame)
+    attack = table[(table["method"] == "esd-x") & (table["probe"] == "adversarial_prompt[mode=attack]")].iloc[0]
+    assert (attack["n"], attack["value"]) == (4, 0.5)  # seeds 1, 2
+    assert (attack["conditional_n"], attack["conditional_value"]) == (2, 0.5)  # seed 1 of seeds 0, 1
+    standard = table[(table["method"] == "esd-x") & (table["probe"] == "standard_prompt")].iloc[0]
+    assert (standard["conditional_n"], standard["conditional_value"]) == (2, 0.0)
+    worst = table[(table["method"] == "esd-x") & (table["probe"] == ANY_PROBE)].iloc[0]
+    assert (worst["value"], worst["conditional_value"]) == (0.5, 0.5)
+    assert "none" not in set(table["method"])
