@@ -115,7 +115,9 @@ class ProbeContext:
     # top-1 class one of the concept's classes (the `judge_top1` rule, same model and classes as the
     # judge slot), each image cropped to its region; None when the run has no classifier judge or the
     # concept has no classes for it (a style). For probes that stop or count on recognition (best-of-N
-    # candidate hits, attacks that stop on success). Provided by the runner (SelectorBank.judge_hits).
+    # candidate hits, attacks that stop on success). Provided by the runner (SelectorBank.judge_hits);
+    # a probe that keeps an image because of the hits passes record_selection=True, so its rows'
+    # `selector` column names the judge and reports mark the rate as selection-inflated.
     judge_hits: Callable[..., list[bool] | None] | None = None
 
 
