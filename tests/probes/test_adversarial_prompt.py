@@ -215,3 +215,19 @@ def test_a_plain_prompt_success_is_not_attacked(tiny_erased_pipe, tiny_pipe, tmp
                                                                                  "width")}),
         tiny_erased_pipe, context(tmp_path)))
     np.testing.assert_array_equal(output.images[0], standard.images[0])  # the plain prompt is the standard probe's
+
+
+@toy_weights
+def test_judge_hits_record_a_selection_only_when_asked(tmp_path):
+    """The runner's judge-hit API with the toy judge: a probe that keeps an image because of the hits
+    (record_selection) gets `judge=<model id>` in its rows' selector column; a plain question does not."""
+    from engine.scoring.selectors import SelectorBank
+    from engine.specs.judges import judge_requests
+
+    bank = SelectorBank(judge_requests(["toy"]), {"toy_circle": load_concept("toy_circle")}, torch.device("cpu"),
+                        lambda: context(tmp_path))
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    assert len(bank.judge_hits([image], "toy_circle", [None])) == 1
+    assert bank.take_used() is None
+    bank.judge_hits([image], "toy_circle", [None], record_selection=True)
+    assert bank.take_used().startswith("judge=toy:")
