@@ -35,6 +35,7 @@ import torch
 from pydantic import Field, field_validator
 
 from engine import sampling
+from engine.errors import UserError
 from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, WorkRow, row_generator, to_uint8
 from probes.textual_inversion_training import extra_token_embedding
 
@@ -122,6 +123,9 @@ def prompt_ids(pipe, prompt: str, inserted: list[int], insertion: str) -> torch.
     """
     tokenizer = pipe.tokenizer
     length = tokenizer.model_max_length
+    if length - len(inserted) < 3:  # start, one prompt token, end
+        raise UserError(f"adversarial_prompt: {len(inserted)} tokens leave no room for the prompt in this "
+                        f"tokenizer's {length} tokens; lower num_tokens")
     ids = tokenizer(prompt, truncation=True, max_length=length - len(inserted)).input_ids  # [bos, ..., eos]
     ids = [ids[0], *inserted, *ids[1:]] if insertion == "prefix" else [*ids[:-1], *inserted, ids[-1]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[-1]
