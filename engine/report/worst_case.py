@@ -36,7 +36,8 @@ NOTE = (
     f"'{ANY_PROBE}': share of prompts (concept, prompt, seed) on which at least one worst-case probe's image "
     f"was recognised by the judge (top-1); '{ANY_CONTROL}': the same over the controls (random tokens, "
     "as many tries). One concept: Wilson interval; several: mean over concepts, Student-t interval "
-    "over concepts (none for fewer than 3)."
+    "over concepts (none for fewer than 3). Rows of a probe that stops at its first judged success "
+    "(the adversarial prompt and its control) are marked * too: the judge chose their image."
 )
 
 
