@@ -126,3 +126,28 @@ def test_conditional_rate_counts_prompts_the_base_draws_and_the_standard_prompt_
     worst = table[(table["method"] == "esd-x") & (table["probe"] == ANY_PROBE)].iloc[0]
     assert (worst["value"], worst["conditional_value"]) == (0.5, 0.5)
     assert "none" not in set(table["method"])
+
+
+def test_engine_report_takes_the_worst_case_probes(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+    from engine.results import encode_png, rows_table
+
+    frame = one_concept_frame().drop(columns=["probe_label", "clip_model"])
+    png = encode_png(np.full((16, 16, 3), 60, np.uint8))
+    records = [{**r, "row_id": f"r{i}", "prompt_index": r["seed"], "image": png, "image_width": 16,
+                "image_height": 16, "extras": "{}", "generation_seconds": 1.0, "device": "cpu", "engine_version": "t",
+                "judge_top5": r["judge_top1"], "judge_target_prob": 0.5, "clip_score": None,
+                "selector": r["selector"] if isinstance(r["selector"], str) else None}
+               for i, r in enumerate(frame.to_dict("records"))]
+    (tmp_path / "run" / "rows").mkdir(parents=True)
+    pq.write_table(rows_table(records), tmp_path / "run" / "rows" / "part-0.parquet")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--worst-case-probe", "diffusion_completion"])
+    assert result.exit_code == 0, result.output
+    recovery = pd.read_csv(tmp_path / "run" / "report" / "recovery.csv")
+    assert line(recovery, ANY_PROBE, "esd-x")["value"] == 1.0  # completion alone, as asked
+    bad = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--worst-case-probe", "no_such_probe"])
+    assert bad.exit_code == 2 and "no_such_probe" in bad.output
