@@ -37,6 +37,7 @@ PROBE_REGISTRY: dict[str, str] = {
     "classifier_guidance": "probes.classifier_guidance:ClassifierGuidanceProbe",
     "noise_classifier_guidance": "probes.noise_classifier_guidance:NoiseClassifierGuidanceProbe",
     "textual_inversion": "probes.textual_inversion:TextualInversionProbe",
+    "adversarial_prompt": "probes.adversarial_prompt:AdversarialPromptProbe",
 }
 
 # What a probe may declare in `requires`; the engine checks each before any generation starts.
@@ -122,7 +123,9 @@ class ProbeContext:
     # top-1 class one of the concept's classes (the `judge_top1` rule, same model and classes as the
     # judge slot), each image cropped to its region; None when the run has no classifier judge or the
     # concept has no classes for it (a style). For probes that stop or count on recognition (best-of-N
-    # candidate hits, attacks that stop on success). Provided by the runner (SelectorBank.judge_hits).
+    # candidate hits, attacks that stop on success). Provided by the runner (SelectorBank.judge_hits);
+    # a probe that keeps an image because of the hits passes record_selection=True, so its rows'
+    # `selector` column names the judge and reports mark the rate as selection-inflated.
     judge_hits: Callable[..., list[bool] | None] | None = None
 
 
@@ -213,6 +216,28 @@ class Probe(ABC, Generic[ParamsT]):
     # sweep, one hand-over step...), on top of few steps and small images: the conformance suite
     # and smoke runs use it.
     smoke_params: ClassVar[dict[str, Any]] = {}
+    # Whether its images are partly the base model's work (diffusion completion hands the base
+    # model's trajectory over): such a probe does not act on the erased model alone, so it is left
+    # out of the report's worst case over probes (engine.report.worst_case).
+    uses_base_trajectory: ClassVar[bool] = False
+    # The probe whose null this probe's rows are (a control: same budget, no optimisation), or None.
+    # Controls are left out of the worst case and pooled into its null line. A probe whose params
+    # choose between measuring and controlling overrides `controls`.
+    control_of: ClassVar[str | None] = None
+
+    def controls(self, params: ParamsT) -> str | None:
+        """The probe these params' rows are a control of, or None. Default: the class fact `control_of`."""
+        return self.control_of
+
+    def images_per_row(self, params: ParamsT) -> int:
+        """Images a row generates at most (best-of-N candidates are counted apart, from `candidates()`):
+        1 by default; an attack that makes an image per optimisation round says more. `engine plan`."""
+        return 1
+
+    def row_optimisation_passes(self, params: ParamsT) -> int:
+        """UNet forward + backward passes a row optimises for (an adversarial prompt's steps), at most;
+        0 when it optimises nothing. `engine plan` counts them."""
+        return 0
 
     def check_request(  # an optional hook: most probes need no extra check
         self, params: ParamsT, concepts: list[str], options: dict[str, Any]
@@ -281,6 +306,28 @@ def probe_fact(name: str, fact: str, default: Any) -> Any:
 def preservation_probes(names) -> set[str]:
     """Those of `names` whose class's role is preservation: the one rule, for the grid and the report."""
     return {name for name in set(names) if probe_fact(name, "role", RECOVERY) == PRESERVATION}
+
+
+def row_control_of(name: str, params_json: str) -> str | None:
+    """The probe a row of `name` with these params is a control of (its class's `controls`), or None;
+    None for a probe no longer registered, and the class fact for params this version cannot read."""
+    if name not in PROBE_REGISTRY:
+        return None
+    probe_class = get_probe_class(name)
+    try:
+        params = probe_class.params_class.model_validate_json(params_json)
+    except ValidationError:
+        return probe_class.control_of
+    return probe_class().controls(params)
+
+
+def worst_case_probe_names(names) -> set[str]:
+    """Those of `names` that act on the erased model alone: recovery probes that use no base-model
+    trajectory and are no control class. The default probe set of the report's worst case."""
+    return {name for name in set(names) if name in PROBE_REGISTRY
+            and probe_fact(name, "role", RECOVERY) == RECOVERY
+            and not probe_fact(name, "uses_base_trajectory", False)
+            and probe_fact(name, "control_of", None) is None}
 
 
 def baseline_probes(names) -> set[str]:

@@ -66,6 +66,7 @@ class DiffusionCompletionProbe(Probe[DiffusionCompletionParams]):
     best_of_n = False
     base_reference = False
     baseline = False
+    uses_base_trajectory = True  # its images are partly the base model's: not in the worst case over probes
 
     def expand_params(self, params: DiffusionCompletionParams) -> list[DiffusionCompletionParams]:
         base = params.model_dump()

@@ -46,14 +46,20 @@ def report(
     run_dirs: list[str] = typer.Argument(..., help="Run folders (paths or URIs); several are merged into one report."),
     output: str | None = typer.Option(None, "--output", help="Report folder (path or URI); default RUN_DIR/report."),
     max_images: int = typer.Option(12, "--max-images", min=1, help="Images per cell in the contact sheets."),
+    worst_case_probe: list[str] = typer.Option(
+        [], "--worst-case-probe", help="A probe of the recovery table's 'any probe' line (repeatable); default: "
+        "the recovery probes acting on the erased model alone, controls and diffusion completion left out."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Recovery tables with 95% CIs, plots and image grids: report.md, report.html, summary.parquet/.csv."""
+    from engine.probe import probe_entry
     from engine.report.build import build_report
 
     setup_logging(verbose)
+    for name in worst_case_probe:
+        probe_entry(name)  # an unknown name stops here with the list of probes
     if output is not None:
         check_output_folder(output, "--output")
-    content = build_report(run_dirs, output, max_images)
+    content = build_report(run_dirs, output, max_images, worst_case_probe or None)
     report_file = f"{str(content.output).rstrip('/')}/report.html"
     typer.echo(f"report of {content.rows} rows in {len(content.cells)} cells: {report_file}")

@@ -12,7 +12,10 @@ Counts follow what the probes do:
 - base-model reference images (inpainting context, textual-inversion training data) are made once
   per (concept, prompt, seed, sampler settings) and shared by every erased model;
 - textual inversion trains once per (model, concept, settings): max_train_steps x
-  gradient_accumulation_steps x train_batch_size UNet passes, each forward and backward.
+  gradient_accumulation_steps x train_batch_size UNet passes, each forward and backward;
+- a probe that optimises per row (the adversarial prompt) says how many UNet forward + backward
+  passes and images a row makes at most (`row_optimisation_passes`, `images_per_row`): an upper
+  bound, since a row that stops at its first judged success makes fewer.
 
 GPU-hours use the cost model below, for Stable Diffusion 1.x weights only (built-in toy and tiny
 models are far smaller, so they are not costed).
@@ -83,10 +86,11 @@ class Work:
     ti_trainings: int = 0  # textual-inversion embeddings trained
     ti_passes: int = 0  # UNet forward + backward passes of that training
     tflop: float | None = 0.0
+    row_passes: int = 0  # UNet forward + backward passes of per-row optimisation (upper bound)
 
     def times(self, n: int) -> Work:
         return Work(self.rows * n, self.images * n, self.unet_evals * n, self.ti_trainings * n, self.ti_passes * n,
-                    None if self.tflop is None else self.tflop * n)
+                    None if self.tflop is None else self.tflop * n, self.row_passes * n)
 
     def add(self, other: Work) -> None:
         self.rows += other.rows
@@ -94,6 +98,7 @@ class Work:
         self.unet_evals += other.unet_evals
         self.ti_trainings += other.ti_trainings
         self.ti_passes += other.ti_passes
+        self.row_passes += other.row_passes
         self.tflop = None if self.tflop is None or other.tflop is None else self.tflop + other.tflop
 
 
@@ -178,12 +183,17 @@ def estimate(grid: RunGrid) -> PlanCost:
 
 def row_work(probe: Probe, params, scheduler: str, is_costed: bool) -> Work:
     """One row's generation: its candidates, each a full trajectory of the probe's sampler."""
-    candidates = len(params.candidates()) if probe.best_of_n else 1
+    candidates = len(params.candidates()) if probe.best_of_n else probe.images_per_row(params)
     steps = params.num_inference_steps
     if probe.sampler == "pipeline":
         steps = pndm_calls(steps) if scheduler == PNDM else steps
     work = generation_work(params.model_dump(), candidates, steps, is_costed)
     work.rows = 1
+    passes = probe.row_optimisation_passes(params)
+    if passes:
+        optimisation = training_work(passes, params, is_costed)
+        work.row_passes = passes
+        work.tflop = None if work.tflop is None or optimisation.tflop is None else work.tflop + optimisation.tflop
     return work
 
 
@@ -288,7 +298,7 @@ def row_count_lines(grid: RunGrid, counts: dict[str, dict[str, int]] | None = No
         counts = {m.name: {p.name: 0 for p in grid.probes} for m in grid.models}
         for row in grid.rows:
             counts[row.model][row.probe] += 1
-    probes = [p.name for p in grid.probes]
+    probes = list(dict.fromkeys(p.name for p in grid.probes))  # a probe listed with two params sets: one column
     groups: list[list[ModelSpec]] = []
     for model in grid.models:
         previous = groups[-1][-1] if groups else None
@@ -348,6 +358,10 @@ def plan_lines(cost: PlanCost, gpu: str) -> list[str]:
     if total.ti_trainings:
         lines.append(f"  textual inversion: {total.ti_trainings:,d} embedding(s) trained, {total.ti_passes:,d} UNet "
                      "forward+backward passes (included above, as 2 forward passes each)")
+    if total.row_passes:
+        lines.append(f"  per-row optimisation (adversarial prompt): at most {total.row_passes:,d} UNet "
+                     "forward+backward passes (included above, as 2 forward passes each); rows that stop at a "
+                     "judged success make fewer passes and images")
     lines += ["", f"distinct pipelines: {cost.model_loads} (loads per actor: see models per node below)"]
     cached = sum(h.cached for h in cost.hub_models)
     if cost.hub_models:

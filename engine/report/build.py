@@ -45,6 +45,7 @@ from engine.report.tables import (
     pooled_stats,
     present_values,
 )
+from engine.report.worst_case import with_worst_case
 from engine.results import now_iso
 from engine.storage import OutputLocation, output_location
 
@@ -105,16 +106,18 @@ def inflated_cells(cells: pd.DataFrame) -> dict[int, set[str]]:
 
 
 def build_report(
-    run_dirs: Sequence[RunDir], output: RunDir | None = None, max_images_per_cell: int = 12
+    run_dirs: Sequence[RunDir], output: RunDir | None = None, max_images_per_cell: int = 12,
+    worst_case_probes: list[str] | None = None,
 ) -> ReportContent:
-    """Read the runs, aggregate, and write every report file. Raises UserError on bad input."""
+    """Read the runs, aggregate, and write every report file. Raises UserError on bad input.
+    `worst_case_probes`: the probes of the recovery table's "any probe" line (None: the default)."""
     if not run_dirs:
         raise UserError("give at least one run folder")
     target = default_report_dir(run_dirs, output)
     if isinstance(target, Path):
-        return _build(run_dirs, target, max_images_per_cell)
+        return _build(run_dirs, target, max_images_per_cell, worst_case_probes)
     with tempfile.TemporaryDirectory(prefix="engine-report-") as staging:
-        content = _build(run_dirs, Path(staging), max_images_per_cell)
+        content = _build(run_dirs, Path(staging), max_images_per_cell, worst_case_probes)
         uploaded = {path: _upload(Path(staging), path, target) for path in sorted(Path(staging).rglob("*"))
                     if path.is_file()}
     return dataclasses.replace(
@@ -131,7 +134,8 @@ def _upload(staging: Path, path: Path, target: OutputLocation) -> str:
     return target.display(*parts)
 
 
-def _build(run_dirs: Sequence[RunDir], report_dir: Path, max_images_per_cell: int) -> ReportContent:
+def _build(run_dirs: Sequence[RunDir], report_dir: Path, max_images_per_cell: int,
+           worst_case_probes: list[str] | None = None) -> ReportContent:
     frame = load_rows(run_dirs)
     failures = load_failures(run_dirs, frame)
     cells = cell_stats(frame, failures)
@@ -139,7 +143,7 @@ def _build(run_dirs: Sequence[RunDir], report_dir: Path, max_images_per_cell: in
     paired = has_roles(frame)
     report_dir.mkdir(parents=True, exist_ok=True)
     if paired:
-        recovery = recovery_table(frame, failures=failures)
+        recovery = with_worst_case(recovery_table(frame, failures=failures), frame, worst_case_probes)
         recovery.to_csv(report_dir / "recovery.csv", index=False)
         preservation_table(frame, failures=failures).to_csv(report_dir / "preservation.csv", index=False)
         paper = recovery_wide(recovery)
@@ -155,6 +159,7 @@ def _build(run_dirs: Sequence[RunDir], report_dir: Path, max_images_per_cell: in
         cells=cells,
         failures=failures,
         paper=paper,
+        worst_case_probes=worst_case_probes,
     )
     cells.to_parquet(report_dir / "summary.parquet", index=False)
     cells.to_csv(report_dir / "summary.csv", index=False)

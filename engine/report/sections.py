@@ -18,6 +18,8 @@ from engine.report.best_of_n_labels import control_notes
 from engine.report.draws_instead import draws_instead_table
 from engine.report.paper import wide
 from engine.report.tables import ReportContent, method_label, probe_of_label
+from engine.report.worst_case import ANY_PROBE, with_worst_case
+from engine.report.worst_case import NOTE as WORST_CASE_NOTE
 
 STATISTICS_NOTE = (
     "Each cell is one (model, concept, target concept, probe, params). CLIP = mean of 100 x cosine "
@@ -130,9 +132,10 @@ def recovery_section(recovery: pd.DataFrame, title: str, index: list[str]) -> Se
         digits = METRIC_BY_COLUMN[_column_of(recovery, line["metric"])].digits
         rows.append([str(line[c]) for c in index] + [_fmt_cell(line[m], digits) for m in methods])
     inflated = "inflated" in recovery and bool(recovery["inflated"].fillna(False).astype(bool).any())
-    controls = control_notes(probe_of_label(label) for label in recovery["probe_label"])
+    controls = control_notes(probe_of_label(label) for label in recovery["probe_label"] if label != ANY_PROBE)
     note = " ".join([RECOVERY_NOTE, *([SELECTION_NOTE] if inflated else []),
-                     *(["No control of its own: " + "; ".join(controls) + "."] if controls else [])])
+                     *(["No control of its own: " + "; ".join(controls) + "."] if controls else []),
+                     *([WORST_CASE_NOTE] if (recovery["probe_label"] == ANY_PROBE).any() else [])])
     return Section(title, note=note, table=Table(headers, rows))
 
 
@@ -210,7 +213,7 @@ def report_sections(content: ReportContent) -> list[Section]:
     frame = content.frame
     sections: list[Section] = []
     if has_roles(frame):
-        recovery = recovery_table(frame, failures=content.failures)
+        recovery = with_worst_case(recovery_table(frame, failures=content.failures), frame, content.worst_case_probes)
         if not recovery.empty:
             sections.append(recovery_section(recovery, "Recovery: does the erased concept come back?",
                                              ["probe_label", "metric"]))

@@ -10,6 +10,7 @@ from engine.metrics.columns import METRICS
 from engine.report.paper import has_roles, preservation_table, recovery_table
 from engine.report.sections import Table, fmt_interval, fmt_number, preservation_section, recovery_section
 from engine.report.tables import cell_stats, load_failures, load_rows, present_metrics
+from engine.report.worst_case import with_worst_case
 from engine.results import Output
 
 
@@ -41,7 +42,7 @@ def paper_summary(output: Output) -> str | None:
     failures = load_failures([output], frame)
     parts = [f"{len(failures)} row(s) failed and are left out of every rate (failures.parquet)"] if len(
         failures) else []
-    recovery = recovery_table(frame, failures=failures)
+    recovery = with_worst_case(recovery_table(frame, failures=failures), frame)
     if not recovery.empty:
         title = "Recovery (erased concepts; rates in %, 95% CI)"
         section = recovery_section(recovery, title, ["probe_label", "metric"])

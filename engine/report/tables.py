@@ -263,6 +263,8 @@ class ReportContent:
     cells: pd.DataFrame
     failures: pd.DataFrame  # failed rows (failures.parquet) without a result row: counted apart
     paper: pd.DataFrame  # what paper_table.csv holds
+    # The report's worst case over probes (engine.report.worst_case); None = the probes' class facts decide.
+    worst_case_probes: list[str] | None = None
     # Paths inside `output`; for a report uploaded to an object store, the files' URIs.
     plots: Sequence[tuple[str, Path | str]] = field(default_factory=list)
     sheets: Sequence[tuple[dict[str, Any], Path | str]] = field(default_factory=list)

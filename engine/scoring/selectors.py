@@ -166,16 +166,21 @@ class SelectorBank:
         images: list[np.ndarray],
         concept_name: str,
         regions: list[list[int] | tuple[int, ...] | None] | None = None,
+        record_selection: bool = False,
     ) -> list[bool] | None:
         """Per image (cropped to its region): does the run's classifier judge recognise the concept
         (top-1 in its classes)? None when the run has no classifier judge or the concept has no classes
-        for it. Not a selection: it is not recorded in the `selector` column."""
+        for it. Not recorded in the `selector` column, unless `record_selection` says the probe keeps
+        an image because of these hits (an attack that stops at its first success): then the rows get
+        `judge=<model id>`, and reports mark their judge columns as selection-inflated."""
         if _slot_request(self.judges, "classifier") is None:
             return None
         if concept_name not in self.concepts:
             raise KeyError(f"judge hits asked about concept {concept_name!r}, which is not in this run")
         # The `judge` selector's slot is `classifier`, which only a ClassifierJudge fills.
         judge = cast("ClassifierJudge[Any]", self._judge("judge"))
+        if record_selection:
+            self._used.setdefault(concept_name, set()).add(f"judge={judge.model_id}")
         crops = [crop_to_region(image, region)
                  for image, region in zip(images, regions or [None] * len(images), strict=False)]
         return judge.top1_hits(crops, self.concepts[concept_name])

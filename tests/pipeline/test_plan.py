@@ -104,15 +104,19 @@ def test_the_paper_grid_plans_offline_without_loading_anything(monkeypatch):
     # The noise sweeps run with their best-of-N control (`control: also`): twice the rows.
     per_erased = {"standard_prompt": 30, "classifier_guidance": 30, "noise_based": 60,
                   "noise_classifier_guidance": 60, "diffusion_completion": 90, "interference": 360,
-                  "inpainting": 30, "textual_inversion": 30}
+                  "inpainting": 30, "textual_inversion": 30, "adversarial_prompt": 60}  # attack + its control
     assert cost.row_counts["uce_church"] == per_erased
     assert cost.row_counts["sd14"] == {**{p: 0 for p in per_erased}, "standard_prompt": 390, "noise_based": 780,
                                        "interference": 390, "inpainting": 390}
-    assert len(grid.rows) == 91 * 690 + 5 * 390
+    assert len(grid.rows) == 91 * 750 + 5 * 390
     # The original's sweeps: 24 noise candidates, 25 guidance scales, 150 noise x guidance pairs; each
     # control makes as many candidates again.
     assert cost.by_probe["noise_classifier_guidance"].images == 2 * 91 * 30 * 150
     assert cost.by_probe["noise_based"].images == 2 * (91 + 13) * 30 * 24
+    # The adversarial prompt's upper bound: the plain check + 50 images per row (attack and control),
+    # 50 timesteps x 40 Adam steps of UNet forward + backward per attack row.
+    assert cost.by_probe["adversarial_prompt"].images == 91 * 30 * 2 * 51
+    assert cost.by_probe["adversarial_prompt"].row_passes == cost.total.row_passes == 91 * 30 * 50 * 40
     assert len(cost.hub_models) == 92
     assert any("latent classifier" in note for note in cost.notes)  # a prerequisite, listed not raised
 

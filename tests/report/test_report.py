@@ -21,6 +21,7 @@ from engine.metrics.stats import clopper_pearson_interval, mean_interval, wilson
 from engine.report.build import build_report
 from engine.report.summary import summary_frame
 from engine.report.tables import cell_stats, load_rows, pooled_stats
+from engine.report.worst_case import ANY_CONTROL, ANY_PROBE
 from engine.results import encode_png, rows_table
 
 runner = CliRunner()
@@ -354,7 +355,10 @@ def test_recovery_table_pools_erased_concepts_and_matches_the_rows(tmp_path):
     frame = load_rows([tmp_path / "paired"])
     # Recompute every recovery cell from the rows: recovery rows of the method, or the base's rows
     # on the erased concepts, pooled.
-    for _, line in recovery.iterrows():
+    worst_case = recovery["probe_label"].isin([ANY_PROBE, ANY_CONTROL])
+    assert recovery.loc[worst_case, "probe_label"].tolist() == [ANY_PROBE] * 3  # base, esdx, uce; no control ran
+    assert worst_case.iloc[-3:].all()  # the last lines (tests/report/test_worst_case.py checks their numbers)
+    for _, line in recovery[~worst_case].iterrows():
         if line["method"] == "none":
             rows = frame[(frame.role == "base") & (frame.concept == "church") & (frame.probe_label == line.probe_label)]
         else:
@@ -366,7 +370,7 @@ def test_recovery_table_pools_erased_concepts_and_matches_the_rows(tmp_path):
     standard = recovery[(recovery.probe_label == "standard_prompt") & (recovery.metric_column == "judge_top1")]
     assert dict(zip(standard.method, standard.value, strict=False)) == {"none": 1.0, "esdx": 0.25, "uce": 0.0}
     assert list(dict.fromkeys(recovery.probe_label)) == [
-        "standard_prompt", "noise_based[eta=2]", "noise_based[eta=10]"]  # numeric order
+        "standard_prompt", "noise_based[eta=2]", "noise_based[eta=10]", ANY_PROBE]  # numeric order, worst case last
     assert list(content.paper.columns[:5]) == ["probe", "metric", "none", "none low", "none high"]
 
 

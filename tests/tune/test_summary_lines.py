@@ -19,6 +19,6 @@ def test_a_pair_without_a_completed_trial_gets_one_line_not_a_crash(tmp_path):
                           [_pair(None), _pair(best)], 1.0)
     lines = summary_lines(summary)
     assert lines[0] == "toy-esdx-circle x toy_circle: no trial completed of 3; no best setting"
-    assert lines[1].startswith("toy-esdx-circle x toy_circle: best judge_top1 0.5")
+    assert lines[1].startswith("toy-esdx-circle x toy_circle: best judge_top1 in-sample 0.5")
     assert "-> out/best.yaml" in lines[1]
     assert lines[-1].startswith("trials: ")
