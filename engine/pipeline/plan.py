@@ -35,6 +35,7 @@ from engine.models.resolve import HUB_ID
 from engine.pipeline.grid import RunGrid
 from engine.probe import Probe, get_probe_class
 from engine.specs.runs import ModelSpec
+from engine.text_table import text_table
 
 # ------------------------------------------------------------------------- the cost model
 # FLOP counts of the SD 1.x components at 512 x 512 (64 x 64 latents), counted for this project
@@ -313,20 +314,12 @@ def row_count_lines(grid: RunGrid, counts: dict[str, dict[str, int]] | None = No
             labels.append((group[0].name, ", ".join(group[0].erased) or "-"))
         else:
             labels.append((f"{group[0].name} .. {group[-1].name} ({len(group)})", "one each"))
-    name_width = max([len("model")] + [len(label) for label, _ in labels])
-    erased_width = max([len("erased")] + [len(erased) for _, erased in labels])
-    method_width = max([len("method")] + [len(m.method_label) for m in grid.models])
-    widths = [max(len(p), 7) for p in probes]
-    header = (f"  {'model':{name_width}s}  {'method':{method_width}s}  {'erased':{erased_width}s}  "
-              + "  ".join(f"{p:>{w}s}" for p, w in zip(probes, widths, strict=False)) + f"  {'total':>8s}")
-    lines = [header]
-    for group, (label, erased) in zip(groups, labels, strict=False):
+    rows: list[list[object]] = []
+    for group, (label, erased) in zip(groups, labels, strict=True):
         values = [counts[group[0].name][p] for p in probes]
-        each = " each" if len(group) > 1 else ""
-        lines.append(f"  {label:{name_width}s}  {group[0].method_label:{method_width}s}  {erased:{erased_width}s}  "
-                     + "  ".join(f"{v:>{w},d}" for v, w in zip(values, widths, strict=True))
-                     + f"  {sum(values):>8,d}{each}")
-    return lines
+        rows.append([label, group[0].method_label, erased, *values, sum(values), "each" if len(group) > 1 else ""])
+    headers = ["model", "method", "erased", *probes, "total", ""]
+    return text_table(headers, rows, numeric=[False, False, False, *[True] * len(probes), True, False])
 
 
 def summary_header(grid: RunGrid) -> str:
@@ -344,16 +337,16 @@ def plan_lines(cost: PlanCost, gpu: str) -> list[str]:
     if grid.skipped_models:
         lines.append(f"  no rows (erased no listed concept): {len(grid.skipped_models)} model(s), "
                      f"{_shorten(grid.skipped_models)}")
-    lines += ["", "work per probe:",
-              f"  {'probe':26s} {'rows':>9s} {'images':>11s} {'UNet evals':>14s}  {'GPU-h ' + gpu:>11s}"]
-    for name, work in [*cost.by_probe.items(), ("(base references)", cost.references)]:
-        if name == "(base references)" and not work.images:
-            continue
-        lines.append(f"  {name:26s} {work.rows:>9,d} {work.images:>11,d} {work.unet_evals:>14,d}  "
-                     f"{_hours(work.tflop, ENGINE_TFLOPS[gpu]):>11s}")
+    gpu_hours = f"GPU-h {gpu}"
+    work_rows: list[list[object]] = [
+        [name, work.rows, work.images, work.unet_evals, _hours(work.tflop, ENGINE_TFLOPS[gpu])]
+        for name, work in [*cost.by_probe.items(), ("(base references)", cost.references)]
+        if name != "(base references)" or work.images
+    ]
     total = cost.total
-    lines.append(f"  {'total':26s} {total.rows:>9,d} {total.images:>11,d} {total.unet_evals:>14,d}  "
-                 f"{_hours(total.tflop, ENGINE_TFLOPS[gpu]):>11s}")
+    work_rows.append(["total", total.rows, total.images, total.unet_evals, _hours(total.tflop, ENGINE_TFLOPS[gpu])])
+    lines += ["", "work per probe:", *text_table(["probe", "rows", "images", "UNet evals", gpu_hours], work_rows,
+                                                 numeric=[False, True, True, True, True])]
     lines.append("  images count every best-of-N candidate; UNet evals count each guided step twice")
     if total.ti_trainings:
         lines.append(f"  textual inversion: {total.ti_trainings:,d} embedding(s) trained, {total.ti_passes:,d} UNet "

@@ -167,7 +167,7 @@ def test_plan_prints_the_estimated_output_size():
     result = runner.invoke(app, ["plan", str(ROOT / "configs/runs/paper.yaml")])
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if line.startswith("estimated output size:"))
-    assert "GB for 58,890 rows" in line
+    assert "GB for 70,200 rows" in line
     assert "free space at runs/paper:" in result.output
 
 
