@@ -263,7 +263,8 @@ def test_method_and_erased_flags_label_the_command_line_models(tiny_folders, pla
                                                          ("interference", "preservation")}
         assert len(grid.rows) == 1 + 12  # --concept defaults to the erased concepts
     # Before any work: rows per model x probe.
-    header, table = result.output.splitlines()[0], result.output.splitlines()[1:3]
+    lines = [line for line in result.output.splitlines() if line.strip(" ─")]  # the rule under the headers: no text
+    header, table = lines[0], lines[1:3]
     assert header.startswith("13 rows (recovery 1, preservation 12)")
     assert table[0].split()[:5] == ["model", "method", "erased", "standard_prompt", "interference"]
     assert table[1].split()[1:] == ["uce", "church", "1", "12", "13"]

@@ -256,8 +256,8 @@ def test_background_prefetch_loads_each_judge_once_while_scoring_waits_for_it():
     scoring = threading.Thread(target=scorer.score_table, args=(table,))
     scoring.start()  # asks for the judge while the prefetch still holds its load
     judge.release.set()
-    loading.join(timeout=10)
-    scoring.join(timeout=10)
+    loading.join(timeout=120)  # generous timeouts: on a loaded 2-core machine a thread may wait for a core
+    scoring.join(timeout=120)
     assert judge.loads == 1 and len(judge.seen) == 1
 
 
@@ -265,7 +265,9 @@ def test_a_failed_background_load_is_raised_by_the_first_score_call(caplog):
     judge = SlowLoadingJudge(fail=True)
     judge.release.set()
     scorer = Scorer([judge], {"church": load_concept("church")})
-    scorer.prefetch().join(timeout=10)
+    loading = scorer.prefetch()
+    loading.join(timeout=120)  # generous: on a loaded 2-core machine the thread may wait for a core
+    assert not loading.is_alive()
     assert "background load of judge recording failed" in caplog.text
     table = rows_table([{"image": encode_png(_image(3)), "scoring_region": None, "target_concept": "church"}])
     with pytest.raises(RuntimeError, match="corrupt"):
