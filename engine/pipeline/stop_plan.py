@@ -187,6 +187,19 @@ def stop_lines(plan: StopPlan, tflops: float, gpu: str) -> list[str]:
             lines.append(f"    {e.never_stop_rows:,d} row(s) the classifier judge has no classes for: full sweep")
         if e.cells_missing:
             lines.append(f"    {e.cells_missing:,d} cell(s) not in the earlier run: planned as no hit")
+    if len(shown) > 1:
+        total = StopEstimate(
+            exhaustive=sum(e.exhaustive for e in shown.values()), best=sum(e.best for e in shown.values()),
+            expected=None if any(e.expected is None for e in shown.values()) else
+            sum(e.expected or 0.0 for e in shown.values()),
+            tflop_per_image=None)
+        hours_of = {kind: None if any(e.tflop_per_image is None for e in shown.values()) else
+                    sum((getattr(e, kind) or 0.0) * (e.tflop_per_image or 0.0) for e in shown.values())
+                    / tflops / 3600 for kind in ("exhaustive", "best", "expected")}
+        expected = "-" if total.expected is None else f"{total.expected:,.0f}"
+        lines.append(f"  {'total':44s} {total.exhaustive:>12,.0f} {total.best:>10,.0f} {expected:>10s}   "
+                     + " ".join("n/a".rjust(8) if hours_of[k] is None or (k == "expected" and total.expected is None)
+                                else f"{hours_of[k]:>8,.1f}" for k in ("exhaustive", "best", "expected")))
     if plan.assumption and plan.assumption.startswith("each candidate"):
         lines.append("  expected per prompt of N candidates in rounds of b: sum over rounds r of "
                      "b_r (1 - p)^(r b), b_r = min(b, N - r b); " + plan.assumption)
