@@ -89,29 +89,34 @@ def run_until_hit(batch: ProbeBatch[Any], candidates: list[dict[str, float]], de
                 prompt.made.append(index)
                 prompt.images.append(image)
                 prompt.extras.append(extra)
-        # 2. The judge's verdict on each running prompt's new images; the first hit stops it.
+        # 2. The judge's verdict on the running prompts' new images, one call per concept; a hit stops its prompt.
+        judged: dict[str, list[_Prompt]] = {}
         for prompt in prompts:
             if prompt.running and prompt.unavailable is None:
-                _judge_round(batch, prompt, len(round_indices))
+                judged.setdefault(prompt.row.target_concept, []).append(prompt)
+        for concept, group in judged.items():
+            _judge_round(batch, concept, group, len(round_indices))
     return _output(batch, candidates, prompts)
 
 
-def _judge_round(batch: ProbeBatch[Any], prompt: _Prompt, new: int) -> None:
+def _judge_round(batch: ProbeBatch[Any], concept: str, group: list[_Prompt], new: int) -> None:
+    """Judge the last `new` images of each prompt of `group` (one concept); mark each prompt's first hit."""
     judge = batch.context.judge_hits
-    concept = prompt.row.target_concept
-    images = prompt.images[-new:]
+    images = [image for prompt in group for image in prompt.images[-new:]]
     hits = None if judge is None else judge(images, concept, [None] * len(images), record_selection=True)
     if hits is None:
-        prompt.unavailable = ("the run has no classifier judge" if judge is None
-                              else f"the judge has no classes for {concept}")
+        reason = "the run has no classifier judge" if judge is None else f"the judge has no classes for {concept}"
+        for prompt in group:
+            prompt.unavailable = reason
         if concept not in _warned:
             _warned.add(concept)
-            logger.warning("stop: on_hit cannot judge %s (%s): its prompts run the full sweep",
-                           concept, prompt.unavailable)
+            logger.warning("stop: on_hit cannot judge %s (%s): its prompts run the full sweep", concept, reason)
         return
-    first = next((i for i, hit in enumerate(hits) if hit), None)
-    if first is not None:
-        prompt.hit = len(prompt.images) - new + first
+    for number, prompt in enumerate(group):
+        own = hits[number * new : (number + 1) * new]
+        first = next((i for i, hit in enumerate(own) if hit), None)
+        if first is not None:
+            prompt.hit = len(prompt.images) - new + first
 
 
 def _output(batch: ProbeBatch[Any], candidates: list[dict[str, float]], prompts: list[_Prompt]) -> ProbeOutput:
