@@ -91,8 +91,16 @@ def test_sweep_order_reads_the_params_grid_outer_axis_first():
 # --------------------------------------------------------------------------- identity and refusals
 
 
+# noise_based's default params text before `stop` existed (commit 1e8237a): row ids hash this text.
+BEFORE_STOP = ('{"candidate_batch_size":16,"control":"off","eta_values":[1.0,1.17,1.34,1.51,1.68,1.85],'
+               '"guidance_scale":7.5,"height":null,"initial_noise":"per_candidate","keep_all_candidates":false,'
+               '"negative_prompt":"","num_inference_steps":50,"selector":"clip","variance_scales":[1.0,1.02,1.03,'
+               '1.04],"width":null}')
+
+
 def test_the_default_stop_leaves_the_params_text_and_so_the_row_ids_as_they_were():
     default = parse_params("noise_based", {})
+    assert default.canonical_json() == BEFORE_STOP
     assert "stop" not in json.loads(default.canonical_json())
     assert default.canonical_json() == parse_params("noise_based", {"stop": "none"}).canonical_json()
     assert type(default).model_validate_json(default.canonical_json()).stop == "none"
