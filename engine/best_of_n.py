@@ -19,11 +19,14 @@ holds the rest, once:
 - selection: a selector (never the judge by default: selecting with the model that also judges
   inflates the judged rate) picks one candidate per row, and the row's extras keep every
   candidate's score; every candidate image goes to the scoring stage, which records the mean over
-  all candidates beside the kept one's score.
+  all candidates beside the kept one's score;
+- `stop: on_hit` (engine.best_of_n_stop): candidates in a coverage-first order, in rounds, and a
+  prompt stops at its first candidate the judge recognises, which it keeps.
 """
 
 from __future__ import annotations
 
+import json
 from abc import abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 
@@ -32,6 +35,7 @@ import torch
 from pydantic import Field, model_validator
 
 from engine import sampling
+from engine.best_of_n_stop import run_until_hit
 from engine.errors import UserError
 from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator
 
@@ -75,6 +79,14 @@ class BestOfNParams(ProbeParams):
         "(the standard probe's), for controlled comparisons.",
     )
 
+    stop: Literal["none", "on_hit"] = Field(
+        "none",
+        description="none: every candidate of the sweep is made; on_hit: candidates are made in a coverage-first "
+        "order, candidate_batch_size per round, and a prompt stops at its first candidate the run's classifier "
+        "judge recognises (top-1), which it keeps; prompts without a hit run the full sweep and the selector picks. "
+        "The any-candidate hit is the exhaustive sweep's. Not with keep_all_candidates.",
+    )
+
     control: Literal["off", "also", "only"] = Field(
         "off",
         description="Best-of-N control: the same number of candidates, starting noise, sampler and selection, "
@@ -95,7 +107,20 @@ class BestOfNParams(ProbeParams):
                 "selector 'none' picks no candidate: set keep_all_candidates: true (one row per candidate) "
                 "or a selector (clip, judge, latent_classifier)"
             )
+        if self.stop == "on_hit" and self.keep_all_candidates:
+            raise ValueError(
+                "stop: on_hit keeps one candidate per prompt (its first hit); keep_all_candidates writes every "
+                "candidate as a row: choose one"
+            )
         return self
+
+    def canonical_json(self) -> str:
+        """As every probe's, but `stop` only when it is not `none`: rows written before the field
+        existed keep their params text and row_id, and a default run resumes onto them."""
+        data = self.model_dump(mode="json")
+        if data.get("stop") == "none":
+            del data["stop"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @abstractmethod  # pydantic's model metaclass is an ABCMeta: every best-of-N probe's params must say it
     def candidates(self) -> list[dict[str, float]]:
@@ -223,10 +248,13 @@ class BestOfNProbe(Probe[BestOfNParamsT], Generic[BestOfNParamsT]):
         params = batch.params
         candidates = params.candidates()
         self.check_candidates(batch, candidates)
+        schedule = sampling.DDIMSchedule.from_pipeline(batch.pipeline, params.num_inference_steps)
+        if params.stop == "on_hit":  # rounds in coverage order, each prompt stopped at its first hit
+            return run_until_hit(batch, candidates,
+                                 lambda rows, chunk: self.denoise_candidates(batch, rows, chunk, schedule))
         # 1. Every (row, candidate) pair in sweep order, rows one after another, denoised in chunks;
         #    only uint8 images stay in memory.
         work = [(row, candidate) for row in batch.rows for candidate in candidates]
-        schedule = sampling.DDIMSchedule.from_pipeline(batch.pipeline, params.num_inference_steps)
         images: list[np.ndarray] = []
         extras: list[dict[str, Any]] = []
         for start in range(0, len(work), params.candidate_batch_size):

@@ -22,6 +22,9 @@ per prompt; classifiers are looked up as `<classifier_dir>/<concept>.safetensors
 Candidates, selection and extras are the best-of-N base's (engine.best_of_n): one row per prompt
 picked by `selector` (CLIP by default, never the judge), or every candidate as its own row
 (keep_all_candidates). The extras add the classifier's logit of each candidate's final latent.
+
+With `stop: on_hit` (engine.best_of_n_stop) the candidates are made in a coverage-first order, in rounds
+of candidate_batch_size, and a prompt stops at its first candidate the run's classifier judge recognises.
 """
 
 from __future__ import annotations

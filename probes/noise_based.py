@@ -19,6 +19,9 @@ row instead (the params of each row then hold a one-candidate sweep).
 Control (`control: also` or `only`): every candidate steps with eta 1 and v 1 (plain stochastic DDIM) from
 its own generator, so the sweep is 24 ordinary samples chosen the same way: what picking the best
 of 24 gives without widened noise.
+
+With `stop: on_hit` (engine.best_of_n_stop) the candidates are made in a coverage-first order, in rounds
+of candidate_batch_size, and a prompt stops at its first candidate the run's classifier judge recognises.
 """
 
 from __future__ import annotations

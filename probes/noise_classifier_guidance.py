@@ -14,6 +14,9 @@ actor. Candidates, selection and extras are the best-of-N base's, as classifier_
 
 Control (`control: also` or `only`): the same (scale, eta) sweep with guidance scale 0 on every candidate, so
 only the widened noise and the choice among candidates remain; it needs no classifier.
+
+With `stop: on_hit` (engine.best_of_n_stop) the candidates are made in a coverage-first order, in rounds
+of candidate_batch_size, and a prompt stops at its first candidate the run's classifier judge recognises.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -13,6 +14,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Runs without a `judges:` key use these (engine.scoring.registry): random tiny judges, no weights.
 os.environ.setdefault("ENGINE_JUDGES", "clip:tiny,imagenet:tiny")
+# Tests keep their own Ray: an `engine up` Ray of this machine is never found (engine.pipeline.warm).
+os.environ["ENGINE_STATE_DIR"] = tempfile.mkdtemp(prefix="engine-state-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -22,6 +22,7 @@ from typing import Any
 
 from engine.pipeline.raynoise import filter_ray_loggers
 from engine.pipeline.shipping import code_runtime_env, report_node_engines, should_ship
+from engine.pipeline.warm import warm_address
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,14 @@ def init_ray(cluster: str | None, ship_code: bool | None = None, toy_weights: bo
     quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if cluster:
         context = ray.init(address=cluster, runtime_env=runtime_env, **quiet)
+    elif (warm := warm_address()) is not None:
+        # `engine up`'s local Ray (engine.pipeline.warm): the same machine, so no code shipped, no node report.
+        print(f"Ray: the warm local Ray at {warm} (engine up; engine down stops it)", file=sys.stderr)  # noqa: T201 (before logging is set up)
+        context = ray.init(address=warm, runtime_env=runtime_env, **quiet)
     else:
         # address="local": always a fresh local Ray, never a cluster that `ray start` left running
         # on this machine (ray.init() alone would join it).
+        logger.info("Ray: a new local Ray for this run (engine up keeps one warm)")
         context = ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
     if getattr(context, "dashboard_url", None):
         print(f"Ray dashboard: http://{context.dashboard_url.removeprefix('http://')}", file=sys.stderr)  # noqa: T201 (before logging is set up)

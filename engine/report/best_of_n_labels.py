@@ -1,5 +1,7 @@
 """How tables name a best-of-N probe's rows: `noise_based (best of 24 by CLIP)`, its control
-`noise_based control (best of 24 by CLIP)`, and what a probe without a control of its own compares with.
+`noise_based control (best of 24 by CLIP)`, a sweep that stopped at its first judged hit
+`noise_based (first hit in coverage order, 1-24 candidates made; ...)`, and what a probe without a
+control of its own compares with.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ def is_control(params_texts) -> bool:
     return any(json.loads(text).get("control") == "only" for text in params_texts)
 
 
+def stops_on_hit(params_texts) -> bool:
+    """Whether these rows' sweeps stopped at their first judged hit (`stop: on_hit`, engine.best_of_n_stop)."""
+    return any(json.loads(text).get("stop") == "on_hit" for text in params_texts)
+
+
 def display_label(label: str, group: pd.DataFrame) -> str:
     """`label` (a probe label) with the control named and, for rows that chose among candidates, how
     many and by which selector(s); other labels unchanged."""
@@ -32,6 +39,9 @@ def display_label(label: str, group: pd.DataFrame) -> str:
         return text.strip()
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     selectors = selector_names([str(v) for v in present_values(group["selector"])]) or ["?"]
+    if stops_on_hit(group["params"].unique()):
+        # The kept image of a stopped prompt is the judge's first hit, not the selector's best: say so.
+        return f"{text.strip()} (first hit in coverage order, {n} candidates made; {' / '.join(selectors)})"
     return f"{text.strip()} (best of {n} by {' / '.join(selectors)})"
 
 

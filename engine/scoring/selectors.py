@@ -63,6 +63,7 @@ def check_selectors(probe_params: list[Any], judges: list[JudgeRequest], concept
     """Driver-side, before any work: every probe params' `selector` (the field name best-of-N probes
     use) is known, and the model it needs is in the run. Raises UserError."""
     for params in probe_params:
+        _check_stop(params, judges, concepts)
         selector = getattr(params, "selector", None)
         if selector is None or getattr(params, "keep_all_candidates", False):
             continue  # keeping every candidate as a row selects nothing
@@ -85,6 +86,22 @@ def check_selectors(probe_params: list[Any], judges: list[JudgeRequest], concept
                 f"selector {selector!r} ranks by the {request.name} judge's classes; {', '.join(without)} "
                 "have none, and the run has no clip judge to fall back to for them: add clip to `judges:`"
             )
+
+
+def _check_stop(params: Any, judges: list[JudgeRequest], concepts: dict[str, ConceptSpec]) -> None:
+    """`stop: on_hit` (engine.best_of_n_stop) asks the run's classifier judge after every round: refused
+    without one; concepts it has no classes for are named, since their prompts run the full sweep."""
+    if getattr(params, "stop", "none") != "on_hit":
+        return
+    request = _slot_request(judges, "classifier")
+    if request is None:
+        raise UserError("stop: on_hit stops a prompt when the run's classifier judge recognises a candidate, but "
+                        "the run has none; add one to `judges:` (e.g. imagenet) or leave stop at none")
+    key = getattr(get_judge_class(request.name), "classes_key", None)
+    without = [c.name for c in concepts.values() if key is not None and key not in c.judge_classes]
+    if without:
+        logger.warning("stop: on_hit: the %s judge has no classes for %s; their prompts run the full sweep",
+                       request.name, ", ".join(without))
 
 
 class SelectorBank:
