@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import UserError
 from engine.models.builtin import BUILTIN_MODELS
+from engine.models.resolve import HUB_ID
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +66,8 @@ def pipeline_folder(source: str, revision: str | None) -> Path | None:
         return None
     if Path(source).is_dir():
         return Path(source)
+    if not HUB_ID.match(source):  # a local folder that is gone: the load itself says so, as a missing model
+        return None
     from huggingface_hub import try_to_load_from_cache
 
     index = try_to_load_from_cache(source, "model_index.json", revision=revision)
