@@ -1,5 +1,6 @@
-"""Render the report's sections with jinja2: Markdown (images linked as files) and one
-self-contained HTML file (images embedded as base64 data URIs, inline CSS, nothing fetched)."""
+"""Render the report's sections with jinja2: Markdown (images linked as files) and one HTML file
+with inline CSS: self-contained (images as base64 data URIs, nothing fetched) while its sheets are
+small, else the sheets linked as files beside it (a section's `embed` says which)."""
 
 from __future__ import annotations
 
