@@ -45,6 +45,7 @@ from engine.report.images import ImageIndex
 from engine.report.paired import write_paired_sheets
 from engine.report.paper import has_roles, mean_over_concepts_table, preservation_table, recovery_table
 from engine.report.render import write_html, write_markdown
+from engine.report.sections import report_sections
 from engine.report.selection import selection_inflated
 from engine.report.tables import (
     ReportContent,
@@ -204,7 +205,8 @@ def _build(run_dirs: Sequence[RunDir], report_dir: Path, options: SheetOptions,
     if not content.embed_sheets:
         logger.info("sheets total %.0f MB, over the %.0f MB embedding limit: report.html links them",
                     sheet_bytes / 1e6, options.embed_limit / 1e6)
-    write_markdown(content, report_dir / "report.md")
-    write_html(content, report_dir / "report.html")
+    sections = report_sections(content)
+    write_markdown(content, report_dir / "report.md", sections)
+    write_html(content, report_dir / "report.html", sections)
     logger.info("report of %d rows in %d cells written to %s", len(frame), len(cells), report_dir)
     return content

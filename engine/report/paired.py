@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from engine.metrics.columns import TOP5_CLASSES
 from engine.probe import RECOVERY, baseline_probes
 from engine.report.draws_instead import class_namer, top1_of
+from engine.report.figures import SHEET_COMPRESSION
 from engine.report.images import ImageIndex
 from engine.report.tables import BASE_METHOD, method_label, method_order, probe_order
 from engine.results import decode_png
@@ -48,7 +49,7 @@ def write_paired_sheets(
             title = f"{concept} / {probe}: the same prompt and seed across methods"
             sheet = _draw(lines, methods, images, title, name)
             path = folder / f"paired__{concept}__{_slug(probe)}.png"
-            sheet.save(path, format="PNG")
+            sheet.save(path, format="PNG", compress_level=SHEET_COMPRESSION)
             written.append((title, path))
     return written
 
