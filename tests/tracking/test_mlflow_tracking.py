@@ -31,6 +31,7 @@ def _runs(client, experiment):
     return client.search_runs([found.experiment_id])
 
 
+@pytest.mark.slow
 def test_a_paired_run_is_logged_with_config_counts_recovery_and_report(store, tmp_path, ray_session):
     output = tmp_path / "paired"
     config = tmp_path / "run.yaml"  # tracking from the run file; --track says the same on the command line
@@ -55,6 +56,7 @@ def test_a_paired_run_is_logged_with_config_counts_recovery_and_report(store, tm
     assert (output / "report" / "report.html").exists()  # the run keeps the report it logged
 
 
+@pytest.mark.slow
 def test_a_tune_search_logs_one_mlflow_run_per_trial(store, tmp_path, ray_session):
     result = runner.invoke(app, ["tune", "--probe", "noise_based", "--model", "tiny", "--concept", "church",
                                  "--num-samples", "2", "--num-images", "2", "--set", "params.num_inference_steps=2",
