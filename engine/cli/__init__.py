@@ -5,6 +5,7 @@ One module per group of commands; importing them registers their commands on `ap
 """
 
 from engine.cli import (  # noqa: F401  (registers the commands)
+    browse,
     catalog,
     classifiers,
     export,
