@@ -18,10 +18,10 @@ from engine.cli import app
 from engine.results import encode_png, rows_table
 
 pytest.importorskip("starlette")
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from engine.browse.app import create_app  # noqa: E402
-from engine.browse.data import PAGE, BrowseData  # noqa: E402
+from engine.browse.app import create_app
+from engine.browse.data import PAGE, BrowseData
 
 runner = CliRunner()
 SEEDS = 30  # more than a page
