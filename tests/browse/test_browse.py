@@ -43,7 +43,11 @@ def _rows(model, method, role, probe, hits, shade):
 
 @pytest.fixture(scope="module")
 def paired_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("browse") / "run"
+    return _write_paired_run(tmp_path_factory.mktemp("browse") / "run")
+
+
+def _write_paired_run(folder):
+    """The base model and one erased model on church, 30 seeds; the erased one under two probes."""
     (folder / "rows").mkdir(parents=True)
     pq.write_table(rows_table(_rows("sd", "none", "base", "standard_prompt", lambda i: True, 0)),
                    folder / "rows" / "base.parquet")
