@@ -2,7 +2,8 @@
 the score columns and the image index), then the first page, a cell page and its images, served
 through Starlette's TestClient (the app without the network), each timed.
 
-    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/report_scale.py --keep /tmp/grid --report-args "--cells none"
+    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/report_scale.py --keep /tmp/grid \
+        --report-args "--cells none"
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/browse_scale.py /tmp/grid
 """
 

@@ -68,8 +68,15 @@ def server(tmp_path_factory):
 
 
 def _images_loaded(driver) -> list[bool]:
-    return driver.execute_script(
-        "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0);")
+    """Each image of the page, scrolled into view (report.html loads sheet files lazily), loaded?"""
+    script = "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0);"
+    for index in range(len(driver.execute_script(script))):
+        driver.execute_script("document.images[arguments[0]].scrollIntoView();", index)
+        for _ in range(100):
+            if driver.execute_script("return document.images[arguments[0]].complete;", index):
+                break
+            time.sleep(0.1)
+    return driver.execute_script(script)
 
 
 def test_overview_cell_and_image_load_in_chromium(server, browser):
