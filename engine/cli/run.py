@@ -76,9 +76,14 @@ def run(
 
 def track_run(grid) -> None:
     """Log the finished run (its rows may include failed ones) to each tracker of its spec."""
+    from engine.errors import UserError
     from engine.tracking.mlflow_run import log_run
 
-    run_id = log_run(grid.spec.output, grid.resolved_config())
+    try:
+        run_id = log_run(grid.spec.output, grid.resolved_config())
+    except Exception as error:  # noqa: BLE001 (the store refused or is unreachable: the rows are done)
+        raise UserError(f"the run is complete, but logging it to MLflow failed ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); check MLFLOW_TRACKING_URI") from None
     typer.echo(f"logged to MLflow: run {run_id}")
 
 
