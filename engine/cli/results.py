@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import typer
 
 from engine.cli.app import app, setup_logging, user_errors
@@ -49,17 +51,28 @@ def report(
     worst_case_probe: list[str] = typer.Option(
         [], "--worst-case-probe", help="A probe of the recovery table's 'any probe' line (repeatable); default: "
         "the recovery probes acting on the erased model alone, controls and diffusion completion left out."),
+    cells: list[str] = typer.Option(
+        [], "--cells", help="Draw contact sheets only for these cells: KEY=PATTERN[,KEY=PATTERN...] with keys model, "
+        "method, concept, target, probe, role and shell patterns (repeatable: any matches); `none` draws none."),
+    embed_limit: float = typer.Option(
+        25.0, "--embed-limit", min=0, help="MB of sheets report.html embeds as data URIs; past it they are "
+        "separate files it links."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Recovery tables with 95% CIs, plots and image grids: report.md, report.html, summary.parquet/.csv."""
     from engine.probe import probe_entry
-    from engine.report.build import build_report
+    from engine.report.build import SheetOptions, build_report
+    from engine.report.cell_filter import parse_cell_filters
 
     setup_logging(verbose)
     for name in worst_case_probe:
         probe_entry(name)  # an unknown name stops here with the list of probes
+    wanted = parse_cell_filters(cells)
+    if not math.isfinite(embed_limit):
+        raise UserError(f"--embed-limit must be a finite number of MB, got {embed_limit}")
     if output is not None:
         check_output_folder(output, "--output")
-    content = build_report(run_dirs, output, max_images, worst_case_probe or None)
+    sheets = SheetOptions(max_images=max_images, cells=wanted, embed_limit=int(embed_limit * 1024**2))
+    content = build_report(run_dirs, output, max_images, worst_case_probe or None, sheets)
     report_file = f"{str(content.output).rstrip('/')}/report.html"
     typer.echo(f"report of {content.rows} rows in {len(content.cells)} cells: {report_file}")

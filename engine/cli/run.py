@@ -9,6 +9,7 @@ import typer
 
 from engine.cli.app import app, one_line, setup_logging, user_errors
 from engine.cli.validation import check_output_folder, check_run_names
+from engine.tracking.check import check_trackers
 
 
 @app.command()
@@ -47,6 +48,9 @@ def run(
     no_space_check: bool = typer.Option(
         False, "--no-space-check", help="Skip the free-space checks (the hub cache for downloads, the output's size)."
     ),
+    track: list[str] = typer.Option(
+        [], "--track", help="Log the finished run to an experiment tracker: mlflow (MLFLOW_TRACKING_URI)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Generate (and score) every row of a grid into OUTPUT/rows/*.parquet."""
@@ -57,15 +61,30 @@ def run(
     flags = RunFlags(model=model, concept=concept, probe=probe, num_images=num_images, output=output,
                      shared_output=shared_output, base_model=base_model, unet=unet, method=method, erased=erased,
                      probe_param=probe_param, set_=set_, batch_size=batch_size, allow_pickle=allow_pickle,
-                     classifier_dir=classifier_dir, no_space_check=no_space_check)
+                     classifier_dir=classifier_dir, no_space_check=no_space_check, track=track)
     spec, sources = run_spec_from_flags(config, flags)
+    check_trackers(spec.tracking, sources.of(("tracking",)))
     check_output_folder(spec.output, sources.of(("output",)))
     check_run_names(spec, sources)
     extra = unet_override_models(spec, flags)
     grid = expand_run(spec, extra_models=extra)
     if spec.space_check:
         require_room_for(grid)
-    execute_and_print(grid, cluster, ship_code, on_locked=lambda: print_row_counts(grid))
+    execute_and_print(grid, cluster, ship_code, on_locked=lambda: print_row_counts(grid),
+                      on_done=lambda summary: track_run(grid) if grid.spec.tracking else None)
+
+
+def track_run(grid) -> None:
+    """Log the finished run (its rows may include failed ones) to each tracker of its spec."""
+    from engine.errors import UserError
+    from engine.tracking.mlflow_run import log_run
+
+    try:
+        run_id = log_run(grid.spec.output, grid.resolved_config())
+    except Exception as error:  # noqa: BLE001 (the store refused or is unreachable: the rows are done)
+        raise UserError(f"the run is complete, but logging it to MLflow failed ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); check MLFLOW_TRACKING_URI") from None
+    typer.echo(f"logged to MLflow: run {run_id}")
 
 
 def require_room_for(grid) -> None:
@@ -90,9 +109,11 @@ def print_row_counts(grid) -> None:
         typer.echo(f"  no rows (erased no listed concept): {', '.join(grid.skipped_models)}")
 
 
-def execute_and_print(grid, cluster: str | None, ship_code: bool | None = None, on_locked=None) -> None:
+def execute_and_print(grid, cluster: str | None, ship_code: bool | None = None, on_locked=None,
+                      on_done=None) -> None:
     """Run the grid and print what happened; exit 3 when rows failed (they are retried by a rerun),
-    10-15 when a fault stopped the run (engine.pipeline.faults; the README's exit code table)."""
+    10-15 when a fault stopped the run (engine.pipeline.faults; the README's exit code table).
+    `on_done(summary)` runs after the summary, before that exit (the experiment trackers)."""
     from engine.failures import failures_path
     from engine.pipeline.faults import RunFault
     from engine.pipeline.raynoise import quiet_retry_lines
@@ -116,6 +137,8 @@ def execute_and_print(grid, cluster: str | None, ship_code: bool | None = None, 
     )
     if summary.total_rows:
         print_summary(summary.output)
+        if on_done is not None:
+            on_done(summary)
     if summary.failed:
         rows = "row" if summary.failed == 1 else "rows"
         typer.echo(f"{summary.failed} {rows} failed; run the same command again to retry them", err=True)

@@ -29,9 +29,13 @@ def tune(
     ship_code: bool | None = typer.Option(
         None, "--ship-code/--no-ship-code", help="Send the engine's code to the workers (default: with --cluster)."
     ),
+    track: list[str] = typer.Option(
+        [], "--track", help="Log every trial to an experiment tracker: mlflow (one MLflow run per trial)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Search a probe's params for the setting that recovers the concept most (Ray Tune)."""
+    from engine.tracking.check import check_trackers
     from engine.tune.execute import execute_tune, summary_lines
     from engine.tune.pairs import prepare_tune
     from engine.tune.space import load_tune_spec
@@ -39,8 +43,9 @@ def tune(
     setup_logging(verbose)
     flags = {"models": model, "concepts": concept, "probe": probe, "num_samples": num_samples,
              "num_images": num_images, "algorithm": algorithm, "objective": objective,
-             "output": output}
+             "output": output, "tracking": track}
     spec, sources = load_tune_spec(config, flags, set_)
+    check_trackers(spec.tracking, sources.of(("tracking",)))
     check_output_folder(spec.output, sources.of(("output",)))
     summary = execute_tune(prepare_tune(spec, sources), cluster, ship_code)
     for line in summary_lines(summary):

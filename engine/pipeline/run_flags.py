@@ -39,6 +39,7 @@ class RunFlags:
     allow_pickle: bool = False
     classifier_dir: Path | None = None
     no_space_check: bool = False
+    track: list[str] = field(default_factory=list)
 
 
 def run_spec_from_flags(config: Path | None, flags: RunFlags) -> tuple[RunSpec, Sources]:
@@ -84,6 +85,9 @@ def run_spec_from_flags(config: Path | None, flags: RunFlags) -> tuple[RunSpec, 
     if flags.no_space_check:
         data["space_check"] = False
         sources.record("space_check", "--no-space-check")
+    if flags.track:
+        data["tracking"] = list(flags.track)
+        sources.record("tracking", "--track")
     for required, flag in [("output", "--output"), ("num_images", "--num-images"), ("concepts", "--concept"),
                            ("probes", "--probe")]:
         if required not in data and not config:

@@ -11,7 +11,14 @@ Reads the rows of one or more runs (merged; a row present in several runs counts
   erased concepts, each probe x method averaged over concepts instead;
 - plots/*.png: bar charts by probe and method with 95% CI error bars;
 - sheets/*.png: a contact sheet per cell, and paired sheets (base and each method on the same seed);
-- report.md and a self-contained report.html (every image embedded as a data URI).
+- report.md and report.html: the summary tables first, then plots and sheets. The HTML is
+  self-contained (every image a data URI) while the sheets' PNGs total at most `embed_limit` bytes;
+  past it the sheets stay separate files beside it, paired sheets shown from their files and the
+  cell sheets as a list of links, so a grid's report opens at once.
+
+Memory: the score columns of every row (no image column, `load_rows`) plus the images of the row
+groups holding one sheet's rows and a 256 MB cache of recent row groups (engine.report.images).
+`cells` (a `--cells` filter, engine.report.cell_filter) chooses which cells get a contact sheet.
 Numbers from different judges are not comparable, so rows scored by different judge models
 are refused (rescore them with `engine score`).
 
@@ -32,10 +39,13 @@ import pandas as pd
 from engine.errors import UserError
 from engine.metrics.columns import METRICS, MODEL_COLUMNS
 from engine.probe import BASE, RECOVERY, preservation_probes
+from engine.report.cell_filter import CellFilter
 from engine.report.figures import write_contact_sheets, write_recovery_plots
+from engine.report.images import ImageIndex
 from engine.report.paired import write_paired_sheets
 from engine.report.paper import has_roles, mean_over_concepts_table, preservation_table, recovery_table
 from engine.report.render import write_html, write_markdown
+from engine.report.sections import report_sections
 from engine.report.selection import selection_inflated
 from engine.report.tables import (
     ReportContent,
@@ -105,19 +115,34 @@ def inflated_cells(cells: pd.DataFrame) -> dict[int, set[str]]:
     return marks
 
 
+EMBED_LIMIT = 25 * 1024**2  # bytes of sheet PNGs a report.html embeds; past it they are linked files
+
+
+@dataclasses.dataclass(frozen=True)
+class SheetOptions:
+    """What the report draws of the images: `max_images` per cell sheet, the cells that get one
+    (`--cells`), and how many bytes of sheets report.html embeds before it links them instead."""
+
+    max_images: int = 12
+    cells: CellFilter = dataclasses.field(default=lambda cell: True)
+    embed_limit: int = EMBED_LIMIT
+
+
 def build_report(
     run_dirs: Sequence[RunDir], output: RunDir | None = None, max_images_per_cell: int = 12,
-    worst_case_probes: list[str] | None = None,
+    worst_case_probes: list[str] | None = None, sheets: SheetOptions | None = None,
 ) -> ReportContent:
     """Read the runs, aggregate, and write every report file. Raises UserError on bad input.
-    `worst_case_probes`: the probes of the recovery table's "any probe" line (None: the default)."""
+    `worst_case_probes`: the probes of the recovery table's "any probe" line (None: the default).
+    `sheets` overrides `max_images_per_cell` when given."""
     if not run_dirs:
         raise UserError("give at least one run folder")
+    options = sheets or SheetOptions(max_images=max_images_per_cell)
     target = default_report_dir(run_dirs, output)
     if isinstance(target, Path):
-        return _build(run_dirs, target, max_images_per_cell, worst_case_probes)
+        return _build(run_dirs, target, options, worst_case_probes)
     with tempfile.TemporaryDirectory(prefix="engine-report-") as staging:
-        content = _build(run_dirs, Path(staging), max_images_per_cell, worst_case_probes)
+        content = _build(run_dirs, Path(staging), options, worst_case_probes)
         uploaded = {path: _upload(Path(staging), path, target) for path in sorted(Path(staging).rglob("*"))
                     if path.is_file()}
     return dataclasses.replace(
@@ -134,7 +159,7 @@ def _upload(staging: Path, path: Path, target: OutputLocation) -> str:
     return target.display(*parts)
 
 
-def _build(run_dirs: Sequence[RunDir], report_dir: Path, max_images_per_cell: int,
+def _build(run_dirs: Sequence[RunDir], report_dir: Path, options: SheetOptions,
            worst_case_probes: list[str] | None = None) -> ReportContent:
     frame = load_rows(run_dirs)
     failures = load_failures(run_dirs, frame)
@@ -172,9 +197,16 @@ def _build(run_dirs: Sequence[RunDir], report_dir: Path, max_images_per_cell: in
     else:
         content.plots = write_recovery_plots(pooled_stats(frame), report_dir / "plots", "pooled over concepts")
     content.inflated = inflated_cells(cells)
-    content.sheets = write_contact_sheets(run_dirs, frame, cells, report_dir / "sheets", max_images_per_cell)
-    content.paired_sheets = write_paired_sheets(run_dirs, frame, report_dir / "sheets", max_images_per_cell)
-    write_markdown(content, report_dir / "report.md")
-    write_html(content, report_dir / "report.html")
+    index = ImageIndex(run_dirs)
+    content.sheets = write_contact_sheets(index, frame, cells, report_dir / "sheets", options.max_images, options.cells)
+    content.paired_sheets = write_paired_sheets(index, frame, report_dir / "sheets", options.max_images)
+    sheet_bytes = sum(Path(path).stat().st_size for _, path in [*content.sheets, *content.paired_sheets])
+    content.embed_sheets = sheet_bytes <= options.embed_limit
+    if not content.embed_sheets:
+        logger.info("sheets total %.0f MB, over the %.0f MB embedding limit: report.html links them",
+                    sheet_bytes / 1e6, options.embed_limit / 1e6)
+    sections = report_sections(content)
+    write_markdown(content, report_dir / "report.md", sections)
+    write_html(content, report_dir / "report.html", sections)
     logger.info("report of %d rows in %d cells written to %s", len(frame), len(cells), report_dir)
     return content

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,16 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.metrics.columns import METRICS
+from engine.report.images import ImageIndex
 from engine.report.tables import CELL_GROUP, cell_slug, method_label, method_order, probe_order
-from engine.results import decode_png, parquet_files, read_rows_file
-from engine.storage import output_location
+from engine.results import decode_png
 
 THUMBNAIL = 128
 COLUMNS = 6
 FONT_SIZE = 11
+# zlib level 1: a grid's thousands of sheets encode several times faster than at the default 6, for
+# files about a fifth larger (deflate's later levels gain little on photographs).
+SHEET_COMPRESSION = 1
 
 
 def _value(row: pd.Series | None, column: str) -> float:
@@ -72,22 +75,6 @@ def write_recovery_plots(pooled: pd.DataFrame, folder: Path, scope: str) -> list
 
 
 # --------------------------------------------------------------------------- contact sheets
-
-
-def read_images(run_dirs: Sequence[str | Path], row_ids: set[str]) -> dict[str, bytes]:
-    """PNG bytes of the given rows only, so a large run's images are never all in memory."""
-    found: dict[str, bytes] = {}
-    for run_dir in run_dirs:
-        location = output_location(run_dir)
-        for name in parquet_files(location):
-            try:
-                table = read_rows_file(location, name, ["row_id", "image"], filters=[("row_id", "in", sorted(row_ids))])
-            except Exception:  # noqa: BLE001 (unreadable files are already reported by read_rows)
-                continue
-            ids, images = table.column("row_id").to_pylist(), table.column("image").to_pylist()
-            for row_id, image in zip(ids, images, strict=True):
-                found.setdefault(row_id, image)
-    return found
 
 
 def _prompt_lines(prompt: str, width: int = 24, most: int = 2) -> list[str]:
@@ -142,22 +129,25 @@ def contact_sheet(images: list[np.ndarray], captions: list[list[str]], title: st
 
 
 def write_contact_sheets(
-    run_dirs: Sequence[str | Path], frame: pd.DataFrame, cells: pd.DataFrame, folder: Path, max_images: int
+    index: ImageIndex, frame: pd.DataFrame, cells: pd.DataFrame, folder: Path, max_images: int,
+    wanted: Callable[[dict[str, Any]], bool] = lambda cell: True,
 ) -> list[tuple[dict[str, Any], Path]]:
-    """A PNG per cell (same order as `cells`) with its first `max_images` rows by prompt index and seed."""
+    """A PNG per cell (same order as `cells`) with its first `max_images` rows by prompt index and
+    seed, for the cells `wanted` accepts. Images are read one cell at a time (engine.report.images)."""
     folder.mkdir(parents=True, exist_ok=True)
     keys = CELL_GROUP
     chosen = {
         key: group.sort_values(["prompt_index", "seed", "row_id"]).head(max_images)
         for key, group in frame.groupby(keys, sort=True, dropna=False)
     }
-    images = read_images(run_dirs, {i for g in chosen.values() for i in g["row_id"]})
     written = []
     for _, cell in cells.iterrows():
         key = tuple(cell[k] for k in keys)
-        if key not in chosen:
-            continue  # every row of the cell failed: nothing to show
+        if key not in chosen or not wanted(cell.to_dict()):
+            continue  # every row of the cell failed (nothing to show), or --cells leaves it out
         rows = chosen[key].to_dict("records")
+        images = index.images(r["row_id"] for r in rows)
+        rows = [r for r in rows if r["row_id"] in images]
         captions = [
             [f"seed {r['seed']}", *_prompt_lines(r["prompt"]), *_score_lines(r)] for r in rows
         ]
@@ -166,6 +156,6 @@ def write_contact_sheets(
         title += f" / {cell['probe_label']}"
         sheet = contact_sheet([decode_png(images[r["row_id"]]) for r in rows], captions, title)
         path = folder / f"{cell_slug(cell)}.png"
-        sheet.save(path, format="PNG")
+        sheet.save(path, format="PNG", compress_level=SHEET_COMPRESSION)
         written.append((cell.to_dict(), path))
     return written

@@ -9,7 +9,7 @@ A row's scoring region (inpainting's mask box) is outlined in red.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 from engine.metrics.columns import TOP5_CLASSES
 from engine.probe import RECOVERY, baseline_probes
 from engine.report.draws_instead import class_namer, top1_of
-from engine.report.figures import read_images
+from engine.report.figures import SHEET_COMPRESSION
+from engine.report.images import ImageIndex
 from engine.report.tables import BASE_METHOD, method_label, method_order, probe_order
 from engine.results import decode_png
 
@@ -28,7 +29,7 @@ FONT_SIZE = 11
 
 
 def write_paired_sheets(
-    run_dirs: Sequence[str | Path], frame: pd.DataFrame, folder: Path, max_seeds: int
+    index: ImageIndex, frame: pd.DataFrame, folder: Path, max_seeds: int
 ) -> list[tuple[str, Path]]:
     recovery = frame[frame["role"] == RECOVERY]
     if recovery.empty:
@@ -43,12 +44,12 @@ def write_paired_sheets(
             lines = _lines(cell, base[base["concept"] == concept], probe, max_seeds)
             if not lines:
                 continue
-            images = read_images(run_dirs, {r["row_id"] for line in lines for r in line[1].values() if r is not None})
+            images = index.images({r["row_id"] for line in lines for r in line[1].values() if r is not None})
             methods = method_order({m for _, tiles in lines for m in tiles})
             title = f"{concept} / {probe}: the same prompt and seed across methods"
             sheet = _draw(lines, methods, images, title, name)
             path = folder / f"paired__{concept}__{_slug(probe)}.png"
-            sheet.save(path, format="PNG")
+            sheet.save(path, format="PNG", compress_level=SHEET_COMPRESSION)
             written.append((title, path))
     return written
 

@@ -67,6 +67,10 @@ SELECTION_NOTE = (
     "* selection-inflated: the best-of-N candidate was chosen by the same model that judges this "
     "column; compare with the all-candidates value beside it."
 )
+SHEET_LINKS_NOTE = (
+    "One contact sheet per cell, as separate files in sheets/ (too many to embed in this page); "
+    "`engine report --cells KEY=PATTERN` draws a chosen subset."
+)
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Section:
     note: str | None = None
     table: Table | None = None
     images: list[tuple[str, Path | str]] = field(default_factory=list)  # local paths, or URIs of an upload
+    embed: bool = True  # report.html: images as data URIs (else a relative link to the file)
+    links: list[tuple[str, Path | str]] = field(default_factory=list)  # files listed as links, not shown
 
 
 def missing(value: Any) -> bool:
@@ -240,8 +246,12 @@ def report_sections(content: ReportContent) -> list[Section]:
         sections.append(Section("Plots", images=list(content.plots)))
     if content.paired_sheets:
         sections.append(Section("Paired images: base model and each method on the same prompt and seed",
-                                images=list(content.paired_sheets)))
-    sections.append(Section("Images per cell"))
-    sections += [Section(sheet_title(cell), level=3, images=[(sheet_title(cell), path)])
-                 for cell, path in content.sheets]
+                                images=list(content.paired_sheets), embed=content.embed_sheets))
+    if content.embed_sheets:
+        sections.append(Section("Images per cell"))
+        sections += [Section(sheet_title(cell), level=3, images=[(sheet_title(cell), path)])
+                     for cell, path in content.sheets]
+    elif content.sheets:  # a grid: one link per cell, the sheet opens on its own
+        sections.append(Section("Images per cell", note=SHEET_LINKS_NOTE,
+                                links=[(sheet_title(cell), path) for cell, path in content.sheets]))
     return sections

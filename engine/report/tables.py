@@ -271,6 +271,8 @@ class ReportContent:
     paired_sheets: Sequence[tuple[str, Path | str]] = field(default_factory=list)
     # Per cell position: score columns whose best-of-N pick was made by the model that judges them.
     inflated: dict[int, set[str]] = field(default_factory=dict)
+    # report.html embeds the sheets (data URIs) while they are small; else it links their files.
+    embed_sheets: bool = True
 
 
 def cell_slug(cell: dict[str, Any]) -> str:

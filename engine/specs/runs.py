@@ -144,6 +144,11 @@ class RunSpec(Frozen):
         "default); [] = no scoring (`engine score` later).",
     )
     score_batch_size: int = Field(16, ge=1, description="Images per batch in the scoring stage.")
+    tracking: list[Literal["mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers the finished run is logged to (--track): mlflow logs "
+        "the resolved config, counts, the recovery table's values and the report folder (MLFLOW_TRACKING_URI, "
+        "default MLflow's local store).",
+    )
     score_actors: int = Field(1, ge=1, description="Scoring actors; one keeps up with many generating GPUs.")
     score_gpus: float | Literal["auto"] = Field(
         "auto", description="GPU fraction per scoring actor: auto = 0.1 when the cluster has GPUs, else 0."
@@ -198,7 +203,7 @@ class RunSpec(Frozen):
             parse_judge_ref(ref)  # unknown names fail here, with the valid choices
         return value
 
-    @field_validator("models", "concepts")
+    @field_validator("models", "concepts", "tracking")
     @classmethod
     def _no_duplicates(cls, value: list) -> list:
         return no_duplicate_names(value)

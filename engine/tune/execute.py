@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -172,8 +173,17 @@ def _settings(spec: TuneSpec, job: PairJob, resources, max_concurrent: int, thre
         grid_points=spec.grid_points, scheduler=scheduler, max_t=job.rows_per_trial, resources=resources,
         max_concurrent=max_concurrent, storage_path=output.child("tune").uri,
         experiment=f"{slug(job.model.name)}_{slug(job.concept.name)}_{time.strftime('%Y%m%d-%H%M%S')}",
-        reuse_actors=spec.reuse_actors, torch_threads=threads,
+        reuse_actors=spec.reuse_actors, torch_threads=threads, mlflow=_mlflow(spec),
     )
+
+
+def _mlflow(spec: TuneSpec) -> tuple[str, str] | None:
+    """(absolute tracking URI, experiment) for `--track mlflow`, resolved here on the driver."""
+    if "mlflow" not in spec.tracking:
+        return None
+    from engine.tracking.mlflow_run import EXPERIMENT, absolute_tracking_uri
+
+    return absolute_tracking_uri(), os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT + "-tune"
 
 
 def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -35,6 +35,8 @@ class SearchSettings:
     reuse_actors: bool
     torch_threads: int | None
     multivariate: bool = True
+    # `--track mlflow`: the driver's tracking URI made absolute (trials run in other folders), and the experiment.
+    mlflow: tuple[str, str] | None = None
 
 
 def build_search(space: SearchSpace, settings: SearchSettings):
@@ -102,10 +104,21 @@ def search_pair(setup: TrialSetup, settings: SearchSettings, trainable=None, boa
             max_concurrent_trials=max_concurrent, reuse_actors=settings.reuse_actors,
         ),
         run_config=tune.RunConfig(storage_path=settings.storage_path, name=settings.experiment, verbose=0,
-                                  callbacks=[progress_callback(board, search, settings.max_t)] if board else None),
+                                  callbacks=_callbacks(settings, board, search) or None),
     )
     results = tuner.fit()
     return [_trial_record(index, result, setup, settings) for index, result in enumerate(results)]
+
+
+def _callbacks(settings: SearchSettings, board, search: str) -> list:
+    callbacks = [progress_callback(board, search, settings.max_t)] if board else []
+    if settings.mlflow is not None:  # one MLflow run per trial: its params, every result it reports
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        uri, experiment = settings.mlflow
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment,
+                                              tags={"search": settings.experiment, "pair": search}))
+    return callbacks
 
 
 def progress_callback(board, search: str, max_t: int):

@@ -219,6 +219,10 @@ class TuneSpec(Frozen):
     max_concurrent_trials: int | Literal["auto"] = Field(
         "auto", description="Trials at once per search; auto = what the resources allow (TPE: at most 4)."
     )
+    tracking: list[Literal["mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers (--track): mlflow logs one MLflow run per trial "
+        "(Ray Tune's MLflow callback: params and results) to MLFLOW_TRACKING_URI, default MLflow's local store.",
+    )
 
     @field_validator("models", "concepts")
     @classmethod
@@ -238,7 +242,7 @@ def tune_spec_from_dict(data: dict[str, Any], where: str | Sources) -> TuneSpec:
 
 
 # The flag of each key `engine tune` can set from its command line, to name it in errors.
-FLAG_NAMES = {"models": "--model", "concepts": "--concept"}
+FLAG_NAMES = {"models": "--model", "concepts": "--concept", "tracking": "--track"}
 
 
 def load_tune_spec(
