@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -261,14 +262,31 @@ def test_background_prefetch_loads_each_judge_once_while_scoring_waits_for_it():
     assert judge.loads == 1 and len(judge.seen) == 1
 
 
-def test_a_failed_background_load_is_raised_by_the_first_score_call(caplog):
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_failed_background_load_is_raised_by_the_first_score_call():
+    from engine.scoring import scorer as scorer_module
+
+    # A handler on the scorer's own logger: what it logs, whatever other tests did to the root logger's.
+    records = _Records()
+    scorer_module.logger.addHandler(records)
     judge = SlowLoadingJudge(fail=True)
     judge.release.set()
     scorer = Scorer([judge], {"church": load_concept("church")})
-    loading = scorer.prefetch()
-    loading.join(timeout=120)  # generous: on a loaded 2-core machine the thread may wait for a core
+    try:
+        loading = scorer.prefetch()
+        loading.join(timeout=120)  # generous: on a loaded 2-core machine the thread may wait for a core
+    finally:
+        scorer_module.logger.removeHandler(records)
     assert not loading.is_alive()
-    assert "background load of judge recording failed" in caplog.text
+    assert "background load of judge recording failed" in records.messages
     table = rows_table([{"image": encode_png(_image(3)), "scoring_region": None, "target_concept": "church"}])
     with pytest.raises(RuntimeError, match="corrupt"):
         scorer.score_table(table)
