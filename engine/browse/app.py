@@ -4,7 +4,10 @@
                   95% Wilson interval, coloured by the rate, linking to its page
 /cell             one cell's images, PAGE a page, sorted by the judge's target probability (or seed),
                   filtered by hit / miss; each with prompt, seed, params, top-1 class and target
-                  probability, the base model's image of the same prompt and seed beside it
+                  probability, the base model's image of the same prompt and seed beside it. A probe run
+                  with several params sets has a tab (and cells) per set: `noise_based[eta=1.5]`
+?role=            on both: which rows (recovery, preservation or unpaired; the base model's rows on
+                  the same concepts come with each); default recovery where the runs have it
 /image/{row_id}   one PNG, read from the row group that holds it
 
 Pages are plain HTML (jinja2, autoescaped), no script; every request only reads.
@@ -41,22 +44,40 @@ def create_app(data: BrowseData) -> Starlette:
     def page(template: str, **context) -> HTMLResponse:
         return HTMLResponse(templates.get_template(template).render(runs=data.runs, **context))
 
+    def role_of(request: Request) -> str | None:
+        """The `role` query parameter; ValueError for one the runs do not have."""
+        role = request.query_params.get("role") or None
+        if role is not None and role not in data.roles():
+            raise ValueError(f"no rows of role {role!r} (have: {', '.join(data.roles())})")
+        return role
+
     async def overview(request: Request) -> Response:
-        probes = data.probes()
+        try:
+            role = role_of(request)
+        except ValueError as error:
+            return PlainTextResponse(str(error), status_code=404)
+        probes = data.probes(role)
         probe = request.query_params.get("probe") or (probes[0] if probes else "")
         if probe not in probes:
             return PlainTextResponse(f"unknown probe {probe!r}", status_code=404)
-        return page("overview.html.j2", probes=probes, probe=probe, methods=data.methods(),
-                    concepts=data.concepts(), cells=data.cells, link=lambda **q: "/cell?" + urlencode(q))
+        chosen = role or data.default_role
+        return page("overview.html.j2", probes=probes, probe=probe, methods=data.methods(role),
+                    concepts=data.concepts(role), cells=data.cells_of(role), roles=data.roles(), role=chosen,
+                    link=lambda **q: "/cell?" + urlencode({**q, "role": chosen} if chosen else q))
 
     async def cell(request: Request) -> Response:
         query = request.query_params
+        try:
+            role = role_of(request)
+        except ValueError as error:
+            return PlainTextResponse(str(error), status_code=404)
         key = (query.get("method", ""), query.get("concept", ""), query.get("probe", ""))
-        if key not in data.cells:
+        cells = data.cells_of(role)
+        if key not in cells:
             return PlainTextResponse("no such cell", status_code=404)
         sort = query.get("sort", SORTS[0]) if query.get("sort") in SORTS else SORTS[0]
         hit = query.get("hit", "all") if query.get("hit") in HITS else "all"
-        rows = data.rows(*key, sort, hit)
+        rows = data.rows(*key, sort, hit, role)
         pages = max(1, -(-len(rows) // PAGE))
         number = min(max(0, int(query.get("page", "0")) if query.get("page", "0").isdigit() else 0), pages - 1)
         shown = []
@@ -68,10 +89,11 @@ def create_app(data: BrowseData) -> Starlette:
         method, concept, probe = key
 
         def link(**changes) -> str:
-            return "/cell?" + urlencode({"method": method, "concept": concept, "probe": probe, "sort": sort,
-                                         "hit": hit, "page": number, **changes})
+            current = {"method": method, "concept": concept, "probe": probe, "sort": sort, "hit": hit,
+                       "page": number, "role": role or ""}
+            return "/cell?" + urlencode({k: v for k, v in {**current, **changes}.items() if v != ""})
 
-        return page("cell.html.j2", cell=data.cells[key], rows=shown, page=number, pages=pages, total=len(rows),
+        return page("cell.html.j2", cell=cells[key], rows=shown, page=number, pages=pages, total=len(rows),
                     sort=sort, hit=hit, sorts=SORTS, hits=HITS, link=link)
 
     async def image(request: Request) -> Response:

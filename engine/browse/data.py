@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from engine.metrics.stats import wilson_interval
-from engine.probe import BASE, RECOVERY, baseline_probes
+from engine.probe import BASE, PRESERVATION, RECOVERY, UNPAIRED, baseline_probes
 from engine.report.images import ImageIndex
 from engine.report.tables import BASE_METHOD, load_rows, method_order, probe_order
 
@@ -42,37 +42,61 @@ class BrowseData:
         self.runs = [str(d) for d in run_dirs]
         # A resumed run may mix judges; browsing shows it as it is (`engine report` refuses).
         frame = load_rows(run_dirs, single_judge=False)
-        # Erased models on what they erased, when the run pairs them; else every row.
-        paired = frame["role"].isin([RECOVERY]).any()
         self.frame = frame
-        self.shown = frame[frame["role"].isin([RECOVERY, BASE])] if paired else frame
+        roles = self.roles()
+        self.default_role: str | None = RECOVERY if RECOVERY in roles else (roles[0] if roles else None)
         self.images = ImageIndex(run_dirs)
         self._base = {(r.prompt, int(r.seed), r.probe_label): r.row_id
                       for r in frame[frame["method"] == BASE_METHOD].itertuples()}
         self._baseline = baseline_probes(frame["probe"])
-        self.cells = self._cells()
+        self._cells: dict[str | None, dict[tuple[str, str, str], Cell]] = {}
+        self.shown = self.view(None)  # what the overview opens on
+        self.cells = self.cells_of(None)
 
-    def _cells(self) -> dict[tuple[str, str, str], Cell]:
-        cells = {}
-        for (method, concept, probe), group in self.shown.groupby(["method", "concept", "probe_label"], sort=True):
-            judged = group["judge_top1"].dropna()
-            hits = int(judged.astype(bool).sum())
-            low, high = wilson_interval(hits, len(judged))
-            cells[(method, concept, probe)] = Cell(method, concept, probe, len(judged), hits, low, high)
-        return cells
+    def roles(self) -> list[str]:
+        """The row roles a user can look at (the base model's rows come with each, as its reference)."""
+        present = set(self.frame["role"])
+        return [role for role in (RECOVERY, PRESERVATION, UNPAIRED) if role in present]
 
-    def probes(self) -> list[str]:
-        return probe_order(self.shown["probe_label"])
+    def view(self, role: str | None) -> pd.DataFrame:
+        """The rows of one role (default: erased models on what they erased, else every row) with the
+        base model's rows on the same concepts beside them. KeyError for a role the runs do not have."""
+        role = role or self.default_role
+        if role is None:
+            return self.frame
+        if role not in self.roles():
+            raise KeyError(role)
+        rows = self.frame[self.frame["role"] == role]
+        base = self.frame[(self.frame["role"] == BASE) & self.frame["concept"].isin(set(rows["concept"]))]
+        return pd.concat([base, rows])
 
-    def methods(self) -> list[str]:
-        return method_order(self.shown["method"])
+    def cells_of(self, role: str | None) -> dict[tuple[str, str, str], Cell]:
+        if role not in self._cells:
+            cells = {}
+            for (method, concept, probe), group in self.view(role).groupby(["method", "concept", "probe_label"],
+                                                                              sort=True):
+                judged = group["judge_top1"].dropna()
+                hits = int(judged.astype(bool).sum())
+                low, high = wilson_interval(hits, len(judged))
+                cells[(method, concept, probe)] = Cell(method, concept, probe, len(judged), hits, low, high)
+            self._cells[role] = cells
+        return self._cells[role]
 
-    def concepts(self) -> list[str]:
-        return sorted(self.shown["concept"].unique())
+    def probes(self, role: str | None = None) -> list[str]:
+        return probe_order(self.view(role)["probe_label"])
 
-    def rows(self, method: str, concept: str, probe: str, sort: str, hit: str) -> pd.DataFrame:
-        rows = self.shown[(self.shown["method"] == method) & (self.shown["concept"] == concept)
-                          & (self.shown["probe_label"] == probe)]
+    def methods(self, role: str | None = None) -> list[str]:
+        return method_order(self.view(role)["method"])
+
+    def concepts(self, role: str | None = None) -> list[str]:
+        return sorted(self.view(role)["concept"].unique())
+
+    def cell_rows(self, method: str, concept: str, probe: str, role: str | None = None) -> pd.DataFrame:
+        view = self.view(role)
+        return view[(view["method"] == method) & (view["concept"] == concept) & (view["probe_label"] == probe)]
+
+    def rows(self, method: str, concept: str, probe: str, sort: str, hit: str, role: str | None = None) -> pd.DataFrame:
+        rows = self.cell_rows(method, concept, probe, role)
         if hit != "all":
             wanted = hit == "hit"
             rows = rows[rows["judge_top1"].notna() & (rows["judge_top1"].astype("boolean") == wanted)]

@@ -127,3 +127,43 @@ def test_a_missing_run_folder_is_one_line(tmp_path):
     result = runner.invoke(app, ["browse", str(tmp_path / "missing")])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "run folder not found" in lines[0], result.output
+
+
+@pytest.fixture(scope="module")
+def preservation_client(tmp_path_factory):
+    """A paired run with preservation rows (interference on tench, the base model on tench beside it)
+    and a recovery probe run with two params sets."""
+    folder = tmp_path_factory.mktemp("browse-roles") / "run"
+    (folder / "rows").mkdir(parents=True)
+    erased = _rows("esdx_church", "esdx", "recovery", "noise_based", lambda i: i % 2 == 0, 0)
+    for row in erased:
+        row["params"] = '{"eta":1.0}' if row["seed"] % 2 else '{"eta":2.0}'
+    kept = _rows("esdx_church", "esdx", "preservation", "interference", lambda i: i < 27, 50)
+    base = _rows("sd", "none", "base", "interference", lambda i: True, 90)
+    for row in [*kept, *base]:
+        row.update(concept="tench", target_concept="tench", row_id=row["row_id"] + "-tench")
+    pq.write_table(rows_table(erased + kept + base), folder / "rows" / "all.parquet")
+    return TestClient(create_app(BrowseData([folder])))
+
+
+def test_rows_of_another_role_are_browsed_with_the_base_beside_them(preservation_client):
+    page = preservation_client.get("/")
+    roles = re.search(r'<nav id="roles">(.*?)</nav>', page.text, re.S).group(1)
+    assert "recovery" in roles and "preservation" in roles
+    assert "tench" not in page.text  # the default view: erased models on what they erased
+    kept = preservation_client.get("/?role=preservation&probe=interference")
+    assert kept.status_code == 200 and "<th>tench</th>" in kept.text
+    assert "90 [74, 97] (30)" in kept.text and "100 [89, 100] (30)" in kept.text  # esdx 27/30, the base 30/30
+    [link] = [u for u in _links(kept.text, "cell") if "esdx" in u]
+    assert "role=preservation" in link and preservation_client.get(link).status_code == 200
+    assert preservation_client.get("/?role=nope").status_code == 404
+
+
+def test_each_params_set_of_a_probe_is_its_own_tab_and_cell(preservation_client):
+    page = preservation_client.get("/")
+    tabs = re.findall(r"<nav>(.*?)</nav>", page.text, re.S)[0]
+    assert "noise_based[eta=1.0]" in tabs and "noise_based[eta=2.0]" in tabs
+    link = "/cell?method=esdx&concept=church&probe=noise_based[eta=1.0]&sort=seed"
+    odd = preservation_client.get(link)
+    seeds = [int(s) for s in re.findall(r'class="probe-image" alt="seed (\d+)"', odd.text)]
+    assert seeds == [s for s in range(100, 100 + SEEDS) if s % 2] and "15 shown" in odd.text
