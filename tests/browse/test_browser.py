@@ -1,6 +1,7 @@
 """A real browser on `engine browse` and report.html: headless Chromium (Debian's chromium and
 chromium-driver; .ci/run installs them) goes overview -> cell -> image and checks that every image
-on each page loaded; then opens a report whose sheets are linked files and checks the same."""
+on each page loaded, on a synthetic paired run (exact counts) and on the demo's toy-world run; then
+opens a report whose sheets are linked files and checks the same."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,11 +45,9 @@ def browser():
     driver.quit()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from test_browse import _write_paired_run  # this folder is on sys.path (pytest prepends it)
-
-    run = _write_paired_run(tmp_path_factory.mktemp("browser") / "run")
+@contextmanager
+def _serving(run: Path) -> Iterator[str]:
+    """`engine browse RUN` in a subprocess on a free port; yields its URL once it answers."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -54,17 +55,40 @@ def server(tmp_path_factory):
     process = subprocess.Popen([sys.executable, "-m", "engine.cli", "browse", str(run), "--port", str(port)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):  # the engine's imports on a busy machine
-        try:
-            urllib.request.urlopen(url + "/", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(process.stdout.read().decode())
-            time.sleep(0.5)
-    yield run, url
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        for _ in range(240):  # the engine's imports on a busy machine
+            try:
+                urllib.request.urlopen(url + "/", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    pytest.fail(process.stdout.read().decode() if process.stdout else "engine browse exited")
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from test_browse import _write_paired_run  # this folder is on sys.path (pytest prepends it)
+
+    run = _write_paired_run(tmp_path_factory.mktemp("browser") / "run")
+    with _serving(run) as url:
+        yield run, url
+
+
+@pytest.fixture(scope="module")
+def toy_world_server(tmp_path_factory):
+    """The demo's run: the toy world's ESD-x model and the base model under four probes, judged."""
+    run = tmp_path_factory.mktemp("browser-toy") / "demo"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    made = subprocess.run([sys.executable, "-m", "engine.cli", "demo", "--num-images", "4", "--output", str(run)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert made.returncode == 0, made.stdout + made.stderr
+    with _serving(run) as url:
+        yield url
 
 
 def _images_loaded(driver) -> list[bool]:
@@ -93,6 +117,21 @@ def test_overview_cell_and_image_load_in_chromium(server, browser):
     browser.find_element("css selector", "img.probe-image").find_element("xpath", "..").click()
     assert browser.current_url.startswith(url + "/image/")
     assert all(_images_loaded(browser))  # the PNG on its own
+
+
+def test_a_toy_world_run_browses_in_chromium(toy_world_server, browser):
+    browser.get(toy_world_server + "/")
+    assert browser.find_element("id", "grid")
+    erased = [link.get_attribute("href") for link in browser.find_elements("css selector", "a.cell")
+              if "method=esd" in (link.get_attribute("href") or "")]
+    assert erased, browser.page_source[:2000]
+    browser.get(erased[0])
+    assert browser.find_elements("css selector", "img.probe-image")
+    assert browser.find_elements("css selector", "img.base-image")  # the base model's image beside each
+    loaded = _images_loaded(browser)
+    assert loaded and all(loaded)
+    browser.find_element("css selector", "img.probe-image").find_element("xpath", "..").click()
+    assert browser.current_url.startswith(toy_world_server + "/image/") and all(_images_loaded(browser))
 
 
 def test_a_grid_report_opens_with_its_linked_sheets(server, browser, tmp_path):
