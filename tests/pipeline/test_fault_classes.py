@@ -163,12 +163,10 @@ def test_output_size_estimate_uses_the_models_image_size(tmp_path):
     assert free_bytes(store) is None and check_room(_grid(store), grid.rows).fits
 
 
-def test_plan_prints_the_estimated_output_size():
-    result = runner.invoke(app, ["plan", str(ROOT / "configs/runs/paper.yaml")])
-    assert result.exit_code == 0, result.output
-    line = next(line for line in result.output.splitlines() if line.startswith("estimated output size:"))
+def test_plan_prints_the_estimated_output_size(paper_plan_output):
+    line = next(line for line in paper_plan_output.splitlines() if line.startswith("estimated output size:"))
     assert "GB for 70,200 rows" in line
-    assert "free space at runs/paper:" in result.output
+    assert "free space at runs/paper:" in paper_plan_output
 
 
 def _can_mount(folder: Path) -> bool:

@@ -98,10 +98,8 @@ def test_plan_counts_loads_per_actor_and_the_peak_under_the_budget(tmp_path):
     assert max(a.peak_bytes for a in plan.actors) > 4 * GB  # two 2.1 GB models fit, three do not
 
 
-def test_engine_plan_prints_memory_loads_downloads_and_disk(tmp_path):
-    result = runner.invoke(app, ["plan", "configs/runs/paper.yaml", "--actors", "8"])
-    assert result.exit_code == 0, result.output
-    out = result.output
+def test_engine_plan_prints_memory_loads_downloads_and_disk(paper_plan_output):
+    out = paper_plan_output
     assert "model memory per actor: budget 48.00 GB" in out and "model loads:" in out
     assert "downloads:" in out and "hub cache" in out
 
