@@ -22,7 +22,7 @@ from typing import Any
 
 from engine.pipeline.raynoise import filter_ray_loggers
 from engine.pipeline.shipping import code_runtime_env, report_node_engines, should_ship
-from engine.pipeline.warm import warm_address
+from engine.pipeline.warm_state import warm_address
 
 logger = logging.getLogger(__name__)
 

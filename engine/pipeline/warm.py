@@ -26,46 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
+from engine.pipeline.warm_state import STATE_FILE, process_alive, state_path, warm_address, warm_state
 
 logger = logging.getLogger(__name__)
+__all__ = ["STATE_FILE", "serve", "start", "state_path", "stop", "warm_address", "warm_state"]
 
-STATE_FILE = "local-ray.json"
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
-
-
-def state_path() -> Path:
-    folder = os.environ.get("ENGINE_STATE_DIR") or Path.home() / ".cache" / "erasure-probe-engine"
-    return Path(folder) / STATE_FILE
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process took the pid over
-        return False
-    return True
-
-
-def warm_state() -> dict[str, Any] | None:
-    """The warm Ray's state ({address, pid, host, dashboard_url, started_at}) when its holder is alive on
-    this machine; a stale file is removed."""
-    path = state_path()
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if state.get("host") != socket.gethostname() or not _alive(int(state.get("pid", -1))):
-        path.unlink(missing_ok=True)
-        return None
-    return state
-
-
-def warm_address() -> str | None:
-    state = warm_state()
-    return None if state is None else str(state["address"])
 
 
 def start(dashboard: bool = False) -> dict[str, Any]:
@@ -104,9 +71,9 @@ def stop() -> dict[str, Any] | None:
     pid = int(state["pid"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(pid):
+    if process_alive(pid):
         raise UserError(f"engine down: the warm Ray's holder (pid {pid}) is still running after "
                         f"{STOP_TIMEOUT_S:.0f} s; stop it with: kill {pid}")
     state_path().unlink(missing_ok=True)
