@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -242,6 +243,23 @@ def generate(
 
 
 # --------------------------------------------------------------------------- base-model references
+
+
+def pipeline_images(pipe, params: Any, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
+                    generators: Sequence[torch.Generator]) -> list[np.ndarray]:
+    """uint8 images from the model's own pipeline and scheduler (the standard prompt's way), one per
+    row of `prompt_embeds`; `params` gives num_inference_steps, guidance_scale, height and width."""
+    result = pipe(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_embeds,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        height=params.height,
+        width=params.width,
+        generator=list(generators),
+        output_type="np",
+    )
+    return to_uint8(result.images)
 
 
 def weights_fingerprint(pipe) -> str:

@@ -36,7 +36,7 @@ from pydantic import Field, field_validator
 
 from engine import sampling
 from engine.errors import UserError
-from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, WorkRow, row_generator, to_uint8
+from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, WorkRow, row_generator
 from probes.textual_inversion_training import extra_token_embedding
 
 logger = logging.getLogger(__name__)
@@ -306,17 +306,7 @@ def _encode_image(pipe, image: np.ndarray) -> torch.Tensor:
 
 def _generate(pipe, params: AdversarialPromptParams, embeds: torch.Tensor, negative, seed: int) -> np.ndarray:
     """One image from the row's seed through the model's own pipeline (the standard probe's call)."""
-    result = pipe(
-        prompt_embeds=embeds,
-        negative_prompt_embeds=negative,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        height=params.height,
-        width=params.width,
-        generator=[row_generator(seed)],
-        output_type="np",
-    )
-    return to_uint8(result.images)[0]
+    return sampling.pipeline_images(pipe, params, embeds, negative, [row_generator(seed)])[0]
 
 
 def _prompt_text(pipe, prompt: str, ids: list[int], insertion: str) -> str:

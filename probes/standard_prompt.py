@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from engine import sampling
-from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator, to_uint8
+from engine.probe import Probe, ProbeBatch, ProbeOutput, ProbeParams, row_generator
 
 
 class StandardPromptParams(ProbeParams):
@@ -43,15 +43,5 @@ class StandardPromptProbe(Probe[StandardPromptParams]):
         if params.guidance_scale > 1.0:
             negative_embeds = sampling.prompt_embeddings(pipe, [params.negative_prompt] * len(batch.rows))
         # 3. Batched generation through the model's own pipeline and scheduler.
-        result = pipe(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            height=params.height,
-            width=params.width,
-            generator=generators,
-            output_type="np",
-        )
         # 4. uint8 images, one per row.
-        return ProbeOutput(images=to_uint8(result.images))
+        return ProbeOutput(images=sampling.pipeline_images(pipe, params, prompt_embeds, negative_embeds, generators))
