@@ -49,7 +49,8 @@ def run(
         False, "--no-space-check", help="Skip the free-space checks (the hub cache for downloads, the output's size)."
     ),
     track: list[str] = typer.Option(
-        [], "--track", help="Log the finished run to an experiment tracker: mlflow (MLFLOW_TRACKING_URI)."
+        [], "--track", help="Log the finished run to an experiment tracker: mlflow (MLFLOW_TRACKING_URI) or wandb "
+        "(offline unless WANDB_MODE=online); repeat the flag for both."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -76,15 +77,10 @@ def run(
 
 def track_run(grid) -> None:
     """Log the finished run (its rows may include failed ones) to each tracker of its spec."""
-    from engine.errors import UserError
-    from engine.tracking.mlflow_run import log_run
+    from engine.tracking.finished_run import log_finished_run
 
-    try:
-        run_id = log_run(grid.spec.output, grid.resolved_config())
-    except Exception as error:  # noqa: BLE001 (the store refused or is unreachable: the rows are done)
-        raise UserError(f"the run is complete, but logging it to MLflow failed ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}); check MLFLOW_TRACKING_URI") from None
-    typer.echo(f"logged to MLflow: run {run_id}")
+    for line in log_finished_run(grid.spec.output, grid.resolved_config(), grid.spec.tracking):
+        typer.echo(line)
 
 
 def require_room_for(grid) -> None:

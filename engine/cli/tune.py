@@ -30,7 +30,8 @@ def tune(
         None, "--ship-code/--no-ship-code", help="Send the engine's code to the workers (default: with --cluster)."
     ),
     track: list[str] = typer.Option(
-        [], "--track", help="Log every trial to an experiment tracker: mlflow (one MLflow run per trial)."
+        [], "--track", help="Log every trial to an experiment tracker, one tracker run per trial: mlflow "
+        "(MLFLOW_TRACKING_URI) or wandb (offline unless WANDB_MODE=online); repeat the flag for both."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):

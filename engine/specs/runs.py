@@ -20,6 +20,8 @@ from engine.specs.judges import JudgeRequest, default_judge_refs, parse_judge_re
 from engine.specs.sources import Sources
 from engine.specs.yaml_reader import read_yaml_with_sources
 
+Tracker = Literal["mlflow", "wandb"]  # the experiment trackers (engine.tracking.check names their packages)
+
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 BASE_METHOD = "none"  # the `method` label of the un-erased base model
 UNKNOWN_METHOD = "unknown"  # the label of a model that does not say how it was erased
@@ -144,10 +146,10 @@ class RunSpec(Frozen):
         "default); [] = no scoring (`engine score` later).",
     )
     score_batch_size: int = Field(16, ge=1, description="Images per batch in the scoring stage.")
-    tracking: list[Literal["mlflow"]] = Field(
-        default_factory=list, description="Experiment trackers the finished run is logged to (--track): mlflow logs "
-        "the resolved config, counts, the recovery table's values and the report folder (MLFLOW_TRACKING_URI, "
-        "default MLflow's local store).",
+    tracking: list[Tracker] = Field(
+        default_factory=list, description="Experiment trackers the finished run is logged to (--track): mlflow and "
+        "wandb log the resolved config, counts, the recovery table's values and the report folder (mlflow: "
+        "MLFLOW_TRACKING_URI, default MLflow's local store; wandb: offline into ./wandb unless WANDB_MODE=online).",
     )
     score_actors: int = Field(1, ge=1, description="Scoring actors; one keeps up with many generating GPUs.")
     score_gpus: float | Literal["auto"] = Field(

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from typing import get_args
 
 from engine.errors import UserError
+from engine.specs.runs import Tracker
+from engine.tracking.wandb_run import wandb_target
 
-TRACKERS = {"mlflow": "mlflow"}  # tracker -> the package it needs
+TRACKERS = {"mlflow": "mlflow", "wandb": "wandb"}  # tracker -> the package it needs
+assert set(TRACKERS) == set(get_args(Tracker)), "every tracker a spec accepts names its package here"
 
 
 def check_trackers(names: Sequence[str], where: str = "--track") -> None:
@@ -17,3 +21,5 @@ def check_trackers(names: Sequence[str], where: str = "--track") -> None:
             raise UserError(f"{where} {name}: unknown tracker; trackers: {', '.join(TRACKERS)}")
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise UserError(f"{where} {name} needs the {TRACKERS[name]} package: pip install -e \".[tracking]\"")
+    if "wandb" in names:
+        wandb_target()  # WANDB_MODE is one W&B knows

@@ -174,6 +174,7 @@ def _settings(spec: TuneSpec, job: PairJob, resources, max_concurrent: int, thre
         max_concurrent=max_concurrent, storage_path=output.child("tune").uri,
         experiment=f"{slug(job.model.name)}_{slug(job.concept.name)}_{time.strftime('%Y%m%d-%H%M%S')}",
         reuse_actors=spec.reuse_actors, torch_threads=threads, mlflow=_mlflow(spec),
+        wandb=_wandb(spec),
     )
 
 
@@ -184,6 +185,15 @@ def _mlflow(spec: TuneSpec) -> tuple[str, str] | None:
     from engine.tracking.mlflow_run import EXPERIMENT, absolute_tracking_uri
 
     return absolute_tracking_uri(), os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT + "-tune"
+
+
+def _wandb(spec: TuneSpec):
+    """Where `--track wandb` logs (project, mode, absolute folder), resolved here on the driver."""
+    if "wandb" not in spec.tracking:
+        return None
+    from engine.tracking.wandb_run import wandb_target
+
+    return wandb_target(project_suffix="-tune")
 
 
 def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:

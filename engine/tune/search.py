@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.metrics.columns import METRICS
+from engine.tracking.wandb_run import WandbTarget
 from engine.tune.pairs import METRIC, slug
 from engine.tune.space import SearchDimension, SearchSpace
 from engine.tune.trial import TrialSetup, tune_trial
@@ -37,6 +38,7 @@ class SearchSettings:
     multivariate: bool = True
     # `--track mlflow`: the driver's tracking URI made absolute (trials run in other folders), and the experiment.
     mlflow: tuple[str, str] | None = None
+    wandb: WandbTarget | None = None  # `--track wandb`: project, mode and absolute folder, from the driver
 
 
 def build_search(space: SearchSpace, settings: SearchSettings):
@@ -118,6 +120,15 @@ def _callbacks(settings: SearchSettings, board, search: str) -> list:
         uri, experiment = settings.mlflow
         callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment,
                                               tags={"search": settings.experiment, "pair": search}))
+    if settings.wandb is not None:  # one W&B run per trial, grouped by the search
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        target = settings.wandb
+        # Ray's callback asks for an API key unless WANDB_MODE says offline or disabled; this
+        # process is a Ray task of `engine tune`, so the driver's setting is passed on here.
+        os.environ["WANDB_MODE"] = target.mode
+        callbacks.append(WandbLoggerCallback(project=target.project, group=settings.experiment, mode=target.mode,
+                                             dir=target.folder, tags=[f"pair:{search}"[:64]], job_type="tune-trial"))
     return callbacks
 
 

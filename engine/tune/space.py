@@ -40,7 +40,7 @@ from engine.metrics.columns import METRICS
 from engine.probe import ProbeParams, get_probe_class, parse_params
 from engine.specs.base import Frozen, validate
 from engine.specs.files import SHIPPED, find_config_entries, find_config_files
-from engine.specs.runs import DEFAULT_BASE_MODEL, ModelSpec, apply_overrides, no_duplicate_names
+from engine.specs.runs import DEFAULT_BASE_MODEL, ModelSpec, Tracker, apply_overrides, no_duplicate_names
 from engine.specs.sources import Sources
 from engine.specs.yaml_reader import read_yaml_with_sources
 
@@ -219,9 +219,10 @@ class TuneSpec(Frozen):
     max_concurrent_trials: int | Literal["auto"] = Field(
         "auto", description="Trials at once per search; auto = what the resources allow (TPE: at most 4)."
     )
-    tracking: list[Literal["mlflow"]] = Field(
-        default_factory=list, description="Experiment trackers (--track): mlflow logs one MLflow run per trial "
-        "(Ray Tune's MLflow callback: params and results) to MLFLOW_TRACKING_URI, default MLflow's local store.",
+    tracking: list[Tracker] = Field(
+        default_factory=list, description="Experiment trackers (--track), one tracker run per trial with its params "
+        "and results (Ray Tune's callbacks): mlflow to MLFLOW_TRACKING_URI (default MLflow's local store), wandb "
+        "offline into ./wandb unless WANDB_MODE=online.",
     )
 
     @field_validator("models", "concepts")

@@ -1,6 +1,7 @@
-"""`--track mlflow`: a local MLflow store (SQLite in tmp_path) holds an `engine run` with its config,
-counts, recovery-table metrics and report, and an `engine tune` search as one MLflow run per trial;
-a tracker that cannot run is one error line before any work."""
+"""`--track mlflow` and `--track wandb`, together as a user would ask for both: a local MLflow store
+(SQLite in tmp_path) and W&B's offline folder (in tmp_path, read back from W&B's own log) each hold
+an `engine run` with its config, counts, recovery-table metrics and report, and an `engine tune`
+search as one tracker run per trial; a tracker that cannot run is one error line before any work."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.tracking.mlflow_run import flat_params, metric_key
+from engine.tracking.mlflow_run import flat_params
+from engine.tracking.run_record import metric_key
 
 mlflow = pytest.importorskip("mlflow")
 runner = CliRunner()
@@ -32,12 +34,12 @@ def _runs(client, experiment):
 
 
 @pytest.mark.slow
-def test_a_paired_run_is_logged_with_config_counts_recovery_and_report(store, tmp_path, ray_session):
+def test_a_paired_run_is_logged_with_config_counts_recovery_and_report(store, wandb_offline, tmp_path, ray_session):
     output = tmp_path / "paired"
     config = tmp_path / "run.yaml"  # tracking from the run file; --track says the same on the command line
     config.write_text(
         "models: [tiny, {name: e-church, pretrained: tiny-erased, method: esdx, erased: [church]}]\n"
-        "base_model: tiny\nconcepts: [church]\nnum_images: 2\ntracking: [mlflow]\n"
+        "base_model: tiny\nconcepts: [church]\nnum_images: 2\ntracking: [mlflow, wandb]\n"
         f"probes: [{{name: standard_prompt, params: {{num_inference_steps: 2}}}}]\noutput: {output}\n")
     result = runner.invoke(app, ["run", str(config)])
     assert result.exit_code == 0, result.output
@@ -54,20 +56,31 @@ def test_a_paired_run_is_logged_with_config_counts_recovery_and_report(store, tm
     artifacts = {a.path for a in store.list_artifacts(run.info.run_id, "report")}
     assert {"report/report.html", "report/recovery.csv"} <= artifacts
     assert (output / "report" / "report.html").exists()  # the run keeps the report it logged
+    [logged] = wandb_offline()  # W&B got the same record
+    assert logged["name"] == "paired" and "logged to W&B" in result.output
+    assert logged["config"]["run"]["num_images"] == 2 and logged["config"]["run"]["concepts"] == ["church"]
+    assert {k: v for k, v in logged["summary"].items() if not k.startswith("_")} == run.data.metrics
+    [artifact] = logged["artifacts"]
+    assert {"report.html", "recovery.csv"} <= set(artifact["files"])
 
 
 @pytest.mark.slow
-def test_a_tune_search_logs_one_mlflow_run_per_trial(store, tmp_path, ray_session):
+def test_a_tune_search_logs_one_tracker_run_per_trial(store, wandb_offline, tmp_path, ray_session):
     result = runner.invoke(app, ["tune", "--probe", "noise_based", "--model", "tiny", "--concept", "church",
                                  "--num-samples", "2", "--num-images", "2", "--set", "params.num_inference_steps=2",
                                  "--set", "max_concurrent_trials=1", "--algorithm", "random",
-                                 "--output", str(tmp_path / "tune"), "--track", "mlflow"])
+                                 "--output", str(tmp_path / "tune"), "--track", "mlflow", "--track", "wandb"])
     assert result.exit_code == 0, result.output
     runs = _runs(store, "erasure-probe-engine-tune")
     assert len(runs) == 2
     for run in runs:
         assert run.data.tags["pair"] and any(k.startswith("eta") or "eta" in k for k in run.data.params)
         assert "objective" in run.data.metrics
+    trials = wandb_offline()
+    assert len(trials) == 2 and {t["project"] for t in trials} == {"erasure-probe-engine-tune"}
+    for trial in trials:
+        assert trial["group"] and trial["tags"] == ["pair:tiny x church"] and "objective" in trial["summary"]
+        assert any("eta" in key for key in trial["config"])
 
 
 def test_tracking_from_a_run_file_and_bad_trackers(tmp_path, monkeypatch):
