@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,14 +137,14 @@ def read_latents(path: str | Path) -> torch.Tensor:
 # --------------------------------------------------------------------------- generated images
 
 
-def training_seeds(concept: str, count: int, exclude: set[int]) -> list[int]:
+def training_seeds(concept: str, count: int, exclude: Set[int]) -> list[int]:
     """The first `count` seeds of the concept's training stream (engine.specs.seed_streams: seed k is
     the first 62 bits of sha256(["latent-classifier-training", concept, k]), k = 0, 1, ...); seeds in
     `exclude` (the evaluation seeds) are skipped, so the stream never meets a row a probe evaluates."""
     return stream_seeds(TRAINING_STREAM, concept, count, exclude)
 
 
-def training_rows(concept: ConceptSpec, count: int, exclude: set[int] | None = None) -> list[tuple[int, str, int]]:
+def training_rows(concept: ConceptSpec, count: int, exclude: Set[int] | None = None) -> list[tuple[int, str, int]]:
     """(index, prompt, seed) of the concept's `count` training images: its prompt with its training
     stream's seeds (disjoint from `exclude`, by default every evaluation seed)."""
     exclude = evaluation_seeds() if exclude is None else exclude

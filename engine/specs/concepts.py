@@ -92,7 +92,7 @@ class ConceptSpec(Frozen):
 
 
 @cache
-def _load_concept_file(path: Path) -> ConceptSpec:
+def load_concept_file(path: Path) -> ConceptSpec:
     data = read_yaml(path)
     data.setdefault("name", path.stem)
     if data["name"] != path.stem:
@@ -108,7 +108,7 @@ def load_concept(name: str) -> ConceptSpec:
     files = available_concepts()
     if name not in files:
         raise unknown_choice("concept", name, files)
-    return _load_concept_file(files[name])
+    return load_concept_file(files[name])
 
 
 def concept_set_members(concept: ConceptSpec) -> dict[str, ConceptSpec]:
@@ -116,7 +116,7 @@ def concept_set_members(concept: ConceptSpec) -> dict[str, ConceptSpec]:
     world an erased model's interference rows are drawn from, whatever a run lists."""
     members = {}
     for name, path in sorted(available_concepts().items()):
-        other = concept if name == concept.name else _load_concept_file(path)
+        other = concept if name == concept.name else load_concept_file(path)
         if other.concept_set == concept.concept_set:
             members[name] = other
     return members

@@ -8,20 +8,31 @@ sha256(json [s, c, k]), k = 0, 1, ..., skipping the evaluation seeds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections.abc import Set
+from pathlib import Path
 
-from engine.specs.concepts import available_concepts, load_concept
+from engine.specs.concepts import available_concepts, load_concept_file
 
 
-def evaluation_seeds() -> set[int]:
+def evaluation_seeds() -> frozenset[int]:
     """Every seed a probe can evaluate with: all rows of every configured concept's prompt/seed list
     (num_images reaches at most the whole list; interference's first rows and the reference images
     of inpainting are rows of these lists too)."""
-    return {seed for name in available_concepts() for seed in load_concept(name).seed_list()}
+    # Read once per state of the concept files: a plan asks once per textual inversion row (2,730
+    # in the paper grid), and reading every concept file each time took most of `engine plan`.
+    files = tuple(sorted((str(path), path.stat().st_mtime_ns) for path in available_concepts().values()))
+    return _seeds_in(files)
 
 
-def stream_seeds(stream: str, concept: str, count: int, exclude: set[int] | None = None) -> list[int]:
+@functools.lru_cache(maxsize=4)
+def _seeds_in(files: tuple[tuple[str, int], ...]) -> frozenset[int]:
+    return frozenset(seed for path, _ in files for seed in load_concept_file(Path(path)).seed_list())
+
+
+def stream_seeds(stream: str, concept: str, count: int, exclude: Set[int] | None = None) -> list[int]:
     """The first `count` seeds of `stream` for `concept`, none of them in `exclude` (default: every
     evaluation seed)."""
     exclude = evaluation_seeds() if exclude is None else exclude
