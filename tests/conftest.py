@@ -48,6 +48,28 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def tiny_run_args() -> list[str]:
+    """`engine run` arguments (all but --output) of the tiny model's three-image church run: 3
+    denoising steps, the tiny judges."""
+    return ["--model", "tiny", "--concept", "church", "--probe", "standard_prompt", "--num-images", "3",
+            "--probe-param", "standard_prompt.num_inference_steps=3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, ray_session, tiny_run_args) -> Path:
+    """That run, made once on the session's Ray and read by the end-to-end, export and resume tests
+    (none writes to it)."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    output = tmp_path_factory.mktemp("tiny-run") / "a"
+    result = CliRunner().invoke(app, ["run", *tiny_run_args, "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    return output
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe():
     from engine.models.builtin import build_tiny
 

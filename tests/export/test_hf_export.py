@@ -16,17 +16,6 @@ datasets = pytest.importorskip("datasets")
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, ray_session):
-    """The e2e tests' three-image tiny run (tests/pipeline/test_run_e2e.py), judged by the tiny judges."""
-    output = tmp_path_factory.mktemp("export") / "run"
-    result = runner.invoke(app, ["run", "--model", "tiny", "--concept", "church", "--probe", "standard_prompt",
-                                 "--num-images", "3", "--output", str(output),
-                                 "--probe-param", "standard_prompt.num_inference_steps=3"])
-    assert result.exit_code == 0, result.output
-    return output
-
-
 def test_datasets_loads_the_export_with_image_features(tiny_run, tmp_path):
     folder = tmp_path / "hf"
     result = runner.invoke(app, ["export", str(tiny_run), "--format", "hf", str(folder)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,22 +13,24 @@ from engine.cli import app
 from engine.results import ROW_SCHEMA, decode_png, read_rows
 
 runner = CliRunner()
-FAST = ["--probe-param", "standard_prompt.num_inference_steps=3"]
 
 
-def _run(output, *extra):
-    args = ["run", "--model", "tiny", "--concept", "church", "--probe", "standard_prompt",
-            "--num-images", "3", "--output", str(output), *FAST, *extra]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
+@pytest.fixture
+def first_run(tiny_run):
+    """The session's tiny run (tests/conftest.py)."""
+    return tiny_run
 
 
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory, ray_session):
-    output = tmp_path_factory.mktemp("run") / "a"
-    _run(output)
-    return output
+@pytest.fixture
+def run_into(tiny_run_args):
+    """The first run's command into another output folder."""
+
+    def run(output):
+        result = runner.invoke(app, ["run", *tiny_run_args, "--output", str(output)])
+        assert result.exit_code == 0, result.output
+        return result
+
+    return run
 
 
 def test_run_writes_exactly_the_requested_rows(first_run):
@@ -64,33 +67,33 @@ def test_manifest_records_config_versions_and_counts(first_run):
 
 
 @pytest.mark.slow
-def test_same_command_into_another_folder_gives_identical_images(first_run, tmp_path):
-    _run(tmp_path / "b")
+def test_same_command_into_another_folder_gives_identical_images(first_run, run_into, tmp_path):
+    run_into(tmp_path / "b")
     first = {r["row_id"]: r["image"] for r in read_rows(first_run).to_pylist()}
     second = {r["row_id"]: r["image"] for r in read_rows(tmp_path / "b").to_pylist()}
     assert first == second  # same ids, byte-identical PNGs
 
 
-def test_rerun_resumes_without_duplicates(tmp_path):
+def test_rerun_resumes_without_duplicates(first_run, run_into, tmp_path):
     output = tmp_path / "resume"
-    _run(output)
-    result = _run(output)
+    shutil.copytree(first_run, output)
+    result = run_into(output)
     assert "0 rows generated, 3 already done" in result.output
     assert read_rows(output).num_rows == 3
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_losing_nothing(tmp_path):
+def test_killed_run_resumes_losing_nothing(first_run, run_into, tmp_path):
     """Simulate a run killed midway: one finished file survives, one is half-written."""
     output = tmp_path / "killed"
-    _run(output)
+    shutil.copytree(first_run, output)  # the finished run, then cut back
     files = sorted((output / "rows").glob("*.parquet"))
     table = read_rows(output)
     for path in files:
         path.unlink()
     pq.write_table(table.slice(0, 1), output / "rows" / "survivor.parquet")
     (output / "rows" / "torn.parquet").write_bytes(b"PAR1 half a file")
-    result = _run(output)
+    result = run_into(output)
     assert "2 rows generated, 1 already done" in result.output
     final = read_rows(output)
     assert final.num_rows == 3 and len(set(final.column("row_id").to_pylist())) == 3
