@@ -240,6 +240,13 @@ def _assert_one_error_line(result: subprocess.CompletedProcess, code: int) -> st
     return errors[0]
 
 
+def _resume(command: list[str]) -> subprocess.CompletedProcess:
+    """The same `engine run` again, to resume: in this process, on the session's Ray (the fault was
+    seen in a process of its own; a resume needs no Ray of its own, which saves starting one)."""
+    result = runner.invoke(app, command[3:])  # [python, -m, engine.cli, run, ...]
+    return subprocess.CompletedProcess(command, result.exit_code, result.output, "")
+
+
 def _assert_complete_once(output: str, result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     ids = read_rows(output, columns=["row_id"]).column("row_id").to_pylist()
@@ -248,7 +255,7 @@ def _assert_complete_once(output: str, result: subprocess.CompletedProcess) -> N
 
 
 @pytest.mark.slow
-def test_disk_full_mid_run(small_disk):
+def test_disk_full_mid_run(small_disk, ray_session):
     output = str(small_disk / "out")
     command = _command(output, "tiny", "--no-space-check")
     line = _assert_one_error_line(_run(command, _env()), DISK_FULL.exit_code)
@@ -258,11 +265,11 @@ def test_disk_full_mid_run(small_disk):
     assert not (Path(output) / LOCK_FILE).exists()
     assert not [p for p in (Path(output) / "rows").iterdir() if p.name.startswith(".tmp-")]
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space freed
-    _assert_complete_once(output, _run(command, _env()))
+    _assert_complete_once(output, _resume(command))
 
 
 @pytest.mark.slow
-def test_output_turned_read_only_mid_run(tmp_path):
+def test_output_turned_read_only_mid_run(tmp_path, ray_session):
     output = tmp_path / "out"
     output.mkdir()
     command = _command(str(output))
@@ -281,11 +288,11 @@ def test_output_turned_read_only_mid_run(tmp_path):
     line = _assert_one_error_line(result, OUTPUT_UNWRITABLE.exit_code)
     assert line.startswith(f"error: the output is read-only writing {output}") and "make it writable again" in line
     assert (output / LOCK_FILE).exists()  # left for the next run's takeover: it could not be removed
-    _assert_complete_once(str(output), _run(command, _env()))
+    _assert_complete_once(str(output), _resume(command))
 
 
 @pytest.mark.slow
-def test_model_folder_removed_after_planning(tmp_path, tiny_pipe):
+def test_model_folder_removed_after_planning(tmp_path, tiny_pipe, ray_session):
     import shutil
 
     model, output = tmp_path / "model", tmp_path / "out"
@@ -296,17 +303,17 @@ def test_model_folder_removed_after_planning(tmp_path, tiny_pipe):
     assert line.startswith(f"error: a model could not be loaded: model model ({model})")
     assert read_manifest(output)["status"] == "failed: model-unavailable"
     tiny_pipe.save_pretrained(model)  # the model is back
-    _assert_complete_once(str(output), _run(command, _env()))
+    _assert_complete_once(str(output), _resume(command))
 
 
 @pytest.mark.slow
-def test_worker_killed_beyond_its_retries(tmp_path):
+def test_worker_killed_beyond_its_retries(tmp_path, ray_session):
     output = str(tmp_path / "out")
     command = _command(output)
     line = _assert_one_error_line(_run(command, _env(ENGINE_FAULT_INJECT="kill-writer")), WORKER_LOST.exit_code)
     assert "run the same command to resume" in line
     assert read_manifest(output)["status"] == "failed: worker-lost"
-    _assert_complete_once(output, _run(command, _env()))
+    _assert_complete_once(output, _resume(command))
 
 
 @pytest.mark.slow
@@ -337,7 +344,7 @@ def test_object_store_stopped_mid_run():
         # moto keeps its buckets in this process: a new server on the port serves the same objects.
         server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
-        resumed = _run(command, env)
+        resumed = _run(command, env)  # its own process: the session's Ray workers lack the S3 variables
         saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL_S3"]}
         os.environ.update(AWS_ENV, AWS_ENDPOINT_URL_S3=endpoint)
         try:
