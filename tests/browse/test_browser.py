@@ -80,13 +80,16 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def toy_world_server(tmp_path_factory):
-    """The demo's run: the toy world's ESD-x model and the base model under four probes, judged."""
+def toy_world_server(tmp_path_factory, ray_session):
+    """The demo's run (on the session's Ray, two prompts a cell): the toy world's ESD-x model and the
+    base model under four probes, judged."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
     run = tmp_path_factory.mktemp("browser-toy") / "demo"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    made = subprocess.run([sys.executable, "-m", "engine.cli", "demo", "--num-images", "4", "--output", str(run)],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert made.returncode == 0, made.stdout + made.stderr
+    made = CliRunner().invoke(app, ["demo", "--num-images", "2", "--output", str(run)])
+    assert made.exit_code == 0, made.output
     with _serving(run) as url:
         yield url
 
