@@ -101,14 +101,21 @@ def test_killed_run_resumes_losing_nothing(first_run, run_into, tmp_path):
 
 
 def test_run_file_with_overrides(tmp_path):
+    """`engine run FILE --set ...`: the overrides reach the grid the run executes (the run itself is
+    the tiny run's above; here the grid, which `engine run` builds with the same two calls)."""
+    from engine.pipeline.grid import expand_run
+    from engine.pipeline.run_flags import RunFlags, run_spec_from_flags
+
     config = tmp_path / "grid.yaml"
     config.write_text(
         "output: unused\nmodels: [tiny, tiny-erased]\nconcepts: [church, van_gogh]\n"
         "probes:\n  - name: standard_prompt\n    params: {num_inference_steps: 2}\nnum_images: 5\n"
     )
-    result = runner.invoke(app, ["run", str(config), "--set", "num_images=1", "--set", f"output={tmp_path / 'g'}"])
-    assert result.exit_code == 0, result.output
-    rows = read_rows(tmp_path / "g").to_pylist()
-    assert sorted((r["model"], r["concept"]) for r in rows) == [
+    spec, _ = run_spec_from_flags(config, RunFlags(set_=["num_images=1", f"output={tmp_path / 'g'}"]))
+    grid = expand_run(spec)
+    rows = grid.rows
+    assert spec.output == str(tmp_path / "g")
+    assert sorted((r.model, r.concept) for r in rows) == [
         ("tiny", "church"), ("tiny", "van_gogh"), ("tiny-erased", "church"), ("tiny-erased", "van_gogh")]
-    assert {r["method"] for r in rows if r["model"] == "tiny-erased"} == {"random-kv"}
+    assert {m.method for m in grid.models if m.name == "tiny-erased"} == {"random-kv"}
+    assert {json.loads(r.params)["num_inference_steps"] for r in rows} == {2}
