@@ -21,8 +21,9 @@ def test_two_actors_load_each_model_about_once(tmp_path, ray_session):
     from engine.models.builtin import build_tiny
 
     folders = []
+    shared = build_tiny(seed=7)  # the components the models share (their UNets differ)
     for m in range(MODELS):
-        shared, own = build_tiny(seed=7), build_tiny(seed=20 + m)
+        own = build_tiny(seed=20 + m)
         folder = tmp_path / f"model-{m}"
         type(shared)(**{**shared.components, "unet": own.unet}).save_pretrained(folder, safe_serialization=True)
         folders.append(folder)
