@@ -24,7 +24,6 @@ _NOT_IN_KEYS = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow refuses in a me
 @dataclass(frozen=True)
 class RunRecord:
     name: str  # the output folder's name: the tracker run's name
-    output: str  # the output's URI
     config: dict[str, Any]  # the resolved config the run ran with
     tags: dict[str, str]  # engine_version, git_commit, status, output
     metrics: dict[str, float]  # counts/... and recovery/... (or cell/...) values
@@ -77,7 +76,6 @@ def run_record(output: str | Path, config: dict[str, Any]) -> Iterator[RunRecord
         build_report([output], report_dir)
         yield RunRecord(
             name=location.uri.rstrip("/").rsplit("/", 1)[-1],
-            output=location.uri,
             config=config,
             tags={"engine_version": str(manifest.get("engine_version")), "output": location.uri,
                   "git_commit": str(manifest.get("git_commit")), "status": str(manifest.get("status"))},

@@ -14,10 +14,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast, get_args
+from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from engine.errors import UserError
-from engine.tracking.run_record import RunRecord
+
+if TYPE_CHECKING:  # the CLI imports this module to check WANDB_MODE; the record's pandas only when logging
+    from engine.tracking.run_record import RunRecord
 
 Mode = Literal["offline", "online", "disabled", "shared"]  # what wandb.init takes
 
