@@ -20,7 +20,8 @@ def _record(tmp_path) -> RunRecord:
     (report / "report.html").write_text("<html></html>")
     (report / "recovery.csv").write_text("method,value\nesdx,0.25\n")
     (report / "sheets" / "cell.png").write_bytes(b"\x89PNG")
-    return RunRecord(name="paired", config={"num_images": 2, "concepts": ["church"], "probes": [{"name": "noise_based"}]},
+    return RunRecord(name="paired",
+                     config={"num_images": 2, "concepts": ["church"], "probes": [{"name": "noise_based"}]},
                      tags={"engine_version": "0.1", "status": "complete", "git_commit": "abc", "output": "x"},
                      metrics={"counts/rows_in_dataset": 4.0, "recovery/esdx/noise_based/judge_top1/value": 0.25},
                      report_dir=report)
