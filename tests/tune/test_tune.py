@@ -94,30 +94,25 @@ def test_pipeline_loads_once_across_trials(tpe_search):
     assert "1 pipeline load(s)" in tpe_search[1].output
 
 
-@pytest.mark.slow
-def test_best_config_runs_with_engine_run(tpe_search):
+def test_best_config_is_the_best_trials_setting_on_the_held_out_prompts(tpe_search):
+    """The best YAML runs the best trial's one setting on the held-out prompts (that `engine run` of
+    it re-measures the held-out estimate: test_an_erased_model_is_tuned_on_what_it_erased_with_a_held_out_rate)."""
     output, _ = tpe_search
     trials = _trials(output)
     best = trials.loc[trials.objective.idxmax()]
-    config = output / "best_tiny_church.yaml"
-    data = yaml.safe_load(config.read_text())
-    assert data["probes"][0]["params"]["eta_values"] == [best.param_eta]
+    data = yaml.safe_load((output / "best_tiny_church.yaml").read_text())
+    params = data["probes"][0]["params"]
+    assert params["eta_values"] == [best.param_eta] and params["variance_scales"] == [best.param_variance_scale]
     assert data["prompt_indices"] == held_out_indices(load_concept("church"), 2)  # the held-out prompts
-    result = runner.invoke(app, ["run", str(config)])
-    assert result.exit_code == 0, result.output
-    rows = read_rows(output / "best_tiny_church").to_pandas()
-    assert len(rows) == 2 and set(rows.params) == {best.params}
-    assert sorted(rows.seed) == sorted(json.loads(best.heldout_seeds))  # the held-out re-run's rows
-    # The run makes exactly the held-out re-run's rows, so it measures the held-out estimate again.
-    assert rows.judge_target_prob.mean() == pytest.approx(best.heldout_objective, rel=1e-9)
+    assert data["num_images"] == 2 and data["models"] == ["tiny"] and data["concepts"] == ["church"]
 
 
 @pytest.mark.slow
 def test_same_params_same_metric_and_pairs_searched_together(tmp_path, ray_session):
     """A grid with one point listed twice, over two (model, concept) pairs searched together: the
     second trial on the reused actor measures exactly what the first did (no state leaks between
-    trials), and each pair's actor serves only its own model. (A fresh process gives the same
-    metric too: test_best_config_runs_with_engine_run.)"""
+    trials), and each pair's actor serves only its own model. (`engine run` of a best config re-measures
+    its held-out estimate: test_an_erased_model_is_tuned_on_what_it_erased_with_a_held_out_rate.)"""
     config = tmp_path / "cfg.yaml"
     config.write_text(
         "probe: standard_prompt\nconcepts: [church]\nmodels: [tiny, tiny-erased]\nnum_images: 2\n"
