@@ -70,6 +70,21 @@ def tiny_run(tmp_path_factory, ray_session, tiny_run_args) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, ray_session) -> tuple[Path, str]:
+    """`engine demo --num-images 1` (the toy world's ESD-x model and the base model under four probes,
+    judged, with its report) on the session's Ray: its output folder and what it printed. Read by the
+    demo test and the browser test (neither writes to it)."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    output = tmp_path_factory.mktemp("demo") / "demo"
+    result = CliRunner().invoke(app, ["demo", "--num-images", "1", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    return output, result.output
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe():
     from engine.models.builtin import build_tiny
 

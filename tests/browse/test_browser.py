@@ -80,16 +80,10 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def toy_world_server(tmp_path_factory, ray_session):
-    """The demo's run (on the session's Ray, two prompts a cell): the toy world's ESD-x model and the
-    base model under four probes, judged."""
-    from typer.testing import CliRunner
-
-    from engine.cli import app
-
-    run = tmp_path_factory.mktemp("browser-toy") / "demo"
-    made = CliRunner().invoke(app, ["demo", "--num-images", "2", "--output", str(run)])
-    assert made.exit_code == 0, made.output
+def toy_world_server(demo_run):
+    """The demo's run (tests/conftest.py): the toy world's ESD-x model and the base model under four
+    probes, judged."""
+    run, _ = demo_run
     with _serving(run) as url:
         yield url
 

@@ -151,6 +151,7 @@ def test_asha_stops_trials_on_images_scored(tmp_path, ray_session):
     assert best["probes"][0]["params"]["guidance_scale"] == top.param_guidance_scale
 
 
+@pytest.mark.slow
 def test_an_erased_model_is_tuned_on_what_it_erased_with_a_held_out_rate(tmp_path, ray_session):
     """No --concept: the toy model is searched on the shape it erased (recovery), and the best
     setting is re-run on as many other prompts, whose seeds no trial used."""
