@@ -39,6 +39,7 @@ from engine.results import table_bytes
 from engine.scoring.registry import judge_requests
 from engine.specs.runs import run_spec_from_dict
 from engine.storage import OutputLocation
+from engine.tracking.wandb_run import WandbTarget
 from engine.tune.pairs import TPE_MAX_CONCURRENT, TRIALS_FILE, PairJob, TuneRun, held_out_indices, run_data, slug
 from engine.tune.progress import TrialBoard, trials_per_search
 from engine.tune.search import SearchSettings, search_pair
@@ -187,7 +188,7 @@ def _mlflow(spec: TuneSpec) -> tuple[str, str] | None:
     return absolute_tracking_uri(), os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT + "-tune"
 
 
-def _wandb(spec: TuneSpec):
+def _wandb(spec: TuneSpec) -> WandbTarget | None:
     """Where `--track wandb` logs (project, mode, absolute folder), resolved here on the driver."""
     if "wandb" not in spec.tracking:
         return None
