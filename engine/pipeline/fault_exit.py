@@ -54,17 +54,23 @@ def stopping_cleanly(grid: RunGrid, output: OutputLocation, lock: OutputLock) ->
 
 def settle(error: Exception, grid: RunGrid, output: OutputLocation, lock: OutputLock, seconds: float) -> RunFault:
     """Leave the output resumable after `error` and describe it (see engine.pipeline.faults)."""
-    _quietly("remove the temporaries", lambda: remove_temporaries(output))  # on a full disk: frees their space
+    if output.is_local:  # first: on a full disk, removing them frees the room the probe needs
+        _quietly("remove the temporaries", lambda: remove_temporaries(output))
     probe = probe_output(output)
+    # Remote storage whose listing (the probe) fails fails every other call too, each only after
+    # the client's retries: trying them would delay the error line by half a minute, to no use.
+    readable = output.is_local or probe is None
+    if not output.is_local and readable:
+        _quietly("remove the temporaries", lambda: remove_temporaries(output))
     models = [*grid.models, *([grid.base] if grid.base else [])]
     # Local folders and files as absolute paths (a hub id or built-in name is no path).
     sources = [str(Path(source).expanduser().resolve()) for m in models for source in (m.pretrained, m.unet)
                if source and source.startswith(("/", ".", "~"))]
     diagnosis = diagnose(error, output, probe, model_sources=sources)
     trace = "".join(traceback.format_exception(error))
-    saved = _quietly("count the rows saved", lambda: finished_row_ids(output))
+    saved = _quietly("count the rows saved", lambda: finished_row_ids(output)) if readable else None
     planned = len(grid.rows)
-    already_done = _already_done(output, saved)
+    already_done = _already_done(output, saved) if readable else 0
     if probe is None:
         done = saved or set()
         _quietly("update failures.parquet",

@@ -151,6 +151,39 @@ def test_probe_output_reports_the_errno(tmp_path):
     assert probe_output(output_location(tmp_path / "gone" / "deeper")) == errno.ENOENT
 
 
+class _Unreachable:
+    """An fsspec file system whose every call fails, as a stopped object store's do; counts the calls."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str):
+        def fail(*args, **kwargs):
+            self.calls.append(name)
+            raise OSError("AWS Error NETWORK_CONNECTION during ListObjectsV2 operation: curlCode: 7")
+
+        return fail
+
+
+def test_an_unreachable_store_is_probed_once_and_not_read_again(tmp_path):
+    """Each call to a stopped object store fails only after the client's retries: after the probe's
+    listing fails, the error line comes without reading rows or manifest (`rows saved: unknown`)."""
+    import pyarrow.fs as pafs
+
+    from engine.storage import OutputLocation
+
+    uri = f"memory://engine-test/unreachable-{tmp_path.name}"
+    grid = _grid(uri)
+    probed, settled = _Unreachable(), _Unreachable()
+    with OutputLock(output_location(uri), "engine run") as lock:
+        root = output_location(uri).root
+        assert probe_output(OutputLocation(pafs.PyFileSystem(pafs.FSSpecHandler(probed)), root, uri)) is not None
+        gone = OutputLocation(pafs.PyFileSystem(pafs.FSSpecHandler(settled)), root, uri)
+        fault = settle(_ray_wrapped(OSError("AWS Error NETWORK_CONNECTION during PutObject")), grid, gone, lock, 1.0)
+    assert fault.fault is OBJECT_STORE and "rows saved: unknown" in fault.line
+    assert settled.calls == probed.calls  # the probe's calls, nothing more
+
+
 # --------------------------------------------------------------------------- room check (fast)
 
 
