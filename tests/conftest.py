@@ -104,4 +104,41 @@ def tiny_erased_pipe():
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
-    torch.set_num_threads(2)
+    # One torch thread per core: under `-n 2` each worker gets one (more would fight over the cores).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, 2 // workers))
+
+
+# --------------------------------------------------------------------------- parallel runs (pytest-xdist)
+
+# Session fixtures that cost a run each, and the test files that use them. Under `-n N` (what
+# scripts/test.sh runs) each file's tests stay on one worker, so its module fixtures are made once,
+# and the files of one shared run are one group, so the run is made once.
+SHARED_RUN_FILES = {
+    "tiny_run": ("tests/pipeline/test_run_e2e.py", "tests/export/test_hf_export.py"),
+    "demo_run": ("tests/cli/test_demo.py", "tests/browse/test_browser.py"),
+    "paper_plan_output": ("tests/pipeline/test_fault_classes.py", "tests/pipeline/test_memory_plan.py"),
+}
+GROUP_OF_FILE = {path: run for run, paths in SHARED_RUN_FILES.items() for path in paths}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test file that uses a shared run but is not in its group would make that run again."""
+    unlisted = sorted({f"{item.nodeid.split('::')[0]} ({run})" for item in items for run in SHARED_RUN_FILES
+                       if run in item.fixturenames and GROUP_OF_FILE.get(item.nodeid.split("::")[0]) != run})
+    if unlisted:
+        raise pytest.UsageError(f"add to SHARED_RUN_FILES in tests/conftest.py: {', '.join(unlisted)}")
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown to a pytest without it
+def pytest_xdist_make_scheduler(config, log):
+    """Like xdist's `--dist loadfile`, with the files of each shared run as one unit. (Its own
+    `loadgroup` marks are lost on pytest 9, whose node ids they can no longer extend.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndSharedRuns(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return GROUP_OF_FILE.get(path, path)
+
+    return FilesAndSharedRuns(config, log)
