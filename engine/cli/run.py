@@ -9,7 +9,7 @@ import typer
 
 from engine.cli.app import app, one_line, setup_logging, user_errors
 from engine.cli.validation import check_output_folder, check_run_names
-from engine.tracking.check import check_trackers
+from engine.tracking.trackers import check_trackers
 
 
 @app.command()

@@ -36,7 +36,7 @@ def tune(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Search a probe's params for the setting that recovers the concept most (Ray Tune)."""
-    from engine.tracking.check import check_trackers
+    from engine.tracking.trackers import check_trackers
     from engine.tune.execute import execute_tune, summary_lines
     from engine.tune.pairs import prepare_tune
     from engine.tune.space import load_tune_spec

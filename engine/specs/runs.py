@@ -20,7 +20,7 @@ from engine.specs.judges import JudgeRequest, default_judge_refs, parse_judge_re
 from engine.specs.sources import Sources
 from engine.specs.yaml_reader import read_yaml_with_sources
 
-Tracker = Literal["mlflow", "wandb"]  # the experiment trackers (engine.tracking.check names their packages)
+Tracker = Literal["mlflow", "wandb"]  # the experiment trackers (engine.tracking.trackers describes each)
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 BASE_METHOD = "none"  # the `method` label of the un-erased base model

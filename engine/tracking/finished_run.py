@@ -9,24 +9,18 @@ from typing import Any
 
 from engine.errors import UserError
 from engine.tracking.run_record import run_record
-
-# tracker -> (the name a person knows it by, where to look when logging fails)
-_HINTS = {"mlflow": ("MLflow", "check MLFLOW_TRACKING_URI"),
-          "wandb": ("W&B", "check WANDB_MODE, WANDB_DIR and, online, WANDB_API_KEY")}
+from engine.tracking.trackers import TRACKERS
 
 
 def log_finished_run(output: str | Path, config: dict[str, Any], trackers: Sequence[str]) -> Iterator[str]:
     """One line per tracker as it is logged. A tracker that fails stops here with one line: the rows
     are complete either way, and rerunning the same command logs again without generating anything."""
-    from engine.tracking import mlflow_run, wandb_run
-
-    loggers = {"mlflow": mlflow_run.log_run, "wandb": wandb_run.log_run}
     with run_record(output, config) as record:
-        for tracker in trackers:
+        for name in trackers:
+            tracker = TRACKERS[name]
             try:
-                yield loggers[tracker](record)
+                yield tracker.log_run()(record)
             except Exception as error:  # noqa: BLE001 (the store refused or is unreachable: the rows are done)
-                name, hint = _HINTS[tracker]
                 first = str(error).splitlines()[0] if str(error) else ""
-                raise UserError(f"the run is complete, but logging it to {name} failed "
-                                f"({type(error).__name__}: {first}); {hint}") from None
+                raise UserError(f"the run is complete, but logging it to {tracker.title} failed "
+                                f"({type(error).__name__}: {first}); {tracker.hint}") from None
