@@ -50,7 +50,10 @@ def log_run(record: RunRecord) -> str:
     import wandb
 
     target = wandb_target()
-    settings = wandb.Settings(silent=True, console="off")  # the engine prints its own line; no output capture
+    # The engine prints its own line. Silent in the global settings too: W&B's terminal lines (e.g.
+    # "Adding directory to artifact") follow those, not the run's.
+    wandb.setup(settings=wandb.Settings(silent=True))
+    settings = wandb.Settings(silent=True, console="off")  # console off: no capture of the engine's output
     run = wandb.init(project=target.project, name=record.name, job_type="engine-run", mode=target.mode,
                      dir=target.folder, config={**record.config, "engine_run": record.tags}, settings=settings)
     try:

@@ -27,9 +27,11 @@ def _record(tmp_path) -> RunRecord:
                      report_dir=report)
 
 
-def test_a_finished_run_is_one_offline_wandb_run_by_default(wandb_offline, tmp_path, monkeypatch):
+def test_a_finished_run_is_one_offline_wandb_run_by_default(wandb_offline, tmp_path, monkeypatch, capfd):
     monkeypatch.delenv("WANDB_MODE")  # nothing said: the engine's default, offline
     line = log_run(_record(tmp_path))
+    printed = capfd.readouterr()
+    assert "wandb:" not in printed.out + printed.err  # the engine's line is the only one
     [run] = wandb_offline()
     assert run["name"] == "paired" and run["project"] == "erasure-probe-engine" and run["job_type"] == "engine-run"
     assert run["config"]["num_images"] == 2 and run["config"]["probes"] == [{"name": "noise_based"}]
