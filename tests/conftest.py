@@ -122,10 +122,14 @@ SHARED_RUN_FILES = {
 GROUP_OF_FILE = {path: run for run, paths in SHARED_RUN_FILES.items() for path in paths}
 
 
+def _test_file(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
 def pytest_collection_modifyitems(config, items):
     """A test file that uses a shared run but is not in its group would make that run again."""
-    unlisted = sorted({f"{item.nodeid.split('::')[0]} ({run})" for item in items for run in SHARED_RUN_FILES
-                       if run in item.fixturenames and GROUP_OF_FILE.get(item.nodeid.split("::")[0]) != run})
+    unlisted = sorted({f"{_test_file(item.nodeid)} ({run})" for item in items for run in SHARED_RUN_FILES
+                       if run in item.fixturenames and GROUP_OF_FILE.get(_test_file(item.nodeid)) != run})
     if unlisted:
         raise pytest.UsageError(f"add to SHARED_RUN_FILES in tests/conftest.py: {', '.join(unlisted)}")
 
@@ -138,7 +142,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class FilesAndSharedRuns(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::")[0]
+            path = _test_file(nodeid)
             return GROUP_OF_FILE.get(path, path)
 
     return FilesAndSharedRuns(config, log)
